@@ -1,0 +1,286 @@
+"""Every default in one place, YAML recipes on top, ``--set a.b=v`` overrides on top of that.
+
+The dataclasses below are the only place defaults live (nanoGPT's rule: one source of truth).
+A recipe in ``configs/*.yaml`` and ``--set`` overrides are merged strictly: an unknown key or a
+value of the wrong type is a :class:`~nnclr.errors.UserError` that names the key. The resolved
+config is saved in the run directory and in every checkpoint.
+
+Defaults are the NNCLR paper's where the paper gives one (Dwibedi et al., ICCV 2021, Sec. 4.1:
+projection MLP [2048, 2048, d=256], prediction MLP [4096, d], temperature 0.1, LARS with
+lr 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs, cosine decay, BYOL augmentations).
+The data, backbone, support-set size and run length default to the shipped demo, so that
+``nnclr pretrain`` with no arguments is a three-minute CPU run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nnclr.errors import UserError
+
+METHODS = ("nnclr", "simclr", "kmclr")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from (see ``nnclr.data.load_dataset``)."""
+
+    name: str = "demo"  # demo | cifar10 | cifar100 | stl10 | npz:PATH | folder:PATH
+    root: str | None = None  # where cifar10/cifar100/stl10 live or download to
+    image_size: int = 32  # side of the square images the encoder sees
+    download: bool = True  # cifar10/cifar100/stl10: download (with checksums) if absent
+    train_split: str = "train"
+    test_split: str = "test"  # used by the kNN monitor; "" for none (e.g. unlabelled folders)
+
+
+@dataclass
+class AugmentConfig:
+    """View augmentation (``nnclr.augment``)."""
+
+    recipe: str = "byol"  # byol (the paper's) | simclr | crops
+    crop_min_scale: float = 0.08  # random resized crop scale range is (crop_min_scale, 1)
+    blur: bool = False  # Gaussian blur; off by default for 32x32 images, as in CIFAR recipes
+
+
+@dataclass
+class ModelConfig:
+    """Encoder f and heads g (projection) and q (prediction)."""
+
+    backbone: str = "small_cnn"  # small_cnn | resnet18 | resnet34 | resnet50
+    cifar_stem: bool = True  # ResNets: 3x3 stride-1 first conv and no max-pool (32x32 inputs)
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256  # d in the paper
+    proj_layers: int = 3
+    pred_hidden_dim: int = 4096  # prediction MLP hidden size; 0 for no predictor
+
+
+@dataclass
+class MethodConfig:
+    """The method: which positive each sample is pulled towards, and the loss."""
+
+    name: str = "nnclr"  # nnclr | simclr | kmclr
+    temperature: float = 0.1
+    support_size: int = 1024  # support set Q (the paper: 98,304 for ImageNet)
+    topk: int = 1  # 1 = the nearest neighbour; k > 1 samples one of the k nearest
+    exclude_self: bool = True  # never use the sample's own older copy as its neighbour
+    instance_warmup_epochs: float = 0.0  # use the sample's other view as positive this long first
+    num_prototypes: int = 400  # kmclr: K
+    recluster_every: int = 100  # kmclr: steps between k-means re-clusterings
+    kmeans_iters: int = 10  # kmclr: Lloyd iterations per re-clustering
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (linear warm-up then cosine, precomputed per step)."""
+
+    name: str = "lars"  # lars | sgd | adamw
+    lr: float = 0.3  # base learning rate; the used one is lr x batch_size / 256 when lr_scaling=linear
+    lr_scaling: str = "linear"  # linear | none
+    final_lr: float = 0.0  # the cosine ends here (absolute, after scaling)
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-6
+    warmup_epochs: float = 10.0
+    batch_size: int = 256  # global batch (all processes together)
+
+
+@dataclass
+class TrainConfig:
+    """Run length, device, precision, checkpoints and logging."""
+
+    epochs: float = 30.0
+    max_steps: int = 0  # > 0 stops after this many steps (the schedule still spans `epochs`)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where fast: CUDA, CPUs with AVX512-BF16/AMX) | bf16 | fp32
+    channels_last: bool = True
+    threads: int = 0  # CPU threads; 0 = PyTorch's default (physical cores)
+    run_dir: str = ""  # "" = runs/<method>-<data>
+    checkpoint_every: int = 100  # steps
+    log_every: int = 10  # steps
+    knn_every_epochs: float = 0.0  # online kNN monitor on the test split; 0 = only before/after
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    """The whole, resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method.name": METHODS,
+    "augment.recipe": ("byol", "simclr", "crops"),
+    "optim.name": ("lars", "sgd", "adamw"),
+    "optim.lr_scaling": ("linear", "none"),
+    "train.precision": ("auto", "bf16", "fp32"),
+}
+POSITIVE = (
+    "data.image_size", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
+    "method.temperature", "method.support_size", "method.topk", "method.num_prototypes",
+    "method.recluster_every", "method.kmeans_iters", "optim.lr", "optim.batch_size",
+    "train.epochs", "train.checkpoint_every", "train.log_every", "train.knn_k",
+    "train.knn_temperature",
+)
+NON_NEGATIVE = (
+    "model.pred_hidden_dim", "method.instance_warmup_epochs", "optim.final_lr",
+    "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "train.max_steps",
+    "train.threads", "train.knn_every_epochs",
+)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as nested plain dicts (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except UserError:
+                pass
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise UserError(f"config key {key} expects {names}, got {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise UserError(f"config key {key} expects true or false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, bool):
+        raise UserError(f"config key {key} expects a number ({annotation.__name__}), got {value!r}")
+    if not isinstance(value, annotation):
+        raise UserError(f"config key {key} expects {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise UserError(
+            f"config key {key!r} must be SECTION.NAME, one of: "
+            + ", ".join(f.name for f in dataclasses.fields(config))
+        )
+    section_name, name = parts
+    section = getattr(config, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        sections = ", ".join(f.name for f in dataclasses.fields(config))
+        raise UserError(f"unknown config section {section_name!r} in {key!r}; sections: {sections}")
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise UserError(
+            f"unknown config key {key!r}; keys in {section_name}: {', '.join(hints)}"
+        )
+    setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def merge(config: Config, tree: dict[str, Any], source: str) -> Config:
+    """Merge a nested dict (from YAML) into ``config`` in place, strictly."""
+    if not isinstance(tree, dict):
+        raise UserError(f"{source}: expected a mapping of sections (data:, model:, ...)")
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping of keys to values")
+        for name, value in values.items():
+            _set(config, f"{section}.{name}", value)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.5"`` -> ``("optim.lr", 0.5)``; values are parsed as YAML scalars."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        value = raw  # e.g. data.name=folder:{x} stays a string
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith(".name"):
+        value = raw
+    return key.strip(), value
+
+
+def validate(config: Config) -> Config:
+    """Check choices and ranges; every error names the key and what is allowed."""
+    flat = flatten(to_dict(config))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise UserError(f"config key {key}={flat[key]!r} is not one of: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise UserError(f"config key {key}={flat[key]!r} must be > 0")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise UserError(f"config key {key}={flat[key]!r} must be >= 0")
+    if not 0 < config.augment.crop_min_scale <= 1:
+        raise UserError(
+            f"config key augment.crop_min_scale={config.augment.crop_min_scale} must be in (0, 1]"
+        )
+    if config.method.name == "kmclr" and config.method.num_prototypes > config.method.support_size:
+        raise UserError(
+            f"config key method.num_prototypes={config.method.num_prototypes} must be <= "
+            f"method.support_size={config.method.support_size} (prototypes cluster the support set)"
+        )
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``KEY=VALUE`` overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            first = str(error).splitlines()[0]
+            raise UserError(f"config file {path} is not valid YAML ({first})") from None
+        merge(config, tree, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(config, key, value)
+    return validate(config)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with :func:`to_dict` (e.g. from a checkpoint)."""
+    return validate(merge(Config(), tree, "saved config"))
+
+
+def dump_yaml(config: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,75 @@
+"""Config: defaults, YAML recipes, strict --set overrides with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nnclr.config import Config, from_dict, load_config, parse_override, to_dict
+from nnclr.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_demo_and_the_paper() -> None:
+    config = load_config()
+    assert config.data.name == "demo"
+    assert config.method.name == "nnclr"
+    assert config.method.temperature == 0.1  # NNCLR Sec. 4.1
+    assert config.model.proj_dim == 256 and config.model.pred_hidden_dim == 4096
+
+
+def test_overrides_are_typed() -> None:
+    config = load_config(None, ["optim.lr=0.5", "train.epochs=3", "data.name=npz:/x/y", "train.channels_last=false"])
+    assert config.optim.lr == 0.5
+    assert config.train.epochs == 3.0 and isinstance(config.train.epochs, float)
+    assert config.data.name == "npz:/x/y"
+    assert config.train.channels_last is False
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.lrr=0.5", "optim.lrr"),
+        ("optimizer.lr=0.5", "optimizer"),
+        ("optim.lr=fast", "optim.lr"),
+        ("optim.batch_size=1.5", "optim.batch_size"),
+        ("train.channels_last=3", "train.channels_last"),
+        ("method.name=byol", "method.name"),
+        ("optim.lr=-1", "optim.lr"),
+        ("lr=0.1", "SECTION.NAME"),
+        ("optim.lr", "KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, needle: str) -> None:
+    with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_recipes_load(tmp_path: Path) -> None:
+    for recipe in sorted((REPO / "configs").glob("*.yaml")):
+        config = load_config(recipe)
+        assert config.method.name in recipe.stem
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="optim.learning_rate"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_round_trip_through_dict() -> None:
+    config = load_config(None, ["method.name=kmclr", "optim.lr=0.7"])
+    again = from_dict(to_dict(config))
+    assert again == config
+    assert Config() != config
+
+
+def test_parse_override_keeps_names_as_strings() -> None:
+    assert parse_override("data.name=folder:/a b/c") == ("data.name", "folder:/a b/c")
+    assert parse_override("data.root=null") == ("data.root", None)
