@@ -1,0 +1,1 @@
+"""Evaluation of encoders: feature extraction and kNN (more protocols build on these)."""

@@ -1,0 +1,43 @@
+"""Backbone features h of whole in-memory data sets, in eval mode (batch-norm statistics frozen)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnclr.augment import eval_transform
+from nnclr.runtime import autocast
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 512,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> L2-normalised float32 features (N, F), on ``device``.
+
+    The backbone is put in eval mode for the extraction and restored to its mode afterwards.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    features = []
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device, non_blocking=True)
+        x = eval_transform(x, image_size, mean=mean, std=std).contiguous(memory_format=memory_format)
+        with autocast(device, dtype):
+            h = backbone(x)
+        features.append(F.normalize(h.float(), dim=1))
+    backbone.train(was_training)
+    return torch.cat(features)

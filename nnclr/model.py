@@ -1,0 +1,54 @@
+"""The network: encoder f, projection MLP g and (optional) prediction MLP q.
+
+NNCLR (Dwibedi et al., ICCV 2021, Sec. 3.2 and Fig. 2): ``h = f(x)``, ``z = g(h)``, ``p = q(z)``;
+the support set stores ``z`` and the loss compares neighbours of ``z`` with ``p`` of the other
+view. SimCLR has no predictor: ``p = z``. No loss and no support set live here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnclr.backbones import build_backbone
+from nnclr.config import Config
+from nnclr.heads import prediction_head, projection_head
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone + projector + predictor, composed (no inheritance between methods).
+
+    Args:
+        backbone: maps images (B, 3, H, W) to pooled features h (B, F).
+        projector: maps h (B, F) to z (B, D).
+        predictor: maps z (B, D) to p (B, D), or None (then p = z).
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.predictor = predictor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) -> (h (B, F), z (B, D), p (B, D))."""
+        h = self.backbone(x)
+        z = self.projector(h)
+        p = self.predictor(z) if self.predictor is not None else z
+        return h, z, p
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features h (B, F): what evaluation and retrieval use."""
+        return self.backbone(x)
+
+
+def build_model(config: Config) -> ContrastiveModel:
+    """Build the model a config describes (SimCLR gets no predictor, as in its paper)."""
+    m = config.model
+    backbone, feature_dim = build_backbone(m.backbone, cifar_stem=m.cifar_stem)
+    projector = projection_head(
+        feature_dim, hidden_dim=m.proj_hidden_dim, out_dim=m.proj_dim, num_layers=m.proj_layers
+    )
+    use_predictor = config.method.name != "simclr" and m.pred_hidden_dim > 0
+    predictor = prediction_head(m.proj_dim, hidden_dim=m.pred_hidden_dim) if use_predictor else None
+    return ContrastiveModel(backbone, projector, predictor)

@@ -1,0 +1,81 @@
+"""One contrastive step's loss: the one place where NNCLR, SimCLR and KMCLR are defined.
+
+NNCLR (Dwibedi et al., ICCV 2021, Eq. 2, symmetrised as in Sec. 3.2)::
+
+    L = 1/2 * [ nnclr_loss(NN(z1, Q), p2) + nnclr_loss(NN(z2, Q), p1) ]
+
+with ``NN`` the selector's positive (the nearest support-set entry for NNCLR, the nearest k-means
+prototype for KMCLR, the sample's own ``z`` during an instance warm-up). SimCLR (Chen et al.,
+2020) uses NT-Xent on ``(z1, z2)`` with 2N-2 negatives and no predictor.
+
+Both views go through the network in one forward pass, so batch-norm sees both views as one
+batch of 2B (as lightly's benchmarks and byol-pytorch do); this is the same for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nnclr.losses import nnclr_loss, nt_xent
+from nnclr.model import ContrastiveModel
+from nnclr.selectors import InstanceSelector
+from nnclr.support import SupportSet
+
+
+@dataclass
+class StepOutput:
+    """The loss (fp32 scalar with graph), z1 to enqueue (B, D), and the NN diagnostics.
+
+    ``diagnostics`` (see ``SupportSet.diagnostics``): ``positive_similarity`` (mean cosine between
+    z and its positive), ``nn_label_agreement`` (share of neighbours with the query's label,
+    solo-learn's ``nn_acc``), ``nn_age`` (steps since the neighbour was written), ``nn_self_hit``
+    (share of neighbours that are a stale copy of the query), ``nn_found``, ``support_fill``.
+    """
+
+    loss: torch.Tensor
+    z1: torch.Tensor
+    diagnostics: dict[str, float]
+
+
+def contrastive_step(
+    model: ContrastiveModel,
+    views: torch.Tensor,
+    *,
+    method: str,
+    temperature: float,
+    support: SupportSet | None,
+    selector: object | None,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    step: int,
+    instance_positive: bool = False,
+) -> StepOutput:
+    """Forward both views (2B, 3, H, W) -> loss and diagnostics; no optimiser, no enqueue.
+
+    Args:
+        views: view 1 then view 2 of the same B samples, concatenated on dim 0.
+        method: ``nnclr`` | ``kmclr`` | ``simclr``.
+        selector: picks positives from ``support`` (unused for SimCLR).
+        instance_positive: use the sample's own z as positive (NNCLR/KMCLR warm-up).
+    """
+    _, z, p = model(views)
+    z = F.normalize(z.float(), dim=1)  # (2B, D)
+    z1, z2 = z.chunk(2)
+    if method == "simclr":
+        return StepOutput(nt_xent(z1, z2, temperature=temperature), z1.detach(), {})
+    p1, p2 = p.float().chunk(2)  # (B, D) each
+    assert support is not None and selector is not None
+    choose = InstanceSelector() if instance_positive else selector
+    s1 = choose(z1, support, indices=indices, step=step)
+    s2 = choose(z2, support, indices=indices, step=step)
+    loss = 0.5 * (
+        nnclr_loss(s1.positives, p2, temperature=temperature)
+        + nnclr_loss(s2.positives, p1, temperature=temperature)
+    )
+    diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item()}
+    if not instance_positive:  # the neighbour diagnostics, computed before this step's enqueue
+        diagnostics |= support.diagnostics(s1.rows, s1.similarity, labels=labels, indices=indices, step=step)
+    return StepOutput(loss, z1.detach(), diagnostics)

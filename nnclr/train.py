@@ -1,0 +1,369 @@
+"""Pretraining: build everything from a config, then one readable loop.
+
+The loop (DINO's shape): per step, take the batch of the epoch's permutation, augment it on the
+device, forward both views, compute the method's loss (``nnclr.step``), step the optimiser with
+the precomputed learning rate, enqueue view 1's ``z`` into the support set, log, checkpoint.
+
+Exact resume: everything random is drawn from generators seeded by (seed, epoch) for the data
+order and (seed, step) for augmentation and top-k sampling, so a resumed run replays the same
+batches and views; the checkpoint holds model, optimiser, support set and selector state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnclr import runtime
+from nnclr.augment import CIFAR_MEAN, CIFAR_STD, BatchAugment
+from nnclr.checkpoint import (
+    CHECKPOINT_NAME,
+    config_differences,
+    load_checkpoint,
+    load_state_strict,
+    save_checkpoint,
+)
+from nnclr.config import Config, dump_yaml, to_dict
+from nnclr.data import ImageDataset, load_dataset
+from nnclr.errors import UserError
+from nnclr.evaluate.features import extract_features
+from nnclr.evaluate.knn import KnnResult, knn_accuracy
+from nnclr.model import ContrastiveModel, build_model
+from nnclr.optim import build_optimizer, param_groups, warmup_cosine
+from nnclr.selectors import build_selector
+from nnclr.step import contrastive_step
+from nnclr.support import SupportSet
+
+
+@dataclass
+class Run:
+    """Everything a pretraining run is made of, built once from its config."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    train_set: ImageDataset
+    test_set: ImageDataset | None
+    model: ContrastiveModel
+    support: SupportSet | None
+    selector: Any
+    optimizer: torch.optim.Optimizer
+    augment: BatchAugment
+    lr_schedule: torch.Tensor  # (total_steps,)
+    steps_per_epoch: int
+    total_steps: int  # where the run stops (train.max_steps or the end of the schedule)
+    warmup_instance_steps: int
+    knn_before: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What ``nnclr pretrain`` reports at the end."""
+
+    run_dir: Path
+    steps: int
+    knn_before: dict[str, Any] | None
+    knn_after: dict[str, Any] | None
+    wall_time: float
+    images_per_second: float
+    resumed_from: int
+
+
+def default_run_dir(config: Config) -> Path:
+    """``runs/<method>-<data>``, with the data name made safe for a path."""
+    data = "".join(c if c.isalnum() or c in "-_." else "-" for c in config.data.name).strip("-")
+    return Path("runs") / f"{config.method.name}-{data}"
+
+
+def _seed(*parts: int) -> int:
+    """An independent 63-bit seed for each (seed, stream, counter)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def build_run(config: Config) -> Run:
+    """Load data, build model, support set, selector, optimiser and schedule."""
+    t, d, o, m = config.train, config.data, config.optim, config.method
+    runtime.tune_allocator()
+    runtime.set_threads(t.threads)
+    device = runtime.resolve_device(t.device)
+    dtype = runtime.resolve_dtype(t.precision, device)
+    train_set = load_dataset(d.name, d.train_split, root=d.root, image_size=d.image_size, download=d.download)
+    test_set = None
+    if d.test_split and train_set.has_labels:
+        test_set = load_dataset(d.name, d.test_split, root=d.root, image_size=d.image_size, download=d.download)
+    if o.batch_size > len(train_set):
+        raise UserError(
+            f"optim.batch_size={o.batch_size} is larger than the data set ({len(train_set)} images "
+            f"in {d.name}); lower it, e.g. --set optim.batch_size={max(2, len(train_set) // 4)}"
+        )
+    if o.batch_size < 2:
+        raise UserError("optim.batch_size must be at least 2: the other samples are the negatives")
+    torch.manual_seed(t.seed)
+    model = build_model(config).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    support = selector = None
+    if m.name != "simclr":
+        support = SupportSet(m.support_size, config.model.proj_dim).to(device)
+        selector = _build_selector(config, dtype)
+        if isinstance(selector, torch.nn.Module):
+            selector = selector.to(device)
+    base_lr = o.lr * (o.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
+    optimizer = build_optimizer(
+        o.name, param_groups(model, o.weight_decay), lr=base_lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
+    steps_per_epoch = len(train_set) // o.batch_size
+    schedule_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    schedule = warmup_cosine(base_lr, schedule_steps, round(o.warmup_epochs * steps_per_epoch), o.final_lr)
+    augment = BatchAugment(
+        config.augment.recipe, d.image_size, crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur
+    )
+    return Run(
+        config=config, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
+        dtype=dtype, train_set=train_set, test_set=test_set, model=model, support=support, selector=selector,
+        optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
+        total_steps=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps,
+        warmup_instance_steps=round(m.instance_warmup_epochs * steps_per_epoch),
+    )
+
+
+def _build_selector(config: Config, dtype: torch.dtype) -> Any:
+    m = config.method
+    if m.name == "kmclr":
+        return build_selector(
+            "kmeans", num_prototypes=m.num_prototypes, recluster_every=m.recluster_every,
+            iters=m.kmeans_iters, dim=config.model.proj_dim,
+        )
+    return build_selector(
+        "nn", topk=m.topk, exclude_self=m.exclude_self, low_precision=dtype == torch.bfloat16
+    )
+
+
+def _state(run: Run, step: int) -> dict[str, Any]:
+    selector = run.selector.state_dict() if isinstance(run.selector, torch.nn.Module) else {}
+    return {
+        "step": step,
+        "config": to_dict(run.config),
+        "model": run.model.state_dict(),
+        "support": run.support.state_dict() if run.support is not None else {},
+        "selector": selector,
+        "optimizer": run.optimizer.state_dict(),
+        "knn_before": run.knn_before,
+    }
+
+
+def _restore(run: Run, state: dict[str, Any]) -> int:
+    differences = config_differences(state["config"], to_dict(run.config))
+    if differences:
+        raise UserError(
+            f"{run.run_dir} holds a run with a different config ({'; '.join(differences[:3])}); "
+            "use the same config to resume, another --run-dir, or --fresh to start over"
+        )
+    load_state_strict(run.model, state["model"], "model")
+    if run.support is not None:
+        load_state_strict(run.support, state["support"], "support set")
+    if isinstance(run.selector, torch.nn.Module):
+        load_state_strict(run.selector, state["selector"], "selector")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.knn_before = state.get("knn_before")
+    return int(state["step"])
+
+
+def knn_monitor(run: Run) -> KnnResult | None:
+    """Weighted kNN top-1/top-5 of backbone features: train split as memory, test split as queries."""
+    if run.test_set is None or not run.test_set.has_labels:
+        return None
+    extract = dict(
+        image_size=run.config.data.image_size, mean=CIFAR_MEAN, std=CIFAR_STD, device=run.device,
+        dtype=run.dtype, channels_last=run.config.train.channels_last,
+    )
+    train_features = extract_features(run.model.backbone, run.train_set.images, **extract)
+    test_features = extract_features(run.model.backbone, run.test_set.images, **extract)
+    return knn_accuracy(
+        train_features, run.train_set.labels.to(run.device), test_features, run.test_set.labels.to(run.device),
+        k=run.config.train.knn_k, temperature=run.config.train.knn_temperature,
+    )
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON record per line; on resume, records past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if resume_step > 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@contextmanager
+def stop_requests() -> Iterator[list[bool]]:
+    """Turn the first Ctrl-C/SIGTERM into a request to stop at the next step boundary."""
+    requested = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if requested[0]:
+            raise KeyboardInterrupt
+        requested[0] = True
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no signal handling
+        previous = {}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uint8 images (B, 3, H, W), labels (B,) and indices (B,) of ``step``, on the device."""
+    b = run.config.optim.batch_size
+    position = step % run.steps_per_epoch
+    indices = order[position * b : (position + 1) * b]
+    pin = run.device.type == "cuda"
+    images = run.train_set.images[indices]
+    labels = run.train_set.labels[indices]
+    if pin:
+        images, labels, indices = images.pin_memory(), labels.pin_memory(), indices.pin_memory()
+    move = dict(device=run.device, non_blocking=pin)
+    return images.to(**move), labels.to(**move), indices.to(**move)
+
+
+def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(_seed(run.config.train.seed, 1, epoch))
+    return torch.randperm(len(run.train_set), generator=generator)
+
+
+def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """One optimisation step; returns the loss and the NN diagnostics."""
+    config = run.config
+    images, labels, indices = _batch(run, step, order)
+    generator = torch.Generator(device=run.device).manual_seed(_seed(config.train.seed, 2, step))
+    views = torch.cat(run.augment(images, generator))  # (2B, 3, S, S)
+    if config.train.channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
+    for group in run.optimizer.param_groups:
+        group["lr"] = float(run.lr_schedule[min(step, len(run.lr_schedule) - 1)]) * group.get("lr_scale", 1.0)
+    with runtime.autocast(run.device, run.dtype):
+        out = contrastive_step(
+            run.model, views, method=config.method.name, temperature=config.method.temperature,
+            support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
+            instance_positive=step < run.warmup_instance_steps,
+        )
+    loss = out.loss.item()
+    if not math.isfinite(loss):
+        raise UserError(
+            f"the loss became {loss} at step {step}; the last good checkpoint in {run.run_dir} is intact. "
+            "Lower optim.lr or use train.precision=fp32, then rerun"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    run.optimizer.step()
+    if run.support is not None:
+        run.support.enqueue(out.z1, labels, indices, step)
+    return loss, {k: float(v) for k, v in out.diagnostics.items()}
+
+
+def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo: Any = print) -> RunResult:
+    """Pretrain (or resume) the run ``config`` describes; returns kNN before/after and timings."""
+    run = build_run(config)
+    path = run.run_dir / CHECKPOINT_NAME
+    if fresh and run.run_dir.exists():
+        for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
+            (run.run_dir / name).unlink(missing_ok=True)
+    start = _restore(run, load_checkpoint(path, run.device)) if path.is_file() else 0
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.yaml").write_text(dump_yaml(config))
+    log = MetricsLog(run.run_dir / "metrics.jsonl", start)
+    if start:
+        echo(f"resuming {run.run_dir} from step {start}/{run.total_steps}")
+    if start == 0:
+        before = knn_monitor(run)
+        run.knn_before = vars(before) if before else None
+        if before:
+            log.write({"type": "knn", "step": 0, "epoch": 0.0, "top1": before.top1, "top5": before.top5})
+    t0, images_seen, window, last_log = time.perf_counter(), 0, [], time.perf_counter()
+    knn_every = max(1, round(config.train.knn_every_epochs * run.steps_per_epoch)) if config.train.knn_every_epochs else 0
+    bar = tqdm(total=run.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    step, order, epoch = start, None, -1
+    with stop_requests() as stop:
+        while step < run.total_steps and not stop[0]:
+            if step // run.steps_per_epoch != epoch:
+                epoch = step // run.steps_per_epoch
+                order = _epoch_order(run, epoch)
+            loss, diagnostics = train_step(run, step, order)
+            step += 1
+            images_seen += config.optim.batch_size
+            window.append((loss, diagnostics))
+            bar.update(1)
+            if step % config.train.log_every == 0 or step == run.total_steps:
+                now = time.perf_counter()
+                record = _log_record(run, step, window, len(window) * config.optim.batch_size / (now - last_log))
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                window, last_log = [], now
+            if knn_every and step % knn_every == 0 and step < run.total_steps:
+                result = knn_monitor(run)
+                if result:
+                    log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
+                               "top1": result.top1, "top5": result.top5})
+            if step % config.train.checkpoint_every == 0 or step == run.total_steps or stop[0]:
+                save_checkpoint(_state(run, step), path)
+    bar.close()
+    train_time = time.perf_counter() - t0
+    if step < run.total_steps:
+        echo(f"stopped at step {step}/{run.total_steps}; checkpoint saved in {path}. Run the same command to resume.")
+        raise KeyboardInterrupt
+    return _finish(run, log, step, start, train_time, images_seen)
+
+
+def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "type": "train", "step": step, "epoch": round(step / run.steps_per_epoch, 4),
+        "loss": sum(loss for loss, _ in window) / len(window),
+        "lr": float(run.lr_schedule[min(step - 1, len(run.lr_schedule) - 1)]),
+        "images_per_s": images_per_s,
+    }
+    for key in window[-1][1]:
+        values = [d[key] for _, d in window if key in d and math.isfinite(d[key])]
+        record[key] = sum(values) / len(values) if values else None
+    return record
+
+
+def _finish(run: Run, log: MetricsLog, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
+    after = knn_monitor(run)
+    if after and step > start:
+        log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch, "top1": after.top1, "top5": after.top5})
+    result = RunResult(
+        run_dir=run.run_dir, steps=step, knn_before=run.knn_before, knn_after=vars(after) if after else None,
+        wall_time=train_time, images_per_second=images_seen / train_time if train_time > 0 else 0.0,
+        resumed_from=start,
+    )
+    results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return result
+
