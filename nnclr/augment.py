@@ -60,6 +60,7 @@ __all__ = [
     "apply_view",
     "blur_kernel_size",
     "eval_transform",
+    "normalization_for",
     "sample_view_params",
 ]
 
@@ -67,6 +68,13 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalization_for(data_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std): CIFAR-10's for the CIFAR family and the demo, ImageNet's otherwise."""
+    if data_name in ("demo", "cifar10", "cifar100"):
+        return CIFAR_MEAN, CIFAR_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 # ITU-R 601-2 luma, the weights of torchvision's rgb_to_grayscale.
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)

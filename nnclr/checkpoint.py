@@ -21,7 +21,9 @@ FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
-RESUMABLE_CHANGES = ("train.run_dir", "train.threads", "train.log_every", "train.device")
+RESUMABLE_CHANGES = (
+    "train.run_dir", "train.threads", "train.log_every", "train.device", "train.max_steps",
+)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

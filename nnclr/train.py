@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nnclr import runtime
-from nnclr.augment import CIFAR_MEAN, CIFAR_STD, BatchAugment
+from nnclr.augment import BatchAugment, normalization_for
 from nnclr.checkpoint import (
     CHECKPOINT_NAME,
     config_differences,
@@ -66,7 +66,7 @@ class Run:
     total_steps: int  # where the run stops (train.max_steps or the end of the schedule)
     warmup_instance_steps: int
     knn_before: dict[str, Any] | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
+    last_checkpoint_step: int | None = None
 
 
 @dataclass
@@ -128,8 +128,10 @@ def build_run(config: Config) -> Run:
     steps_per_epoch = len(train_set) // o.batch_size
     schedule_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
     schedule = warmup_cosine(base_lr, schedule_steps, round(o.warmup_epochs * steps_per_epoch), o.final_lr)
+    mean, std = normalization_for(d.name)
     augment = BatchAugment(
-        config.augment.recipe, d.image_size, crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur
+        config.augment.recipe, d.image_size, mean=mean, std=std,
+        crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur,
     )
     return Run(
         config=config, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
@@ -179,15 +181,17 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
         load_state_strict(run.selector, state["selector"], "selector")
     run.optimizer.load_state_dict(state["optimizer"])
     run.knn_before = state.get("knn_before")
-    return int(state["step"])
+    run.last_checkpoint_step = int(state["step"])
+    return run.last_checkpoint_step
 
 
 def knn_monitor(run: Run) -> KnnResult | None:
     """Weighted kNN top-1/top-5 of backbone features: train split as memory, test split as queries."""
     if run.test_set is None or not run.test_set.has_labels:
         return None
+    mean, std = normalization_for(run.config.data.name)
     extract = dict(
-        image_size=run.config.data.image_size, mean=CIFAR_MEAN, std=CIFAR_STD, device=run.device,
+        image_size=run.config.data.image_size, mean=mean, std=std, device=run.device,
         dtype=run.dtype, channels_last=run.config.train.channels_last,
     )
     train_features = extract_features(run.model.backbone, run.train_set.images, **extract)
@@ -276,9 +280,13 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
         )
     loss = out.loss.item()
     if not math.isfinite(loss):
+        kept = (
+            f"the last good checkpoint (step {run.last_checkpoint_step}) in {run.run_dir} is intact"
+            if run.last_checkpoint_step is not None else "no checkpoint had been written yet"
+        )
         raise UserError(
-            f"the loss became {loss} at step {step}; the last good checkpoint in {run.run_dir} is intact. "
-            "Lower optim.lr or use train.precision=fp32, then rerun"
+            f"the loss became {loss} at step {step + 1}, so the run stopped; {kept}. "
+            "Lower optim.lr or use train.precision=fp32 and rerun with --fresh"
         )
     run.optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -333,6 +341,7 @@ def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo
                                "top1": result.top1, "top5": result.top5})
             if step % config.train.checkpoint_every == 0 or step == run.total_steps or stop[0]:
                 save_checkpoint(_state(run, step), path)
+                run.last_checkpoint_step = step
     bar.close()
     train_time = time.perf_counter() - t0
     if step < run.total_steps:

@@ -1,0 +1,105 @@
+"""The pretraining loop: a smoke run of each method, exact resume, checkpoints and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from nnclr.config import load_config
+from nnclr.errors import UserError
+from nnclr.train import pretrain
+
+# A tiny, fast run on the shipped demo data; no kNN (test_split="") unless a test asks for it.
+TINY = [
+    "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
+    "optim.batch_size=32", "optim.warmup_epochs=0", "train.epochs=1", "train.log_every=1",
+    "method.support_size=100", "method.num_prototypes=8", "method.recluster_every=2",
+    "data.test_split=", "train.checkpoint_every=2",
+]
+
+
+def tiny(run_dir: Path, *overrides: str):
+    return load_config(None, [*TINY, f"train.run_dir={run_dir}", *overrides])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["nnclr", "simclr", "kmclr"])
+def test_two_step_smoke_run(tmp_path: Path, method: str) -> None:
+    result = pretrain(tiny(tmp_path, f"method.name={method}", "train.max_steps=2"), progress=False)
+    assert result.steps == 2
+    records = [r for r in read_metrics(tmp_path) if r["type"] == "train"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    if method != "simclr":
+        assert "nn_label_agreement" in records[-1] and "support_fill" in records[-1]
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 2 and state["config"]["method"]["name"] == method
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "results.json").is_file()
+
+
+def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
+    pretrain(tiny(tmp_path, "train.max_steps=5"), progress=False)
+    support = load_checkpoint(tmp_path / CHECKPOINT_NAME)["support"]
+    # steps 0..4 x 32 samples = 160 > 100 rows: full and wrapped; the oldest 60 rows were
+    # overwritten (all of step 0, 28 of step 1), so 4 rows of step 1 and 32 of steps 2-4 remain.
+    assert int(support["num_filled"]) == 100
+    assert (support["indices"] >= 0).all()
+    assert torch.bincount(support["steps"]).tolist() == [0, 4, 32, 32, 32]
+
+
+@pytest.mark.parametrize("method", ["nnclr", "kmclr"])
+def test_resume_equals_uninterrupted(tmp_path: Path, method: str) -> None:
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    pretrain(tiny(whole, f"method.name={method}", "train.max_steps=7"), progress=False)
+    pretrain(tiny(parts, f"method.name={method}", "train.max_steps=3"), progress=False)
+    result = pretrain(tiny(parts, f"method.name={method}", "train.max_steps=7"), progress=False)
+    assert result.resumed_from == 3 and result.steps == 7
+    a, b = load_checkpoint(whole / CHECKPOINT_NAME), load_checkpoint(parts / CHECKPOINT_NAME)
+    for part in ("model", "support", "selector"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    # metrics.jsonl of the resumed run has each step exactly once
+    steps = [r["step"] for r in read_metrics(parts) if r["type"] == "train"]
+    assert steps == list(range(1, 8))
+
+
+def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
+    pretrain(tiny(tmp_path, "train.max_steps=2"), progress=False)
+    with pytest.raises(UserError, match=r"different config \(optim\.lr"):
+        pretrain(tiny(tmp_path, "train.max_steps=4", "optim.lr=0.9"), progress=False)
+    # --fresh starts over instead
+    result = pretrain(tiny(tmp_path, "train.max_steps=1", "optim.lr=0.9"), fresh=True, progress=False)
+    assert result.resumed_from == 0 and result.steps == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "optim.name=sgd", "optim.lr=1.0e+30", "train.checkpoint_every=1",
+                  "train.precision=fp32")
+    with pytest.raises(UserError, match="loss became") as error:
+        pretrain(config, progress=False)
+    step = load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"]
+    assert f"at step {step + 1}" in str(error.value)  # the checkpoint holds the last good step
+    assert f"checkpoint (step {step})" in str(error.value)
+
+
+def test_knn_before_and_after_are_reported(tmp_path: Path) -> None:
+    result = pretrain(tiny(tmp_path, "train.max_steps=2", "data.test_split=test"), progress=False)
+    assert result.knn_before is not None and result.knn_after is not None
+    assert 0 < result.knn_before["top1"] <= 100 and result.knn_after["num_test"] == 1000
+    knn = [r for r in read_metrics(tmp_path) if r["type"] == "knn"]
+    assert [r["step"] for r in knn] == [0, 2]
+
+
+def test_batch_larger_than_data_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="optim.batch_size=4096"):
+        pretrain(tiny(tmp_path, "optim.batch_size=4096"), progress=False)
