@@ -315,9 +315,11 @@ def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo
         if before:
             log.write({"type": "knn", "step": 0, "epoch": 0.0, "top1": before.top1, "top5": before.top5})
     t0, images_seen, window, last_log = time.perf_counter(), 0, [], time.perf_counter()
-    knn_every = max(1, round(config.train.knn_every_epochs * run.steps_per_epoch)) if config.train.knn_every_epochs else 0
+    knn_every = round(config.train.knn_every_epochs * run.steps_per_epoch)
+    knn_every = max(1, knn_every) if config.train.knn_every_epochs else 0
     bar = tqdm(total=run.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     step, order, epoch = start, None, -1
+    report_every = 0 if progress else max(1, (run.total_steps - start) // 10)  # lines instead of a bar
     with stop_requests() as stop:
         while step < run.total_steps and not stop[0]:
             if step // run.steps_per_epoch != epoch:
@@ -328,6 +330,9 @@ def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo
             images_seen += config.optim.batch_size
             window.append((loss, diagnostics))
             bar.update(1)
+            if report_every and step % report_every == 0:
+                recent = sum(loss for loss, _ in window[-report_every:]) / len(window[-report_every:])
+                echo(f"step {step}/{run.total_steps}  loss {recent:.3f}  {time.perf_counter() - t0:.0f} s")
             if step % config.train.log_every == 0 or step == run.total_steps:
                 now = time.perf_counter()
                 record = _log_record(run, step, window, len(window) * config.optim.batch_size / (now - last_log))
@@ -366,7 +371,8 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
 def _finish(run: Run, log: MetricsLog, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
     after = knn_monitor(run)
     if after and step > start:
-        log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch, "top1": after.top1, "top5": after.top5})
+        log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
+                   "top1": after.top1, "top5": after.top5})
     result = RunResult(
         run_dir=run.run_dir, steps=step, knn_before=run.knn_before, knn_after=vars(after) if after else None,
         wall_time=train_time, images_per_second=images_seen / train_time if train_time > 0 else 0.0,
