@@ -86,7 +86,7 @@ class OptimConfig:
     final_lr: float = 0.0  # the cosine ends here (absolute, after scaling)
     momentum: float = 0.9
     weight_decay: float = 1.0e-6
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = 2.0  # the paper: 10 of 1000 epochs; the 20-epoch demo needs a short one
     batch_size: int = 256  # global batch (all processes together)
 
 
@@ -94,7 +94,7 @@ class OptimConfig:
 class TrainConfig:
     """Run length, device, precision, checkpoints and logging."""
 
-    epochs: float = 30.0
+    epochs: float = 20.0
     max_steps: int = 0  # > 0 stops after this many steps (the schedule still spans `epochs`)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
