@@ -46,12 +46,13 @@ def _percent(result: dict | None) -> str:
 def run_pretrain(args: argparse.Namespace) -> int:
     """``nnclr pretrain``: resolve the config, train, print kNN before/after and the run directory."""
     from nnclr.config import load_config  # imported here so `nnclr --help` stays fast
-    from nnclr.train import pretrain
 
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"train.run_dir={args.run_dir}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides)  # config mistakes fail before torch is imported
+    from nnclr.train import pretrain
+
     print(
         f"nnclr pretrain: {config.method.name} on {config.data.name}, backbone {config.model.backbone}, "
         f"batch {config.optim.batch_size}, {config.train.epochs:g} epochs",
