@@ -18,14 +18,12 @@ Compared with common implementations this one (DESIGN.md section 2):
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nnclr import distributed
+from nnclr.runtime import cpu_has_fast_bf16
 
 RERANK_CANDIDATES = 8  # candidates per query kept by the low-precision pass, re-scored in fp32
 
@@ -329,19 +327,10 @@ def _label_agreement(nn_labels: Tensor, labels: Tensor | None, found: Tensor) ->
     return (nn_labels[known] == labels.to(nn_labels.device)[known]).float().mean().item()
 
 
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def low_precision_is_fast(device: torch.device | str) -> bool:
     """Whether bf16 matmuls are fast on ``device``: CUDA with bf16 support, or a CPU with
     AVX512-BF16/AMX (read from /proc/cpuinfo; False where that is unavailable)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_has_bf16()
+    return device.type == "cpu" and cpu_has_fast_bf16()

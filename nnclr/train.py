@@ -40,7 +40,7 @@ from nnclr.errors import UserError
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
 from nnclr.model import ContrastiveModel, build_model
-from nnclr.optim import build_optimizer, param_groups, warmup_cosine
+from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 from nnclr.selectors import build_selector
 from nnclr.step import contrastive_step
 from nnclr.support import SupportSet
@@ -121,7 +121,7 @@ def build_run(config: Config) -> Run:
         selector = _build_selector(config, dtype)
         if isinstance(selector, torch.nn.Module):
             selector = selector.to(device)
-    base_lr = o.lr * (o.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
+    base_lr = scaled_lr(o.lr, o.batch_size) if o.lr_scaling == "linear" else o.lr
     optimizer = build_optimizer(
         o.name, param_groups(model, o.weight_decay), lr=base_lr, momentum=o.momentum, weight_decay=o.weight_decay
     )
