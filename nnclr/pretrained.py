@@ -1,0 +1,172 @@
+"""A trained encoder, loaded from a run directory or checkpoint file: ``nnclr.load(...)``.
+
+Everything that uses a pretrained encoder after training (evaluation, embedding, search,
+export) starts here, so that all of them see the same weights, the same preprocessing and the
+same checkpoint identity (a hash of the file's bytes, used to key caches and to refuse mixing
+embeddings of different checkpoints).
+
+Preprocessing is the evaluation transform of training (``nnclr.augment.eval_transform``): a PIL
+image is converted to RGB, its centred square is scaled to ``image_size`` (as image folders are
+at load time), then pixels are scaled to [0, 1] and normalised with the data set's statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from nnclr import runtime
+from nnclr.augment import eval_transform, normalization_for
+from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state_strict
+from nnclr.config import Config, from_dict
+from nnclr.data.decode import _square_box, to_rgb
+from nnclr.errors import UserError
+from nnclr.model import ContrastiveModel, build_model
+
+ImageLike = Image.Image | torch.Tensor | np.ndarray
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory -> its ``checkpoint.pt``; a file -> itself; anything else is a UserError."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise UserError(f"{path} has no {CHECKPOINT_NAME}; is it a run directory of `nnclr pretrain`?")
+        return candidate
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found; pass a run directory or a checkpoint file")
+    return path
+
+
+def file_hash(path: Path, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+@dataclass
+class Pretrained:
+    """A trained encoder f with its preprocessing, in eval mode.
+
+    Attributes:
+        encoder: the backbone f: normalised images (B, 3, S, S) -> features h (B, F).
+        projector: the projection MLP g: h (B, F) -> z (B, D).
+        config: the resolved config the checkpoint was trained with.
+        checkpoint: the checkpoint file.
+        checkpoint_hash: 16 hex digits of the checkpoint file's SHA-256.
+        step: the optimiser step the checkpoint was written at.
+        device, dtype: where and in which autocast precision :meth:`embed` runs.
+    """
+
+    encoder: nn.Module
+    projector: nn.Module
+    config: Config
+    checkpoint: Path
+    checkpoint_hash: str
+    step: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the square images the encoder expects."""
+        return self.config.data.image_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return normalization_for(self.config.data.name)[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return normalization_for(self.config.data.name)[1]
+
+    @property
+    def feature_dim(self) -> int:
+        """F, the size of the encoder's features."""
+        return int(self.encoder.num_features)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing as plain data (for manifests and exports)."""
+        return {
+            "image_size": self.image_size, "resize": "shorter side to image_size, centre square, bilinear",
+            "scale": "1/255", "mean": list(self.mean), "std": list(self.std),
+        }
+
+    def to_uint8(self, image: ImageLike) -> torch.Tensor:
+        """One PIL image, or a uint8 (3, H, W) / (H, W, 3) array -> uint8 (3, S, S)."""
+        if isinstance(image, Image.Image):
+            rgb = to_rgb(image)
+            square = rgb.resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=_square_box(*rgb.size))
+            return torch.from_numpy(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy())
+        tensor = torch.as_tensor(image)
+        if tensor.dtype != torch.uint8 or tensor.ndim != 3:
+            shape = tuple(tensor.shape)
+            raise UserError(f"expected a PIL image or a uint8 (3, H, W) tensor, got {tensor.dtype} {shape}")
+        if tensor.shape[0] != 3 and tensor.shape[-1] == 3:
+            tensor = tensor.permute(2, 0, 1)
+        return tensor
+
+    def transform(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> the encoder's input, float32 (B, 3, S, S), normalised.
+
+        Accepts one PIL image, a list of PIL images or uint8 tensors, or a uint8 batch (B, 3, H, W).
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            batch = images
+        elif isinstance(images, (Image.Image, torch.Tensor, np.ndarray)):
+            batch = self.to_uint8(images)[None]
+        else:
+            batch = torch.stack([self.to_uint8(image) for image in images])
+        return eval_transform(batch, self.image_size, mean=self.mean, std=self.std)
+
+    @torch.no_grad()
+    def embed(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 512) -> torch.Tensor:
+        """Images -> L2-normalised float32 features h (B, F), on the CPU."""
+        x = self.transform(images)
+        out = []
+        for start in range(0, x.shape[0], batch_size):
+            chunk = x[start : start + batch_size].to(self.device)
+            with runtime.autocast(self.device, self.dtype):
+                h = self.encoder(chunk)
+            out.append(F.normalize(h.float(), dim=1).cpu())
+        return torch.cat(out)
+
+
+def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pretrained:
+    """Load the encoder of a run directory or checkpoint file (``torch.load(weights_only=True)``).
+
+    Args:
+        path: a run directory of ``nnclr pretrain`` or a ``checkpoint.pt``.
+        device: ``cpu``, ``cuda``, ``auto``...
+        precision: ``auto`` (bf16 where fast), ``bf16`` or ``fp32`` for :meth:`Pretrained.embed`.
+
+    Raises:
+        UserError: the path is not a checkpoint, cannot be read safely, or does not match its config.
+    """
+    checkpoint = resolve_checkpoint(path)
+    state = load_checkpoint(checkpoint)
+    if "config" not in state or "model" not in state:
+        raise UserError(f"{checkpoint} is not an nnclr pretraining checkpoint (no config or model in it)")
+    config = from_dict(state["config"])
+    model: ContrastiveModel = build_model(config)
+    load_state_strict(model, state["model"], "model")
+    resolved = runtime.resolve_device(device)
+    model = model.to(resolved).eval()
+    return Pretrained(
+        encoder=model.backbone, projector=model.projector, config=config, checkpoint=checkpoint,
+        checkpoint_hash=file_hash(checkpoint), step=int(state.get("step", 0)), device=resolved,
+        dtype=runtime.resolve_dtype(precision, resolved),
+    )
