@@ -1,0 +1,147 @@
+"""Fuzzing the two parsers a user feeds directly: image decoding and the config.
+
+The guarantee: whatever the bytes of an image file or the text of a ``--set`` override or YAML
+recipe, the result is a valid value or a :class:`~nnclr.errors.UserError` (a one-line message
+and exit code 2 in the CLI), never another exception. ``NNCLR_FUZZ_EXAMPLES`` raises the number
+of cases per test for a longer campaign (CI runs the default, a few hundred in all).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from nnclr.config import Config, flatten, load_config, to_dict
+from nnclr.data.decode import load_square
+from nnclr.errors import UserError
+
+EXAMPLES = int(os.environ.get("NNCLR_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+KEYS = sorted(flatten(to_dict(Config())))
+NAMES = sorted({part for key in KEYS for part in key.split(".")})  # section and key names
+
+
+def _seed_files() -> dict[str, bytes]:
+    """Small valid files in the formats users have, to be mutated."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 17, 3), dtype=np.uint8))
+    files = {}
+    for fmt, image in [
+        ("PNG", rgb), ("JPEG", rgb), ("GIF", rgb.convert("P")), ("BMP", rgb), ("WEBP", rgb),
+        ("TIFF", rgb), ("PNG", rgb.convert("LA")),
+        ("PNG", Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8))),  # 16-bit grayscale
+    ]:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        files[f"{fmt}-{image.mode}"] = buffer.getvalue()
+    return files
+
+
+SEEDS = _seed_files()
+
+
+def _decode_or_user_error(path: Path, size: int = 8) -> np.ndarray | None:
+    try:
+        array = load_square(path, size)
+    except UserError as error:
+        assert "\n" not in str(error) and str(path) in str(error)
+        return None
+    assert array.dtype == np.uint8 and array.shape == (3, size, size)
+    return array
+
+
+@FUZZ
+@given(
+    seed=st.sampled_from(sorted(SEEDS)),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 10_000)),
+)
+def test_mutated_image_files_decode_or_fail_cleanly(tmp_path: Path, seed: str, flips: list, cut: int | None) -> None:
+    data = bytearray(SEEDS[seed])
+    for position, value in flips:  # overwrite bytes: headers, chunk lengths, pixel data
+        data[position % len(data)] = value
+    if cut is not None:  # truncation, as from an interrupted copy
+        data = data[: cut % (len(data) + 1)]
+    path = tmp_path / "image.png"
+    path.write_bytes(bytes(data))
+    _decode_or_user_error(path)  # asserts: a uint8 (3, S, S) array or a one-line UserError
+
+
+@FUZZ
+@given(data=st.binary(max_size=512))
+def test_random_bytes_with_an_image_extension(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "not-really.jpg"
+    path.write_bytes(data)
+    _decode_or_user_error(path)  # asserts: a uint8 (3, S, S) array or a one-line UserError
+
+
+def test_unmutated_seed_files_decode(tmp_path: Path) -> None:
+    for name, data in SEEDS.items():
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(data)
+        assert _decode_or_user_error(path) is not None, name
+
+
+_VALUES = st.one_of(
+    st.text(max_size=12), st.integers(-(10**12), 10**12).map(str), st.floats(allow_nan=True).map(str),
+    st.sampled_from(["true", "no", "null", "~", "[1, 2]", "{a: 1}", "1e-3", "0x10", ".inf", "-", "'", "demo"]),
+)
+
+
+@FUZZ
+@given(
+    keys=st.lists(st.one_of(st.sampled_from(KEYS), st.text(max_size=15)), min_size=1, max_size=4),
+    values=st.lists(_VALUES, min_size=4, max_size=4),
+    separator=st.sampled_from(["=", "==", ":", " = ", ""]),
+)
+def test_overrides_parse_or_name_the_problem(keys: list[str], values: list[str], separator: str) -> None:
+    overrides = [f"{key}{separator}{value}" for key, value in zip(keys, values)]
+    try:
+        config = load_config(None, overrides)
+    except UserError as error:
+        assert "\n" not in str(error)
+        return
+    assert isinstance(config, Config)
+
+
+@FUZZ
+@given(
+    tree=st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+        lambda children: st.one_of(
+            st.lists(children, max_size=3),
+            st.dictionaries(st.one_of(st.sampled_from(NAMES), st.text(max_size=6)), children, max_size=4),
+        ),
+        max_leaves=12,
+    )
+)
+def test_yaml_recipes_load_or_name_the_problem(tmp_path: Path, tree: object) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    try:
+        config = load_config(path)
+    except UserError as error:
+        assert "\n" not in str(error)
+        return
+    assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(
+    "text", ["data: [", "\t- x", "a: b: c", "%YAML 9.9\n---\n", "\x00", "key: !!python/object:os.system x"]
+)
+def test_broken_yaml_text(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="recipe.yaml"):
+        load_config(path)
