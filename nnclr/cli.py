@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command.run(args)
     except UserError as error:
-        print(f"nnclr: error: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process reports; name the others
+        where = "" if rank == "0" else f" (rank {rank})"
+        print(f"nnclr: error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nnclr: interrupted", file=sys.stderr)

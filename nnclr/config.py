@@ -59,6 +59,7 @@ class ModelConfig:
     proj_dim: int = 256  # d in the paper
     proj_layers: int = 3
     pred_hidden_dim: int = 4096  # prediction MLP hidden size; 0 for no predictor
+    sync_bn: str = "heads"  # under torchrun, batch-norm over the global batch in: heads | all | none
 
 
 @dataclass
@@ -87,7 +88,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1.0e-6
     warmup_epochs: float = 2.0  # the paper: 10 of 1000 epochs; the 20-epoch demo needs a short one
-    batch_size: int = 256  # global batch (all processes together)
+    batch_size: int = 256  # global batch (all processes together; each of W processes takes batch_size / W)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": METHODS,
     "augment.recipe": ("byol", "simclr", "crops"),
+    "model.sync_bn": ("heads", "all", "none"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "none"),
     "train.precision": ("auto", "bf16", "fp32"),

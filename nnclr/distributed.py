@@ -4,13 +4,23 @@ Every helper works without ``torch.distributed`` being initialised (tests, lapto
 0, world size is 1 and gathers/reductions are the identity. Under ``torchrun`` they use the default
 process group (NCCL on GPUs, gloo on CPU), so that negatives, the support set and k-means statistics
 are the same whatever way a global batch is split across ranks (DESIGN.md section 5).
+
+Also here: the process group made from torchrun's environment (:func:`process_group`), the split
+of a global batch (:func:`local_slice`) and of an evaluation set (:func:`shard`,
+:func:`gather_in_order`) over ranks, and a batch-norm over the global batch that also runs on
+the CPU (:class:`GlobalBatchNorm`). docs/distributed.md says what is gathered where and why.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_initialized() -> bool:
@@ -56,6 +66,31 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[rank() * n : (rank() + 1) * n]
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward sums the incoming gradient over ranks.
+
+    Every rank uses the sum in its own loss, so the gradient of the total loss with respect to
+    each rank's addend is the sum of all ranks' gradients with respect to the sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.contiguous().clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_with_grad(x: Tensor) -> Tensor:
+    """Sum ``x`` over ranks out of place, with gradients (``x`` itself when single)."""
+    return _AllReduceWithGrad.apply(x) if world_size() > 1 else x
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` (B, ...) from every rank along dim 0, keeping gradients to the local slice.
 
@@ -96,3 +131,183 @@ def broadcast(x: Tensor, src: int = 0) -> Tensor:
     if world_size() > 1:
         dist.broadcast(x, src=src)
     return x
+
+
+# --- process group: torchrun's environment -> one process per device ------------------------------
+
+DEFAULT_TIMEOUT_S = 1800  # a collective that waits longer than this fails instead of hanging forever
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or the same environment) asks for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's ``LOCAL_RANK``; 0 when not distributed)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:LOCAL_RANK`` under torchrun (one GPU per process); other devices unchanged."""
+    if device.type == "cuda" and device.index is None and launched_by_torchrun():
+        return torch.device("cuda", local_rank())
+    return device
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[torch.device]:
+    """Initialise the default process group from torchrun's environment, yield this rank's device.
+
+    When ``WORLD_SIZE`` > 1 (set by torchrun with ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) and no group exists yet, ``init_process_group`` uses NCCL for CUDA devices
+    and gloo for the CPU, with a timeout (``NNCLR_DIST_TIMEOUT`` seconds, default 30 min) so
+    that a rank which fails leaves the others with an error, not a hang; the group is destroyed
+    on exit. Otherwise (a single process, or a group the caller already made) nothing happens.
+    """
+    device = device_for_rank(device)
+    created = False
+    if launched_by_torchrun() and not is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        timeout = timedelta(seconds=float(os.environ.get("NNCLR_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+        created = True
+    try:
+        yield device
+    finally:
+        if created and is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when single)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Max of ``x`` over ranks in place (identity when single); e.g. a stop flag any rank raised."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def local_slice(global_batch: int) -> slice:
+    """This rank's contiguous rows of a global batch that ``world_size()`` divides.
+
+    Rank r takes rows [r*b, (r+1)*b) with b = global_batch / W, so that the rank-major
+    concatenation of :func:`gather_no_grad` is the global batch in its original order.
+    """
+    w = world_size()
+    if global_batch % w:
+        raise ValueError(f"a global batch of {global_batch} cannot be split evenly over {w} processes")
+    b = global_batch // w
+    return slice(rank() * b, (rank() + 1) * b)
+
+
+# --- evaluation: each sample exactly once, in index order ------------------------------------------
+
+
+def shard(n: int) -> range:
+    """The sample indices of ``n`` this rank handles: a contiguous block, sizes differing by <= 1.
+
+    Unlike ``DistributedSampler`` nothing is padded or repeated: the blocks of all ranks
+    partition ``range(n)`` in order (rank r gets [r*n//W, (r+1)*n//W)).
+    """
+    w, r = world_size(), rank()
+    return range(r * n // w, (r + 1) * n // w)
+
+
+@torch.no_grad()
+def gather_in_order(local: Tensor, n: int) -> Tensor:
+    """Gather per-rank results of :func:`shard` back into index order: (n, ...) on every rank.
+
+    Args:
+        local: (len(shard(n)), ...) this rank's rows, e.g. features of its images.
+        n: the total number of samples.
+
+    Returns:
+        (n, ...) tensor, row i the result for sample i, each sample exactly once (the padding
+        that all-gather needs for unequal blocks is removed).
+    """
+    w = world_size()
+    if local.shape[0] != len(shard(n)):
+        raise ValueError(f"rank {rank()} holds {local.shape[0]} rows but its shard of {n} has {len(shard(n))}")
+    if w == 1:
+        return local.detach()
+    longest = -(-n // w)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded.contiguous())
+    sizes = [(r + 1) * n // w - r * n // w for r in range(w)]
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+# --- batch-norm over the global batch ---------------------------------------------------------------
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch-norm over the global batch on the CPU (gloo), where ``torch.nn.SyncBatchNorm`` refuses to run.
+
+    In training under a process group of more than one rank, the per-channel mean and biased
+    variance are those of all ranks' rows, computed in (at least) fp32 with two differentiable
+    all-reduces (:func:`all_reduce_with_grad`, whose backward sums the gradient over ranks), so
+    forward and gradients equal one process's ``BatchNorm`` on the whole batch. In eval mode or
+    in a single process it is plain batch-norm. Inputs (N, C) or (N, C, ...); the same parameters
+    and buffers (``state_dict``) as ``BatchNorm1d/2d``. (Not a subclass of ``nn.SyncBatchNorm``:
+    DistributedDataParallel rejects those on the CPU.)
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002 - torch's name
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - torch's name
+        if not (self.training and world_size() > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # at least fp32
+        count = x.numel() // x.shape[1]
+        total = all_reduce_with_grad(torch.cat([x.sum(dims), x.new_tensor([count])]))
+        n = total[-1]
+        mean = total[:-1] / n  # (C,)
+        centred = x - mean.view(shape)
+        var = all_reduce_with_grad(centred.pow(2).sum(dims)) / n  # (C,) biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Batch-norm over the global batch in ``module``: every ``BatchNorm1d/2d/3d`` is replaced.
+
+    On CUDA by ``torch.nn.SyncBatchNorm`` (fused kernels), elsewhere by :class:`GlobalBatchNorm`;
+    parameters and running statistics are kept. Returns the converted module.
+    """
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        like = next((t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+                     if t.is_floating_point()), None)
+        factory = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats, **factory)
+        converted.load_state_dict(module.state_dict())
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module

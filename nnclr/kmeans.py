@@ -118,6 +118,19 @@ def assign(x: Tensor, centroids: Tensor, *, chunk_size: int = 8192) -> tuple[Ten
     return best, sims
 
 
+@torch.no_grad()
+def kmeans_plus_plus(x: Tensor, num_clusters: int, generator: torch.Generator | None = None) -> Tensor:
+    """(K, D) unit starting centroids for :func:`spherical_kmeans` from the rows of ``x`` (N, D).
+
+    Greedy k-means++ (see ``_kmeans_pp``) on the normalised rows, local to this process: use it
+    as ``init`` when every rank holds the same rows (e.g. the gathered support set), so that the
+    seeding does not depend on how the rows are split over ranks.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        return _kmeans_pp(F.normalize(x.detach().float(), dim=1), num_clusters, gen)
+
+
 def _kmeans_pp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; sklearn's variant) on a sample.
 

@@ -16,9 +16,14 @@ from torch import Tensor
 from nnclr import distributed
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is in a lower precision (bf16/fp16), else unchanged (fp32/fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _fp32_normalised(x: Tensor) -> Tensor:
-    """L2-normalise the rows of ``x`` in float32."""
-    return F.normalize(x.float(), dim=1)
+    """L2-normalise the rows of ``x`` in at least float32."""
+    return F.normalize(at_least_fp32(x), dim=1)
 
 
 def nnclr_loss(positives: Tensor, predictions: Tensor, temperature: float = 0.1) -> Tensor:
@@ -45,8 +50,9 @@ def nnclr_loss(positives: Tensor, predictions: Tensor, temperature: float = 0.1)
         Scalar float32 tensor: the mean of L_i over the local batch.
     """
     with torch.autocast(device_type=predictions.device.type, enabled=False):
-        pos = _fp32_normalised(positives)  # (B, D)
-        pred = _fp32_normalised(predictions)  # (B, D)
+        dtype = torch.promote_types(at_least_fp32(positives).dtype, at_least_fp32(predictions).dtype)
+        pos = _fp32_normalised(positives).to(dtype)  # (B, D)
+        pred = _fp32_normalised(predictions).to(dtype)  # (B, D)
         pred_all = distributed.gather_with_grad(pred)  # (W*B, D)
         logits = pos @ pred_all.T / temperature  # (B, W*B)
         labels = torch.arange(pos.shape[0], device=pos.device) + distributed.rank() * pos.shape[0]
@@ -84,5 +90,5 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
         self_cols = torch.cat([own, own + n_global])  # (2B,) the anchor's own column
         pos_cols = torch.cat([own + n_global, own])  # (2B,) the other view's column
         rows = torch.arange(2 * n_local, device=a.device)
-        logits = logits.index_put((rows, self_cols), torch.tensor(float("-inf"), device=a.device))
+        logits = logits.index_put((rows, self_cols), torch.tensor(float("-inf"), dtype=logits.dtype, device=a.device))
         return F.cross_entropy(logits, pos_cols)

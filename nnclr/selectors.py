@@ -24,7 +24,7 @@ from torch import Tensor
 
 from nnclr import distributed
 from nnclr.errors import UserError
-from nnclr.kmeans import spherical_kmeans
+from nnclr.kmeans import kmeans_plus_plus, spherical_kmeans
 from nnclr.support import SupportSet
 
 
@@ -138,14 +138,21 @@ class KMeansSelector(torch.nn.Module):
 
     @torch.no_grad()
     def recluster(self, support: SupportSet, step: int) -> None:
-        """Run spherical k-means on the filled support rows and store the prototypes."""
+        """Run spherical k-means on the filled support rows and store the prototypes.
+
+        The support set is identical on every rank, so the first k-means++ seeding is drawn from
+        all n rows (the same on every rank and in one process); the Lloyd iterations then run on
+        this rank's 1/W of the rows with the per-cluster sums all-reduced.
+        """
         n = int(support.num_filled)
         share = torch.tensor_split(torch.arange(n), distributed.world_size())[distributed.rank()]
         rows = support.embeddings[share.to(support.embeddings.device)]  # (n / W, D)
-        init = self.prototypes if self.is_clustered else None
-        generator = torch.Generator().manual_seed(int(step))
-        centroids, _ = spherical_kmeans(rows, self.num_prototypes, iters=self.iters, init=init,
-                                        generator=generator)
+        if self.is_clustered:
+            init = self.prototypes
+        else:
+            generator = torch.Generator().manual_seed(int(step))
+            init = kmeans_plus_plus(support.embeddings[:n], self.num_prototypes, generator)  # (K, D)
+        centroids, _ = spherical_kmeans(rows, self.num_prototypes, iters=self.iters, init=init)
         self.prototypes.copy_(centroids)
         self.last_recluster.fill_(int(step))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nnclr.losses import nnclr_loss, nt_xent
+from nnclr.losses import at_least_fp32, nnclr_loss, nt_xent
 from nnclr.model import ContrastiveModel
 from nnclr.selectors import InstanceSelector
 from nnclr.support import SupportSet
@@ -41,7 +41,7 @@ class StepOutput:
 
 
 def contrastive_step(
-    model: ContrastiveModel,
+    model: ContrastiveModel | torch.nn.Module,
     views: torch.Tensor,
     *,
     method: str,
@@ -56,17 +56,19 @@ def contrastive_step(
     """Forward both views (2B, 3, H, W) -> loss and diagnostics; no optimiser, no enqueue.
 
     Args:
+        model: the :class:`ContrastiveModel`, or it wrapped in DistributedDataParallel; under
+            torchrun B is this rank's share of the global batch and the losses gather the rest.
         views: view 1 then view 2 of the same B samples, concatenated on dim 0.
         method: ``nnclr`` | ``kmclr`` | ``simclr``.
         selector: picks positives from ``support`` (unused for SimCLR).
         instance_positive: use the sample's own z as positive (NNCLR/KMCLR warm-up).
     """
     _, z, p = model(views)
-    z = F.normalize(z.float(), dim=1)  # (2B, D)
+    z = F.normalize(at_least_fp32(z), dim=1)  # (2B, D)
     z1, z2 = z.chunk(2)
     if method == "simclr":
         return StepOutput(nt_xent(z1, z2, temperature=temperature), z1.detach(), {})
-    p1, p2 = p.float().chunk(2)  # (B, D) each
+    p1, p2 = at_least_fp32(p).chunk(2)  # (B, D) each
     assert support is not None and selector is not None
     choose = InstanceSelector() if instance_positive else selector
     s1 = choose(z1, support, indices=indices, step=step)

@@ -7,6 +7,11 @@ the precomputed learning rate, enqueue view 1's ``z`` into the support set, log,
 Exact resume: everything random is drawn from generators seeded by (seed, epoch) for the data
 order and (seed, step) for augmentation and top-k sampling, so a resumed run replays the same
 batches and views; the checkpoint holds model, optimiser, support set and selector state.
+
+Under ``torchrun`` (docs/distributed.md) ``optim.batch_size`` is the global batch: each of W
+processes takes its contiguous 1/W of every global batch of the same permutation, with the
+views drawn for the whole global batch, the model is wrapped in DistributedDataParallel (with
+batch-norm over the global batch in the heads by default), and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnclr import runtime
+from nnclr import distributed, runtime
 from nnclr.augment import BatchAugment, normalization_for
 from nnclr.checkpoint import (
     CHECKPOINT_NAME,
@@ -56,7 +61,8 @@ class Run:
     dtype: torch.dtype
     train_set: ImageDataset
     test_set: ImageDataset | None
-    model: ContrastiveModel
+    model: ContrastiveModel  # what is saved (never wrapped)
+    network: torch.nn.Module  # what is trained: ``model``, or it wrapped in DistributedDataParallel
     support: SupportSet | None
     selector: Any
     optimizer: torch.optim.Optimizer
@@ -93,12 +99,15 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-def build_run(config: Config) -> Run:
-    """Load data, build model, support set, selector, optimiser and schedule."""
+def build_run(config: Config, device: torch.device | None = None) -> Run:
+    """Load data, build model, support set, selector, optimiser and schedule.
+
+    ``device`` defaults to ``train.device``; under torchrun, :func:`pretrain` passes this rank's.
+    """
     t, d, o, m = config.train, config.data, config.optim, config.method
     runtime.tune_allocator()
     runtime.set_threads(t.threads)
-    device = runtime.resolve_device(t.device)
+    device = device if device is not None else runtime.resolve_device(t.device)
     dtype = runtime.resolve_dtype(t.precision, device)
     train_set = load_dataset(d.name, d.train_split, root=d.root, image_size=d.image_size, download=d.download)
     test_set = None
@@ -111,10 +120,17 @@ def build_run(config: Config) -> Run:
         )
     if o.batch_size < 2:
         raise UserError("optim.batch_size must be at least 2: the other samples are the negatives")
+    world = distributed.world_size()
+    if o.batch_size % world:
+        raise UserError(
+            f"optim.batch_size={o.batch_size} is the global batch and must be divisible by the {world} processes; "
+            f"use e.g. --set optim.batch_size={max(world, o.batch_size // world * world)}"
+        )
     torch.manual_seed(t.seed)
     model = build_model(config).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    network = _distribute(model, config.model.sync_bn, device)
     support = selector = None
     if m.name != "simclr":
         support = SupportSet(m.support_size, config.model.proj_dim).to(device)
@@ -135,11 +151,28 @@ def build_run(config: Config) -> Run:
     )
     return Run(
         config=config, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
-        dtype=dtype, train_set=train_set, test_set=test_set, model=model, support=support, selector=selector,
+        dtype=dtype, train_set=train_set, test_set=test_set, model=model, network=network, support=support,
+        selector=selector,
         optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
         total_steps=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps,
         warmup_instance_steps=round(m.instance_warmup_epochs * steps_per_epoch),
     )
+
+
+def _distribute(model: ContrastiveModel, sync_bn: str, device: torch.device) -> torch.nn.Module:
+    """Under a process group: global batch-norm where ``sync_bn`` says, then DDP; else ``model``.
+
+    DDP averages gradients over ranks; each rank's loss is the mean over its anchors of a loss
+    whose negatives are gathered with gradient (``nnclr.losses``), so the average is the
+    gradient of the global batch's mean loss, as in one process.
+    """
+    if distributed.world_size() == 1:
+        return model
+    for name in {"heads": ("projector", "predictor"), "all": ("backbone", "projector", "predictor")}.get(sync_bn, ()):
+        if getattr(model, name) is not None:
+            setattr(model, name, distributed.convert_sync_batchnorm(getattr(model, name), device))
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _build_selector(config: Config, dtype: torch.dtype) -> Any:
@@ -194,12 +227,20 @@ def knn_monitor(run: Run) -> KnnResult | None:
         image_size=run.config.data.image_size, mean=mean, std=std, device=run.device,
         dtype=run.dtype, channels_last=run.config.train.channels_last,
     )
-    train_features = extract_features(run.model.backbone, run.train_set.images, **extract)
-    test_features = extract_features(run.model.backbone, run.test_set.images, **extract)
+    train_features = _extract_in_shards(run.model.backbone, run.train_set.images, extract)
+    test_features = _extract_in_shards(run.model.backbone, run.test_set.images, extract)
     return knn_accuracy(
         train_features, run.train_set.labels.to(run.device), test_features, run.test_set.labels.to(run.device),
         k=run.config.train.knn_k, temperature=run.config.train.knn_temperature,
     )
+
+
+def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor, extract: dict[str, Any]) -> torch.Tensor:
+    """Features (N, F) of all images on every rank; each rank extracts its shard (no duplicates)."""
+    n = images.shape[0]
+    part = distributed.shard(n)
+    local = extract_features(backbone, images[part.start : part.stop], **extract)
+    return distributed.gather_in_order(local, n)
 
 
 class MetricsLog:
@@ -220,6 +261,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class _NoLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
 
 
 @contextmanager
@@ -244,10 +292,14 @@ def stop_requests() -> Iterator[list[bool]]:
 
 
 def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The uint8 images (B, 3, H, W), labels (B,) and indices (B,) of ``step``, on the device."""
+    """This rank's uint8 images (b, 3, H, W), labels (b,) and indices (b,) of ``step``, on the device.
+
+    The global batch is B consecutive entries of the epoch's permutation; rank r takes its rows
+    [r*b, (r+1)*b), b = B / W (DistributedSampler with drop_last, but resumable by step).
+    """
     b = run.config.optim.batch_size
     position = step % run.steps_per_epoch
-    indices = order[position * b : (position + 1) * b]
+    indices = order[position * b : (position + 1) * b][distributed.local_slice(b)]
     pin = run.device.type == "cuda"
     images = run.train_set.images[indices]
     labels = run.train_set.labels[indices]
@@ -267,18 +319,23 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
     config = run.config
     images, labels, indices = _batch(run, step, order)
     generator = torch.Generator(device=run.device).manual_seed(_seed(config.train.seed, 2, step))
-    views = torch.cat(run.augment(images, generator))  # (2B, 3, S, S)
+    # Views' parameters are drawn for the global batch and sliced, so that W processes see the
+    # same views as one process would.
+    params = run.augment.sample_params(config.optim.batch_size, *images.shape[2:], generator, run.device)
+    local = distributed.local_slice(config.optim.batch_size)
+    params = [{key: value[local] for key, value in view.items()} for view in params]
+    views = torch.cat(run.augment.apply_params(images, params))  # (2b, 3, S, S)
     if config.train.channels_last:
         views = views.contiguous(memory_format=torch.channels_last)
     for group in run.optimizer.param_groups:
         group["lr"] = float(run.lr_schedule[min(step, len(run.lr_schedule) - 1)]) * group.get("lr_scale", 1.0)
     with runtime.autocast(run.device, run.dtype):
         out = contrastive_step(
-            run.model, views, method=config.method.name, temperature=config.method.temperature,
+            run.network, views, method=config.method.name, temperature=config.method.temperature,
             support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
             instance_positive=step < run.warmup_instance_steps,
         )
-    loss = out.loss.item()
+    loss, diagnostics = _global_mean(out.loss.detach(), out.diagnostics)
     if not math.isfinite(loss):
         kept = (
             f"the last good checkpoint (step {run.last_checkpoint_step}) in {run.run_dir} is intact"
@@ -293,20 +350,92 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
     run.optimizer.step()
     if run.support is not None:
         run.support.enqueue(out.z1, labels, indices, step)
-    return loss, {k: float(v) for k, v in out.diagnostics.items()}
+    return loss, diagnostics
+
+
+def _global_mean(loss: torch.Tensor, diagnostics: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The loss and diagnostics averaged over ranks (one all-reduce); NaN diagnostics are skipped.
+
+    Every rank's loss is the mean over its equally many anchors, so the average is the global
+    batch's loss, the number one process would report; every rank gets the same values.
+    """
+    if distributed.world_size() == 1:
+        return loss.item(), {k: float(v) for k, v in diagnostics.items()}
+    keys = sorted(diagnostics)
+    values = torch.tensor([float(loss)] + [float(diagnostics[k]) for k in keys], dtype=torch.float64,
+                          device=loss.device)
+    finite = torch.isfinite(values)
+    finite[0] = True  # a non-finite loss must reach every rank
+    packed = distributed.all_reduce_sum(torch.cat([torch.where(finite, values, 0.0), finite.double()]))
+    sums, counts = packed.chunk(2)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).tolist()
+    return means[0], dict(zip(keys, means[1:]))
 
 
 def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo: Any = print) -> RunResult:
-    """Pretrain (or resume) the run ``config`` describes; returns kNN before/after and timings."""
-    run = build_run(config)
+    """Pretrain (or resume) the run ``config`` describes; returns kNN before/after and timings.
+
+    Under torchrun every process calls this: the process group is made from the environment
+    (and destroyed at the end), and only rank 0 writes files, prints and shows progress.
+    """
+    with distributed.process_group(runtime.resolve_device(config.train.device)) as device:
+        main = distributed.is_main()
+        return _pretrain(config, device, fresh=fresh, progress=progress and main,
+                         echo=echo if main else _silent)
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
+    """Rank 0 clears (``fresh``) or reads the checkpoint and sends it to every rank.
+
+    Sending rank 0's copy (rather than every rank reading the file) needs no shared file system
+    across machines and cannot race with rank 0 deleting or rewriting the file.
+    """
+    state: Any = None
+    if distributed.is_main():
+        if fresh and run.run_dir.exists():
+            for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
+                (run.run_dir / name).unlink(missing_ok=True)
+        if path.is_file():  # one process loads onto its device; several share a CPU copy
+            try:
+                state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
+            except UserError as error:
+                if distributed.world_size() == 1:
+                    raise
+                state = error  # raised on every rank below, so that no rank waits for the others
+    if distributed.world_size() > 1:
+        box = [state]
+        torch.distributed.broadcast_object_list(box, src=0, device=run.device if run.device.type == "cuda" else None)
+        if isinstance(box[0], UserError):
+            raise box[0]
+        state = _to_device(box[0], run.device) if box[0] is not None else None
+    return state
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: _to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_device(value, device) for value in tree)
+    return tree
+
+
+def _pretrain(config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any) -> RunResult:
+    run = build_run(config, device)
     path = run.run_dir / CHECKPOINT_NAME
-    if fresh and run.run_dir.exists():
-        for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
-            (run.run_dir / name).unlink(missing_ok=True)
-    start = _restore(run, load_checkpoint(path, run.device)) if path.is_file() else 0
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    (run.run_dir / "config.yaml").write_text(dump_yaml(config))
-    log = MetricsLog(run.run_dir / "metrics.jsonl", start)
+    main = distributed.is_main()
+    state = _resume_state(run, path, fresh)
+    start = _restore(run, state) if state is not None else 0
+    del state
+    if main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(dump_yaml(config))
+    log = MetricsLog(run.run_dir / "metrics.jsonl", start) if main else _NoLog()
     if start:
         echo(f"resuming {run.run_dir} from step {start}/{run.total_steps}")
     if start == 0:
@@ -321,12 +450,14 @@ def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo
     step, order, epoch = start, None, -1
     report_every = 0 if progress else max(1, (run.total_steps - start) // 10)  # lines instead of a bar
     with stop_requests() as stop:
-        while step < run.total_steps and not stop[0]:
+        stopping = False
+        while step < run.total_steps and not stopping:
             if step // run.steps_per_epoch != epoch:
                 epoch = step // run.steps_per_epoch
                 order = _epoch_order(run, epoch)
             loss, diagnostics = train_step(run, step, order)
             step += 1
+            stopping = _any_rank(stop[0], run.device)  # every rank stops after the same step
             images_seen += config.optim.batch_size
             window.append((loss, diagnostics))
             bar.update(1)
@@ -344,15 +475,24 @@ def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo
                 if result:
                     log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
                                "top1": result.top1, "top5": result.top5})
-            if step % config.train.checkpoint_every == 0 or step == run.total_steps or stop[0]:
-                save_checkpoint(_state(run, step), path)
+            if step % config.train.checkpoint_every == 0 or step == run.total_steps or stopping:
+                if main:
+                    save_checkpoint(_state(run, step), path)
                 run.last_checkpoint_step = step
     bar.close()
     train_time = time.perf_counter() - t0
     if step < run.total_steps:
         echo(f"stopped at step {step}/{run.total_steps}; checkpoint saved in {path}. Run the same command to resume.")
+        distributed.barrier()  # the checkpoint is written before any rank exits
         raise KeyboardInterrupt
     return _finish(run, log, step, start, train_time, images_seen)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on any rank (a Ctrl-C/SIGTERM may reach the ranks at different steps)."""
+    if distributed.world_size() == 1:
+        return flag
+    return bool(distributed.all_reduce_max(torch.tensor([int(flag)], device=device)))
 
 
 def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[str, Any]:
@@ -378,7 +518,9 @@ def _finish(run: Run, log: MetricsLog, step: int, start: int, train_time: float,
         wall_time=train_time, images_per_second=images_seen / train_time if train_time > 0 else 0.0,
         resumed_from=start,
     )
-    results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
-    (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if distributed.is_main():
+        results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+        (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    distributed.barrier()  # every file is written before any rank returns
     return result
 

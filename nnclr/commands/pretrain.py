@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -23,6 +24,10 @@ def add_parser(commands: Any) -> None:
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
 def _percent(result: dict | None) -> str:
     return f"{result['top1']:.1f}%" if result else "n/a"
 
@@ -37,25 +42,26 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)  # config mistakes fail before torch is imported
     from nnclr.train import pretrain
 
-    print(
+    echo = print if os.environ.get("RANK", "0") == "0" else _silent  # under torchrun: rank 0 speaks
+    echo(
         f"nnclr pretrain: {config.method.name} on {config.data.name}, backbone {config.model.backbone}, "
         f"batch {config.optim.batch_size}, {config.train.epochs:g} epochs",
         flush=True,
     )
     result = pretrain(config, fresh=args.fresh, progress=not args.no_progress and sys.stderr.isatty())
     if result.resumed_from >= result.steps:
-        print(f"this run was already complete ({result.steps} steps); --fresh starts it over")
+        echo(f"this run was already complete ({result.steps} steps); --fresh starts it over")
     else:
-        print(f"trained {result.steps - result.resumed_from} steps in {result.wall_time:.0f} s "
+        echo(f"trained {result.steps - result.resumed_from} steps in {result.wall_time:.0f} s "
               f"({result.images_per_second:.0f} images/s)")
     if result.knn_after:
         k = result.knn_after["k"]
         gain = (
             f" ({result.knn_after['top1'] - result.knn_before['top1']:+.1f} points)" if result.knn_before else ""
         )
-        print(
+        echo(
             f"kNN top-1 on {config.data.name}/{config.data.test_split} (k={k}): "
             f"before pretraining {_percent(result.knn_before)}, after {_percent(result.knn_after)}{gain}"
         )
-    print(f"run directory: {result.run_dir}")
+    echo(f"run directory: {result.run_dir}")
     return 0
