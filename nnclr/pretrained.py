@@ -63,7 +63,7 @@ class Pretrained:
 
     Attributes:
         encoder: the backbone f: normalised images (B, 3, S, S) -> features h (B, F).
-        projector: the projection MLP g: h (B, F) -> z (B, D).
+        projector: the projection MLP g: h (B, F) -> z (B, D); None for an export without it.
         config: the resolved config the checkpoint was trained with.
         checkpoint: the checkpoint file.
         checkpoint_hash: 16 hex digits of the checkpoint file's SHA-256.
@@ -72,7 +72,7 @@ class Pretrained:
     """
 
     encoder: nn.Module
-    projector: nn.Module
+    projector: nn.Module | None
     config: Config
     checkpoint: Path
     checkpoint_hash: str
@@ -111,6 +111,8 @@ class Pretrained:
             rgb = to_rgb(image)
             square = rgb.resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=_square_box(*rgb.size))
             return torch.from_numpy(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy())
+        if isinstance(image, np.ndarray) and not image.flags.writeable:
+            image = image.copy()  # torch warns on read-only arrays (e.g. np.asarray of a PIL image)
         tensor = torch.as_tensor(image)
         if tensor.dtype != torch.uint8 or tensor.ndim != 3:
             shape = tuple(tensor.shape)
@@ -137,19 +139,63 @@ class Pretrained:
         """Images -> L2-normalised float32 features h (B, F), on the CPU."""
         x = self.transform(images)
         out = []
+        memory_format = torch.channels_last if self.config.train.channels_last else torch.contiguous_format
         for start in range(0, x.shape[0], batch_size):
-            chunk = x[start : start + batch_size].to(self.device)
+            chunk = x[start : start + batch_size].to(self.device).contiguous(memory_format=memory_format)
             with runtime.autocast(self.device, self.dtype):
                 h = self.encoder(chunk)
             out.append(F.normalize(h.float(), dim=1).cpu())
         return torch.cat(out)
 
 
+def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """An ``nnclr export --format safetensors`` file -> (config dict, backbone state, projector state or None)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            meta = file.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} cannot be read as safetensors ({error})") from None
+    if "config" not in meta:
+        raise UserError(f"{path} has no nnclr metadata; only files written by `nnclr export` can be loaded")
+    prefix = "projector."
+    backbone = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    projector = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)} or None
+    return json.loads(meta["config"]), backbone, projector
+
+
+def _read_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """:func:`load_checkpoint`, with a clear refusal for files that need arbitrary unpickling.
+
+    The names the file would import are listed without unpickling it
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``), so nothing in it runs.
+    """
+    try:
+        return load_checkpoint(checkpoint)
+    except UserError:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint at all: the original message says it
+            unsafe = []
+        if not unsafe:
+            raise
+        raise UserError(
+            f"refused to load {checkpoint}: it needs unpickling arbitrary Python objects ({', '.join(unsafe[:3])}), "
+            "which can run code; nnclr loads checkpoints with torch.load(weights_only=True) only"
+        ) from None
+
+
 def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pretrained:
-    """Load the encoder of a run directory or checkpoint file (``torch.load(weights_only=True)``).
+    """Load the encoder of a run directory, a checkpoint file (``torch.load(weights_only=True)``) or an export.
 
     Args:
-        path: a run directory of ``nnclr pretrain`` or a ``checkpoint.pt``.
+        path: a run directory of ``nnclr pretrain``, a ``checkpoint.pt``, or a ``.safetensors``
+            file written by ``nnclr export`` (its projector is None unless exported with it).
         device: ``cpu``, ``cuda``, ``auto``...
         precision: ``auto`` (bf16 where fast), ``bf16`` or ``fp32`` for :meth:`Pretrained.embed`.
 
@@ -157,16 +203,29 @@ def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pret
         UserError: the path is not a checkpoint, cannot be read safely, or does not match its config.
     """
     checkpoint = resolve_checkpoint(path)
-    state = load_checkpoint(checkpoint)
-    if "config" not in state or "model" not in state:
-        raise UserError(f"{checkpoint} is not an nnclr pretraining checkpoint (no config or model in it)")
-    config = from_dict(state["config"])
-    model: ContrastiveModel = build_model(config)
-    load_state_strict(model, state["model"], "model")
+    if checkpoint.suffix == ".safetensors":
+        tree, backbone_state, projector_state = _load_safetensors(checkpoint)
+        config = from_dict(tree)
+        model: ContrastiveModel = build_model(config)
+        load_state_strict(model.backbone, backbone_state, "backbone")
+        if projector_state is not None:
+            load_state_strict(model.projector, projector_state, "projector")
+        state: dict[str, Any] = {"step": 0}
+    else:
+        state = _read_checkpoint(checkpoint)
+        if "config" not in state or "model" not in state:
+            raise UserError(f"{checkpoint} is not an nnclr pretraining checkpoint (no config or model in it)")
+        config = from_dict(state["config"])
+        model = build_model(config)
+        load_state_strict(model, state["model"], "model")
+        projector_state = state["model"]
     resolved = runtime.resolve_device(device)
     model = model.to(resolved).eval()
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return Pretrained(
-        encoder=model.backbone, projector=model.projector, config=config, checkpoint=checkpoint,
+        encoder=model.backbone, projector=model.projector if projector_state is not None else None,
+        config=config, checkpoint=checkpoint,
         checkpoint_hash=file_hash(checkpoint), step=int(state.get("step", 0)), device=resolved,
         dtype=runtime.resolve_dtype(precision, resolved),
     )

@@ -1,0 +1,146 @@
+"""``nnclr search --embeddings EMB_DIR QUERY_IMAGE_OR_DIR [-k 10] [--json] [--html FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(commands: Any) -> None:
+    search = commands.add_parser(
+        "search",
+        help="find the images most similar to a query image (or to every image of a folder)",
+        description="Embed the query image(s) with the checkpoint that made EMB_DIR and list the k most similar "
+        "images by cosine similarity: a table, JSON (--json) and/or a self-contained HTML gallery (--html).",
+    )
+    search.add_argument("query", metavar="QUERY_IMAGE_OR_DIR", help="an image file or a folder of images")
+    search.add_argument("--embeddings", required=True, metavar="EMB_DIR", help="output folder of nnclr embed")
+    search.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument("--html", metavar="FILE", help="also write a self-contained HTML gallery")
+    search.add_argument(
+        "--checkpoint", metavar="RUN",
+        help="the checkpoint to embed queries with (default: the one recorded in EMB_DIR; must be the same)",
+    )
+    search.add_argument(
+        "--index", choices=("auto", "exact", "approx"), default="auto",
+        help="exact (torch), approx (faiss IVF, saved in EMB_DIR), auto: approx when faiss is installed and "
+        "EMB_DIR holds more than --approx-threshold vectors (default)",
+    )
+    search.add_argument("--approx-threshold", type=int, default=100_000, metavar="N", help="see --index")
+    search.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+
+
+def _query_files(query: Path) -> list[Path]:
+    from nnclr.errors import UserError
+    from nnclr.use.embeddings import scan_images
+
+    if query.is_dir():
+        return scan_images(query)[0]
+    if not query.exists():
+        raise UserError(f"query {query} not found; pass an image file or a folder of images")
+    return [query]
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for result in results:
+        lines.append(f"query: {result['query']}")
+        lines.append(f"  {'rank':>4}  {'score':>6}  {'label':<12}  path")
+        for n in result["neighbours"]:
+            label = n["class"] or (str(n["label"]) if n["label"] >= 0 else "-")
+            lines.append(f"  {n['rank']:>4}  {n['score']:>6.3f}  {label:<12}  {n['path']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nnclr.errors import UserError
+    from nnclr.use.embeddings import open_embeddings
+
+    if args.k < 1:
+        raise UserError(f"-k {args.k}: must be at least 1")
+    embeddings = open_embeddings(args.embeddings)
+    files = _query_files(Path(args.query).expanduser())
+
+    import nnclr
+    from nnclr.use.embeddings import embed_files
+    from nnclr.use.search import search
+
+    checkpoint = args.checkpoint or embeddings.manifest["checkpoint"]
+    if not args.checkpoint and not Path(checkpoint).exists():
+        raise UserError(
+            f"the checkpoint that made {embeddings.root} ({checkpoint}) is gone; pass --checkpoint with the same one"
+        )
+    pretrained = nnclr.load(checkpoint, device=args.device, precision=embeddings.manifest.get("precision", "auto"))
+    if pretrained.checkpoint_hash != embeddings.checkpoint_hash:
+        raise UserError(
+            f"{embeddings.root} was made with checkpoint {embeddings.checkpoint_hash}, but {pretrained.checkpoint} "
+            f"is {pretrained.checkpoint_hash}: query with the same checkpoint, or re-embed with "
+            f"`nnclr embed --checkpoint {args.checkpoint or checkpoint} --fresh`"
+        )
+    vectors, done, failed = embed_files(pretrained, files)
+    if len(files) == 1 and failed:
+        raise UserError(f"query {files[0]} is not an image Pillow can read ({failed[0]})")
+    for position, reason in failed.items():
+        print(f"skipped query {files[position]}: {reason}", file=sys.stderr)
+    if not done:
+        raise UserError(f"none of the {len(files)} query files in {args.query} could be read")
+    import torch
+
+    scores, indices, index = search(
+        embeddings, torch.from_numpy(vectors), args.k, method=args.index, approx_threshold=args.approx_threshold
+    )
+    if index is not None:
+        state = "built and saved" if index.built else "loaded"
+        print(
+            f"faiss IVF index ({state}, nlist={index.nlist}, nprobe={index.nprobe}): "
+            f"recall@{index.k_recall} {index.recall:.3f} against exact search on a sample",
+            file=sys.stderr,
+        )
+    results = []
+    for q, position in enumerate(done):
+        neighbours = []
+        for rank, (score, row) in enumerate(zip(scores[q].tolist(), indices[q].tolist()), start=1):
+            if row < 0:
+                continue
+            entry = embeddings.entries[row]
+            neighbours.append(
+                {"rank": rank, "score": round(score, 6), "index": row, "path": entry.path,
+                 "label": entry.label, "class": entry.cls}
+            )
+        results.append({"query": str(files[position]), "neighbours": neighbours})
+    if args.html:
+        _write_html(Path(args.html).expanduser(), embeddings, results)
+    if args.json:
+        method = f"faiss-ivf recall@{index.k_recall}={index.recall:.3f}" if index is not None else "exact"
+        print(json.dumps({"embeddings": str(embeddings.root), "k": args.k, "search": method, "results": results},
+                         indent=1))
+    else:
+        print(_table(results))
+    if args.html:
+        print(f"gallery: {args.html}", file=sys.stderr)
+    return 0
+
+
+def _write_html(out: Path, embeddings: Any, results: list[dict[str, Any]]) -> None:
+    from nnclr.errors import UserError
+    from nnclr.use.embeddings import write_atomic
+    from nnclr.use.gallery import Tile, open_image, render, source_images
+
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--html {out}: pass a file name in an existing folder")
+    images = source_images(embeddings, sorted({n["index"] for r in results for n in r["neighbours"]}))
+    rows = []
+    for r in results:
+        lead = Tile(open_image(Path(r["query"])), [Path(r["query"]).name, "query"])
+        tiles = [
+            Tile(images[n["index"]], [n["path"], n["class"]] if n["class"] else [n["path"]], n["score"])
+            for n in r["neighbours"]
+        ]
+        rows.append((lead, tiles))
+    page = render(f"nnclr search: {len(results)} quer{'y' if len(results) == 1 else 'ies'}", rows,
+                  note=f"embeddings: {embeddings.root}; scores are cosine similarities")
+    write_atomic(out, lambda f: f.write(page.encode("utf-8")))

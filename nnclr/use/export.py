@@ -1,0 +1,177 @@
+"""Export the trained encoder f (optionally with the projection MLP g) for use without nnclr.
+
+Formats:
+
+* ``safetensors``: the backbone's ``state_dict``. ResNet backbones use torchvision's module names
+  (see :mod:`nnclr.backbones`), so the file loads into ``torchvision.models.resnetXX()``; what does
+  not carry over is listed in the header (key ``left_out``) and in :func:`left_out`. With the
+  projector its keys are prefixed ``projector.``. The header's metadata holds the preprocessing,
+  the backbone name and the config as JSON strings.
+* ``torchscript``: ``torch.jit.trace`` of the encoder in fp32 eval mode; ``preprocessing.json`` is
+  stored as an extra file.
+* ``onnx``: ``torch.onnx.export`` (the dynamo exporter, dynamic batch size); metadata properties
+  hold the preprocessing. Needs the ``onnx`` extra.
+
+Inputs of the TorchScript and ONNX models are normalised images float32 (B, 3, S, S) (the
+preprocessing in the metadata); outputs are the pooled features h (B, F) before L2
+normalisation, and with the projector also z = g(h) (B, D).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnclr import __version__
+from nnclr.config import to_dict
+from nnclr.errors import UserError
+from nnclr.pretrained import Pretrained
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+PROJECTOR_PREFIX = "projector."
+
+
+class ExportedEncoder(nn.Module):
+    """f (and g): normalised images (B, 3, S, S) -> h (B, F), or (h, z (B, D)) with the projector."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        if self.projector is None:
+            return h
+        return h, self.projector(h)
+
+
+def left_out(pretrained: Pretrained) -> str:
+    """What a stock torchvision model does not share with the exported weights, and what to do."""
+    m = pretrained.config.model
+    if not m.backbone.startswith("resnet"):
+        return (
+            f"{m.backbone} is not a torchvision model: build it with nnclr.backbones.build_backbone({m.backbone!r}) "
+            "and load_state_dict, or use nnclr.load(FILE)"
+        )
+    text = "fc (the classifier) is not part of the encoder: set model.fc = nn.Identity() or load with strict=False"
+    if m.cifar_stem:
+        text = (
+            "CIFAR stem: conv1 is 3x3 stride 1 (torchvision: 7x7 stride 2) and there is no maxpool; before "
+            "load_state_dict set model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and model.maxpool = "
+            "nn.Identity(); " + text
+        )
+    return text
+
+
+def metadata(pretrained: Pretrained, with_projector: bool) -> dict[str, str]:
+    """Header metadata (string -> string, as safetensors requires)."""
+    m = pretrained.config.model
+    return {
+        "format": "pt",
+        "producer": f"nnclr {__version__}",
+        "backbone": m.backbone,
+        "cifar_stem": json.dumps(bool(m.cifar_stem)),
+        "feature_dim": str(pretrained.feature_dim),
+        "with_projector": json.dumps(with_projector),
+        "preprocessing": json.dumps(pretrained.preprocessing()),
+        "checkpoint_hash": pretrained.checkpoint_hash,
+        "step": str(pretrained.step),
+        "left_out": left_out(pretrained),
+        "config": json.dumps(to_dict(pretrained.config)),
+    }
+
+
+def _module(pretrained: Pretrained, with_projector: bool) -> ExportedEncoder:
+    projector = pretrained.projector if with_projector else None
+    return ExportedEncoder(pretrained.encoder, projector).to("cpu").float().eval()
+
+
+def _tmp(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp")
+
+
+def _publish(out: Path) -> None:
+    """Rename the finished temporary file to ``out``, with the permissions a new file gets (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(_tmp(out), 0o666 & ~umask)
+    os.replace(_tmp(out), out)
+
+
+def export_safetensors(pretrained: Pretrained, out: Path, with_projector: bool = False) -> None:
+    """Write the backbone's state_dict (and the projector's, prefixed) with metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in pretrained.encoder.state_dict().items()}
+    if with_projector:
+        tensors.update(
+            {PROJECTOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in pretrained.projector.state_dict().items()}
+        )
+    save_file(tensors, str(_tmp(out)), metadata=metadata(pretrained, with_projector))
+    _publish(out)
+
+
+def _example(pretrained: Pretrained, batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, pretrained.image_size, pretrained.image_size, generator=generator)
+
+
+def export_torchscript(pretrained: Pretrained, out: Path, with_projector: bool = False) -> None:
+    """``torch.jit.trace`` the encoder in fp32; the metadata is stored as ``preprocessing.json``."""
+    module = _module(pretrained, with_projector)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch >= 2.10, still loads
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        traced = torch.jit.trace(module, _example(pretrained), check_trace=False)
+        extra = {"preprocessing.json": json.dumps(metadata(pretrained, with_projector))}
+        torch.jit.save(traced, str(_tmp(out)), _extra_files=extra)
+    _publish(out)
+
+
+def export_onnx(pretrained: Pretrained, out: Path, with_projector: bool = False) -> None:
+    """``torch.onnx.export`` with a dynamic batch dimension; metadata as ONNX metadata properties."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise UserError("--format onnx needs the onnx extra: pip install 'nnclr[onnx]'") from None
+    module = _module(pretrained, with_projector)
+    outputs = ["h", "z"] if with_projector else ["h"]
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (_example(pretrained),), str(_tmp(out)), input_names=["images"], output_names=outputs,
+            dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
+        )
+    model = onnx.load(str(_tmp(out)))
+    for key, value in metadata(pretrained, with_projector).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(_tmp(out)))
+    _publish(out)
+
+
+def export(pretrained: Pretrained, out: str | Path, fmt: str, with_projector: bool = False) -> Path:
+    """Export in ``fmt`` (one of :data:`FORMATS`) to ``out``, atomically; returns the path."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; pass a file name, e.g. {out / ('encoder.' + fmt)}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    writer: dict[str, Any] = {
+        "safetensors": export_safetensors, "torchscript": export_torchscript, "onnx": export_onnx,
+    }
+    writer[fmt](pretrained, out, with_projector)
+    return out

@@ -1,0 +1,162 @@
+"""k-nearest-neighbour search by cosine similarity: exact in torch, or a saved faiss index.
+
+Vectors are L2-normalised, so cosine similarity is the inner product ``q . x``. Exact search is a
+chunked matrix product ``(Q_chunk, F) @ (F, N)`` followed by ``topk`` (the same computation as the
+support-set lookup of NNCLR, Dwibedi et al. ICCV 2021, Sec. 3.1). With ``faiss-cpu`` installed
+and more than a threshold of vectors, an inverted-file index (IVF-Flat, inner product; Jégou et
+al., TPAMI 2011) is built once, saved beside the embeddings (keyed by the vectors' hash), and its
+recall@k against exact search is measured on a sample of the vectors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nnclr.use.embeddings import Embeddings, write_atomic
+
+DEFAULT_APPROX_THRESHOLD = 100_000
+FAISS_INDEX_FILE = "faiss_ivf.index"
+FAISS_META_FILE = "faiss_ivf.json"
+RECALL_SAMPLE = 200
+TARGET_RECALL = 0.95
+
+
+@torch.no_grad()
+def exact_search(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most similar keys of every query by inner product.
+
+    Args:
+        queries: float32 (Q, F), L2-normalised.
+        keys: float32 (N, F), L2-normalised.
+        k: neighbours per query (clipped to N).
+        chunk: queries per matrix product (bounds memory to chunk x N floats).
+
+    Returns:
+        ``(scores (Q, k) float32, indices (Q, k) int64)``, best first.
+    """
+    k = min(k, keys.shape[0])
+    scores, indices = [], []
+    keys_t = keys.t()
+    for start in range(0, queries.shape[0], chunk):
+        similarity = queries[start : start + chunk] @ keys_t  # (chunk, N)
+        top = similarity.topk(k, dim=1)
+        scores.append(top.values)
+        indices.append(top.indices)
+    if not scores:
+        return torch.zeros((0, k)), torch.zeros((0, k), dtype=torch.int64)
+    return torch.cat(scores), torch.cat(indices)
+
+
+def faiss_available() -> bool:
+    """Whether the optional ``faiss-cpu`` package is installed (``pip install nnclr[faiss]``)."""
+    return importlib.util.find_spec("faiss") is not None
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact top-k indices (Q, k) that the approximate top-k (Q, k) also returns."""
+    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
+    return hits / exact.size if exact.size else 1.0
+
+
+@dataclass
+class ApproxIndex:
+    """A faiss IVF-Flat inner-product index over an EMB_DIR's vectors, with its measured recall."""
+
+    index: Any
+    nlist: int
+    nprobe: int
+    recall: float
+    k_recall: int
+    built: bool
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate top-k: ``(scores (Q, k), indices (Q, k))``; missing neighbours have index -1."""
+        self.index.nprobe = self.nprobe
+        scores, indices = self.index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+        return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
+
+
+def _measure_recall(index: Any, vectors: np.ndarray, k: int, seed: int = 0) -> float:
+    """recall@k of ``index`` against exact search, with a sample of the vectors as queries."""
+    rng = np.random.default_rng(seed)
+    sample = vectors[rng.choice(vectors.shape[0], size=min(RECALL_SAMPLE, vectors.shape[0]), replace=False)]
+    _, exact = exact_search(torch.from_numpy(sample), torch.from_numpy(vectors), k)
+    _, approx = index.search(sample, k)
+    return recall_at_k(approx, exact.numpy())
+
+
+def approx_index(embeddings: Embeddings, k_recall: int = 10) -> ApproxIndex:
+    """Load the saved faiss index of an EMB_DIR, or build, measure and save it.
+
+    ``nlist = 4 sqrt(N)`` inverted lists (faiss's guideline); ``nprobe`` starts at ``max(8, nlist / 32)``
+    and doubles until recall@k on a sample of the vectors reaches :data:`TARGET_RECALL` (or all lists
+    are probed). The index is rebuilt when the vectors' hash differs from the one it was built for.
+    """
+    import faiss
+
+    vectors = np.ascontiguousarray(embeddings.vectors, dtype=np.float32)
+    root, fingerprint = embeddings.root, embeddings.manifest["embeddings_sha256"]
+    meta_path, index_path = root / FAISS_META_FILE, root / FAISS_INDEX_FILE
+    if meta_path.is_file() and index_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("embeddings_sha256") == fingerprint:
+                index = faiss.read_index(str(index_path))
+                return ApproxIndex(index, meta["nlist"], meta["nprobe"], meta["recall"], meta["k_recall"], False)
+        except (ValueError, OSError, RuntimeError, KeyError):
+            pass  # unreadable: rebuilt below
+    n, dim = vectors.shape
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    nprobe = min(nlist, max(8, nlist // 32))
+    while True:
+        index.nprobe = nprobe
+        recall = _measure_recall(index, vectors, k_recall)
+        if recall >= TARGET_RECALL or nprobe >= nlist:
+            break
+        nprobe = min(nlist, 2 * nprobe)
+    tmp = index_path.with_name(f".{index_path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    Path(tmp).replace(index_path)
+    meta = {"embeddings_sha256": fingerprint, "nlist": nlist, "nprobe": nprobe, "recall": recall, "k_recall": k_recall}
+    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return ApproxIndex(index, nlist, nprobe, recall, k_recall, True)
+
+
+def search(
+    embeddings: Embeddings, queries: torch.Tensor, k: int, *, method: str = "auto",
+    approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+) -> tuple[torch.Tensor, torch.Tensor, ApproxIndex | None]:
+    """Top-k of each query (Q, F) in an EMB_DIR: exact, or faiss when ``method`` allows it.
+
+    Args:
+        method: ``exact``; ``approx`` (faiss, whatever the size); ``auto`` (faiss when installed and
+            the EMB_DIR holds more than ``approx_threshold`` vectors).
+
+    Returns:
+        ``(scores (Q, k), indices (Q, k), the faiss index used or None)``.
+    """
+    from nnclr.errors import UserError
+
+    use_faiss = method == "approx" or (method == "auto" and len(embeddings) > approx_threshold and faiss_available())
+    if use_faiss:
+        if not faiss_available():
+            raise UserError("--index approx needs faiss: pip install 'nnclr[faiss]' (faiss-cpu)")
+        index = approx_index(embeddings, k_recall=k)
+        scores, indices = index.search(queries, min(k, len(embeddings)))
+        return scores, indices, index
+    scores, indices = exact_search(queries, embeddings.tensor(), k)
+    return scores, indices, None

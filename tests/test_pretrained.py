@@ -1,0 +1,70 @@
+"""``nnclr.load``: a trained encoder with its preprocessing, loaded safely and lazily."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_use_embed import make_checkpoint
+
+import nnclr
+from nnclr.augment import eval_transform
+from nnclr.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pt")
+
+
+def test_import_nnclr_does_not_import_torch() -> None:
+    code = "import sys, nnclr; assert callable(nnclr.load); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_load_run_dir_or_file_gives_encoder_transform_and_embed(checkpoint: Path) -> None:
+    from_dir, from_file = nnclr.load(checkpoint.parent), nnclr.load(checkpoint)
+    assert from_dir.checkpoint == from_file.checkpoint and from_dir.checkpoint_hash == from_file.checkpoint_hash
+    assert not from_dir.encoder.training and from_dir.feature_dim == 256 and from_dir.image_size == 32
+    images = (torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)
+    features = from_dir.embed(images)
+    assert features.shape == (6, 256) and features.dtype == torch.float32
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(6))
+    expected = eval_transform(images, 32, mean=from_dir.mean, std=from_dir.std)
+    torch.testing.assert_close(from_dir.transform(images), expected)
+
+
+def test_transform_accepts_pil_images_of_any_mode_and_size(checkpoint: Path) -> None:
+    pretrained = nnclr.load(checkpoint)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    for image in (rgb, rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA"), rgb.convert("I;16")):
+        x = pretrained.transform(image)
+        assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+    batch = pretrained.transform([rgb, rgb.convert("L")])
+    assert batch.shape == (2, 3, 32, 32)
+    gray = batch[1] * torch.tensor(pretrained.std)[:, None, None] + torch.tensor(pretrained.mean)[:, None, None]
+    torch.testing.assert_close(gray[0], gray[1])  # a grayscale image becomes three equal channels
+    torch.testing.assert_close(gray[1], gray[2])
+    hwc = np.array(rgb.resize((32, 32)))
+    torch.testing.assert_close(pretrained.transform(hwc), pretrained.transform(torch.from_numpy(hwc).permute(2, 0, 1)))
+    with pytest.raises(UserError, match="uint8"):
+        pretrained.transform(torch.rand(3, 32, 32))
+
+
+def test_load_errors_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        nnclr.load(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        nnclr.load(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read"):
+        nnclr.load(tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(UserError, match="safetensors|nnclr metadata"):
+        nnclr.load(tmp_path / "junk.safetensors")

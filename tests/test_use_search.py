@@ -1,0 +1,144 @@
+"""``nnclr search`` and ``nnclr duplicates``: exact search, faiss, the HTML gallery, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_use_embed import assert_user_error, make_checkpoint, make_image_folder, nnclr_cli
+
+import nnclr
+from nnclr.cli import main
+from nnclr.use.duplicates import duplicate_groups
+from nnclr.use.embeddings import EMBEDDINGS_FILE, embed_folder, open_embeddings
+from nnclr.use.search import FAISS_INDEX_FILE, exact_search, recall_at_k, search
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(checkpoint, image folder, EMB_DIR)."""
+    root = tmp_path_factory.mktemp("search")
+    checkpoint = make_checkpoint(root / "checkpoint.pt")
+    folder = make_image_folder(root / "images")
+    embed_folder(nnclr.load(checkpoint), folder, root / "emb")
+    return checkpoint, folder, root / "emb"
+
+
+def test_exact_search_matches_a_full_sort() -> None:
+    keys = F.normalize(torch.randn(1000, 16), dim=1)
+    queries = F.normalize(torch.randn(37, 16), dim=1)
+    scores, indices = exact_search(queries, keys, k=5, chunk=8)  # several chunks
+    full = queries @ keys.t()
+    expected = full.argsort(dim=1, descending=True)[:, :5]
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(scores, full.gather(1, expected))
+    assert exact_search(queries, keys[:3], k=10)[1].shape == (37, 3)  # k clipped to N
+
+
+def test_search_table_json_and_html_on_real_images(indexed: tuple[Path, Path, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    _, folder, emb = indexed
+    query = folder / "airplane" / "003.png"
+    html = tmp_path / "gallery.html"
+    assert main(["search", "--embeddings", str(emb), str(query), "-k", "4", "--html", str(html)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == f"query: {query}"
+    first = table[2].split()
+    assert first[0] == "1" and float(first[1]) == pytest.approx(1.0, abs=1e-3) and first[-1] == "airplane/003.png"
+    assert len(table) == 2 + 4
+
+    assert main(["search", "--embeddings", str(emb), str(folder / "airplane"), "-k", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["results"]) == len(list((folder / "airplane").rglob("*.png")))
+    for result in data["results"]:  # every indexed query finds itself first, scores descending
+        assert result["neighbours"][0]["path"] == Path(result["query"]).relative_to(folder).as_posix()
+        scores = [n["score"] for n in result["neighbours"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 3
+
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<img ") == 1 + 4
+    assert page.count('src="data:image/png;base64,') == 5
+    for link in re.findall(r'(?:src|href)="([^"]*)"', page):
+        assert link.startswith("data:") and "http" not in link
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+
+
+def test_not_an_image_query_and_another_checkpoint_exit_2(indexed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    checkpoint, folder, emb = indexed
+    assert_user_error(nnclr_cli("search", "--embeddings", str(emb), str(folder / "not_an_image.jpg")),
+                      "not_an_image.jpg", "not an image")
+    other = make_checkpoint(tmp_path / "other.pt", seed=3)
+    assert_user_error(
+        nnclr_cli("search", "--embeddings", str(emb), "--checkpoint", str(other), str(folder / "gray.png")),
+        "was made with checkpoint", "--fresh",
+    )
+
+
+def test_corrupt_npy_is_an_error_and_stays_untouched(indexed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, folder, emb = indexed
+    broken = tmp_path / "emb"
+    shutil.copytree(emb, broken)
+    data = (broken / EMBEDDINGS_FILE).read_bytes()
+    (broken / EMBEDDINGS_FILE).write_bytes(data[: len(data) // 2])
+    result = nnclr_cli("duplicates", "--embeddings", str(broken))
+    assert_user_error(result, EMBEDDINGS_FILE, "corrupt")
+    assert (broken / EMBEDDINGS_FILE).read_bytes() == data[: len(data) // 2]
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF  # a changed byte: np.load still works, the hash does not match
+    (broken / EMBEDDINGS_FILE).write_bytes(bytes(flipped))
+    assert main(["duplicates", "--embeddings", str(broken)]) == 2
+
+
+def test_duplicate_groups_are_connected_components() -> None:
+    base = F.normalize(torch.randn(3, 8), dim=1)
+    vectors = torch.stack([
+        base[0], base[1], F.normalize(base[0] + 0.01 * base[1], dim=0), base[2],
+        F.normalize(base[1] + 0.01 * base[2], dim=0),
+    ])
+    groups = duplicate_groups(vectors, threshold=0.999, chunk=2)
+    assert [g.rows for g in groups] == [[0, 2], [1, 4]]
+    assert all(0.999 <= g.min_similarity <= g.max_similarity <= 1.0 + 1e-6 for g in groups)
+    chain = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.28, 0.96]])  # 0~1 and 1~2 at 0.8 + ..., 0~2 at 0.28
+    assert [g.rows for g in duplicate_groups(chain, threshold=0.79)] == [[0, 1, 2]]
+    assert duplicate_groups(chain, threshold=0.99) == []
+
+
+def test_duplicates_cli_finds_the_copied_image(indexed: tuple[Path, Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    _, _, emb = indexed
+    html = tmp_path / "dups.html"
+    assert main(["duplicates", "--embeddings", str(emb), "--threshold", "0.999", "--json", "--html", str(html)]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    paths = [sorted(m["path"] for m in g["members"]) for g in groups]
+    assert ["copy_of_40.png", "palette.png"] not in paths  # a palette image is not a pixel copy
+    assert any("copy_of_40.png" in p for p in paths)
+    assert html.read_text().count("data:image/png;base64,") == sum(len(p) for p in paths)
+
+
+def test_faiss_index_is_built_once_saved_and_reports_recall(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    from nnclr.use.embeddings import Entry, save_embeddings
+
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(50, 32, generator=generator), dim=1)
+    points = F.normalize(centres.repeat(60, 1) + 0.3 * torch.randn(3000, 32, generator=generator), dim=1)
+    manifest = {"format_version": 1, "checkpoint_hash": "x", "source": {"kind": "folder", "path": "/nowhere"},
+                "skipped": []}
+    save_embeddings(tmp_path, points.numpy(), [Entry(f"{i}.png") for i in range(3000)], manifest)
+    emb = open_embeddings(tmp_path)
+    queries = points[:100] + 0.05 * torch.randn(100, 32, generator=generator)
+    scores, indices, index = search(emb, F.normalize(queries, dim=1), 10, approx_threshold=1000)
+    assert index is not None and index.built and (tmp_path / FAISS_INDEX_FILE).is_file()
+    _, exact = exact_search(F.normalize(queries, dim=1), emb.tensor(), 10)
+    measured = recall_at_k(indices.numpy(), exact.numpy())
+    assert index.recall >= 0.95 and measured >= 0.9  # nprobe was raised until the sample reached 0.95
+    again = search(emb, F.normalize(queries, dim=1), 10, approx_threshold=1000)[2]
+    assert again is not None and not again.built and again.recall == index.recall
+    assert search(emb, queries, 10)[2] is None  # below the default threshold: exact
+    assert recall_at_k(np.array([[1, 2]]), np.array([[2, 3]])) == 0.5
