@@ -81,3 +81,52 @@ def knn_accuracy(
         num_train=int((train_labels >= 0).sum()),
         num_test=int(test_labels.shape[0]),
     )
+
+
+@torch.no_grad()
+def knn_sweep(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    ks: tuple[int, ...] = (10, 20, 50, 100, 200),
+    temperatures: tuple[float, ...] = (0.02, 0.07, 0.2, 0.5),
+    chunk_size: int = 1024,
+) -> list[KnnResult]:
+    """Weighted-kNN accuracy for every (k, T) of a grid, sharing one top-k search per test chunk.
+
+    The ``max(ks)`` most similar training samples of each test sample are found once; every
+    (k, T) then re-weights the first k of them. Returns one :class:`KnnResult` per grid point,
+    in the order of ``ks`` x ``temperatures``.
+    """
+    known = train_labels >= 0
+    train = F.normalize(train_features[known].float(), dim=1)
+    labels = train_labels[known]
+    test = F.normalize(test_features.float(), dim=1)
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    ks = tuple(min(k, train.shape[0]) for k in ks)
+    k_max = max(ks)
+    hits1 = torch.zeros(len(ks), len(temperatures), dtype=torch.long)
+    hits5 = torch.zeros_like(hits1)
+    for start in range(0, test.shape[0], chunk_size):
+        similarity = test[start : start + chunk_size] @ train.T  # (m, N)
+        top_sim, top_idx = similarity.topk(k_max, dim=1)  # (m, k_max), sorted
+        top_labels = labels[top_idx]  # (m, k_max)
+        truth = test_labels[start : start + chunk_size, None]  # (m, 1)
+        for i, k in enumerate(ks):
+            for j, temperature in enumerate(temperatures):
+                votes = torch.zeros(top_sim.shape[0], num_classes, device=similarity.device)
+                votes.scatter_add_(1, top_labels[:, :k], ((top_sim[:, :k] - 1) / temperature).exp())  # (m, C)
+                ranked = votes.topk(min(5, num_classes), dim=1).indices == truth  # (m, 5)
+                hits1[i, j] += int(ranked[:, 0].sum())
+                hits5[i, j] += int(ranked.any(dim=1).sum())
+    m = max(1, test.shape[0])
+    return [
+        KnnResult(
+            top1=100.0 * int(hits1[i, j]) / m, top5=100.0 * int(hits5[i, j]) / m, k=k, temperature=temperature,
+            num_train=int(train.shape[0]), num_test=int(test.shape[0]),
+        )
+        for i, k in enumerate(ks)
+        for j, temperature in enumerate(temperatures)
+    ]

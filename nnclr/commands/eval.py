@@ -1,0 +1,183 @@
+"""``nnclr eval {knn,linear,semi,transfer,retrieval,all} --checkpoint RUN_DIR_OR_FILE [--data NAME] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+PROTOCOL_HELP = {
+    "knn": "weighted kNN on frozen features (k=20, T=0.07; --sweep for a grid)",
+    "linear": "linear probe on frozen features (--mode fast: L-BFGS on cached features; paper: SGD, augmented)",
+    "semi": "fine-tune the whole network on class-balanced 1%% and 10%% label subsets",
+    "transfer": "fast linear probe on another data set than the pretraining one (--transfer-data)",
+    "retrieval": "test images as queries against the training images: recall@1/5/10, mAP@R",
+    "all": "every protocol that fits the data (transfer only with --transfer-data)",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1] (write 0.01 or 1%)")
+    return value
+
+
+def add_parser(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a pretrained encoder: kNN, linear probe, semi-supervised, transfer, retrieval",
+        description="Evaluate a pretrained encoder with a fixed protocol. Each protocol writes "
+        "<run_dir>/eval/<protocol>-<data>.json and prints a table; features are cached in <run_dir>/features/.",
+    )
+    protocols = evaluate.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    for name, text in PROTOCOL_HELP.items():
+        sub = protocols.add_parser(name, help=text, description=text)
+        sub.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
+                         help="a run directory of `nnclr pretrain` or its checkpoint.pt")
+        sub.add_argument("--data", metavar="NAME", help="data set (default: the one the checkpoint was trained on)")
+        sub.add_argument("--train-split", default="train", help="memory / classifier training split (default train)")
+        sub.add_argument("--test-split", default="test", help="test split (default test)")
+        sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+        sub.add_argument("--seed", type=int, default=0, help="seed of validation splits, subsets, SGD (default 0)")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name in ("knn", "all"):
+            sub.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
+            sub.add_argument("--temperature", type=_positive_float, default=0.07,
+                             help="kNN vote weight exp(sim/T) (default 0.07)")
+            sub.add_argument("--sweep", action="store_true", help="kNN over a grid of k and T; reports the best")
+        if name in ("linear", "all"):
+            sub.add_argument("--mode", choices=("fast", "paper"), default="fast",
+                             help="fast: L-BFGS on cached features; paper: SGD on augmented images (default fast)")
+        if name in ("linear", "semi", "all"):
+            sub.add_argument("--epochs", type=_positive_int,
+                             help="paper linear: epochs (default 100); semi: epochs (default 60 for 1%%, 30 for 10%%)")
+            sub.add_argument("--batch-size", type=_positive_int, default=256, help="SGD batch size (default 256)")
+            sub.add_argument("--lr", type=_positive_float,
+                             help="SGD learning rate at batch 256 (default 0.1 paper linear, 0.05 semi)")
+        if name in ("semi", "all"):
+            sub.add_argument("--fractions", type=_fraction, nargs="+", default=[0.01, 0.1], metavar="F",
+                             help="label fractions, e.g. 0.01 0.1 or 1%% 10%% (default 0.01 0.1)")
+            sub.add_argument("--subset-file", metavar="FILE",
+                             help="a subset to reuse: one 0-based training index per line")
+        if name in ("transfer", "all"):
+            sub.add_argument("--transfer-data", metavar="NAME",
+                             help="the data set to transfer to (transfer: default --data)")
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _extra(record: dict[str, Any]) -> str:
+    metrics, settings = record["metrics"], record["settings"]
+    if record["protocol"] == "knn":
+        best = metrics.get("best")
+        text = f"k={settings['k']} T={settings['temperature']:g}"
+        return text + (f"; best k={best['k']} T={best['temperature']:g}" if best else "")
+    if record["protocol"] in ("linear", "transfer"):
+        if settings["mode"] == "fast":
+            return f"fast, l2={metrics['l2']:g}" + (f", from {settings['pretrain_data']}"
+                                                    if "pretrain_data" in settings else "")
+        return f"paper, {settings['epochs']} epochs, backbone bit-identical"
+    if record["protocol"] == "semi":
+        return "; ".join(f"{name}: {v['top1']:.2f} ({v['labelled_images']} labels)"
+                         for name, v in metrics["subsets"].items())
+    if record["protocol"] == "retrieval":
+        return " ".join(f"{key}={value:.2f}" for key, value in metrics.items())
+    return ""
+
+
+def print_table(records: list[dict[str, Any]]) -> None:
+    """One line per protocol: data, split sizes, top-1/top-5, wall time and the protocol's own numbers."""
+    rows = [("protocol", "data", "train/test", "top1", "top5", "time", "details")]
+    for r in records:
+        splits = f"{r['splits'].get('train', 0)}/{r['splits'].get('test', 0)}"
+        rows.append((r["protocol"], r["data"], splits, _format(r["top1"]), _format(r["top5"]),
+                     f"{r['wall_time_s']:.1f}s", _extra(r)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the encoder, run the protocol(s), write their JSON and print a table."""
+    import nnclr
+    from nnclr.errors import UserError
+    from nnclr.evaluate import protocols
+
+    pretrained = nnclr.load(args.checkpoint, device=args.device)
+    progress = False if args.no_progress else None
+    evaluation = protocols.Evaluation(
+        pretrained=pretrained, data=args.data or pretrained.config.data.name, train_split=args.train_split,
+        test_split=args.test_split, run_dir=pretrained.checkpoint.parent, progress=progress,
+    )
+    echo = print
+    print(f"nnclr eval {args.protocol}: checkpoint {pretrained.checkpoint} (step {pretrained.step}, "
+          f"{pretrained.checkpoint_hash}), data {evaluation.data}, device {pretrained.device}", flush=True)
+    records = []
+    name = args.protocol
+    if name == "knn":
+        records.append(protocols.knn(evaluation, k=args.k, temperature=args.temperature, sweep=args.sweep))
+    elif name == "linear":
+        records.append(_linear(protocols, evaluation, args))
+    elif name == "semi":
+        records.append(_semi(protocols, evaluation, args, echo))
+    elif name == "transfer":
+        records.append(protocols.transfer(evaluation, data=args.transfer_data or args.data, seed=args.seed))
+    elif name == "retrieval":
+        records.append(protocols.retrieval(evaluation))
+    elif name == "all":
+        records.append(protocols.knn(evaluation, k=args.k, temperature=args.temperature, sweep=args.sweep))
+        records.append(_linear(protocols, evaluation, args))
+        records.append(protocols.retrieval(evaluation))
+        why = protocols.semi_fits(evaluation, tuple(args.fractions)) if args.subset_file is None else None
+        if why is None:
+            records.append(_semi(protocols, evaluation, args, echo))
+        else:
+            print(f"skipping semi: {why}", file=sys.stderr)
+        if args.transfer_data:
+            records.append(protocols.transfer(evaluation, data=args.transfer_data, seed=args.seed))
+        else:
+            print("skipping transfer: no --transfer-data", file=sys.stderr)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise UserError(f"unknown protocol {name!r}")
+    paths = [protocols.write_record(evaluation.run_dir, record) for record in records]
+    print_table(records)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _linear(protocols: Any, evaluation: Any, args: argparse.Namespace) -> dict[str, Any]:
+    return protocols.linear(
+        evaluation, mode=args.mode, epochs=args.epochs or 100, batch_size=args.batch_size, lr=args.lr or 0.1,
+        seed=args.seed,
+    )
+
+
+def _semi(protocols: Any, evaluation: Any, args: argparse.Namespace, echo: Any) -> dict[str, Any]:
+    return protocols.semi_supervised(
+        evaluation, fractions=tuple(args.fractions), subset_file=args.subset_file, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr or 0.05, seed=args.seed, echo=echo,
+    )

@@ -1,0 +1,266 @@
+"""Linear evaluation of a frozen encoder (the linear-probe protocol of SimCLR, BYOL and NNCLR).
+
+Two modes:
+
+* ``fast``: multinomial logistic regression on cached features, full-batch L-BFGS
+  (``torch.optim.LBFGS`` with a strong-Wolfe line search), minimising
+  ``mean cross-entropy + l2/2 * ||W||^2`` (the bias is not penalised, as in scikit-learn). The
+  features are standardised with the training mean and standard deviation. ``l2`` is chosen
+  on a validation split carved from train (seeded), then the classifier is refitted on all of
+  train. This is scikit-learn's ``LogisticRegression(C=1 / (l2 * N))`` solved with PyTorch
+  (tested against it).
+* ``paper``: SGD on augmented images (random resized crop + horizontal flip, the ``crops``
+  recipe of :mod:`nnclr.augment`) with the backbone frozen in eval mode, a cosine learning-rate
+  schedule, evaluated on centre (un-augmented) test images. The head is batch-norm without
+  affine parameters followed by a linear layer (as in MAE, He et al. 2022, Sec. A.1, which is a
+  linear map at test time). The backbone's weights and buffers are checked to be bit-identical
+  before and after.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nnclr import runtime
+from nnclr.augment import RECIPES, apply_view, eval_transform, sample_view_params
+
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class LinearResult:
+    """Top-1/top-5 test accuracy (percent) of a linear classifier and how it was chosen."""
+
+    top1: float
+    top5: float
+    num_train: int
+    num_test: int
+    l2: float | None = None
+    validation: dict[str, float] = field(default_factory=dict)  # l2 -> validation top-1
+    num_val: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent of logits (M, C) against labels (M,)."""
+    if labels.numel() == 0:
+        return 0.0, 0.0
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (M, 5)
+    return 100.0 * ranked[:, 0].float().mean().item(), 100.0 * ranked.any(dim=1).float().mean().item()
+
+
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    *,
+    max_iter: int = 200,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by full-batch L-BFGS.
+
+    Args:
+        x: float32 features (N, F).
+        y: int64 labels (N,) in [0, C).
+        num_classes: C.
+        l2: strength of ``l2/2 * ||W||^2`` added to the mean cross-entropy.
+        max_iter: L-BFGS iterations.
+        init: optional warm start (W (C, F), b (C,)).
+
+    Returns:
+        W (C, F) and b (C,).
+    """
+    weight = torch.zeros(num_classes, x.shape[1]) if init is None else init[0].clone()
+    bias = torch.zeros(num_classes) if init is None else init[1].clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+        tolerance_change=1e-9, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Subtract the training mean and divide by the training standard deviation (per feature)."""
+    mean = train.mean(dim=0)
+    std = train.std(dim=0).clamp_min(1e-6)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def fast_linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    l2_grid: tuple[float, ...] = L2_GRID,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> LinearResult:
+    """Linear probe on frozen features (N, F) / (M, F) with labels (N,) / (M,); l2 chosen on validation."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_x, test_x = train_x.float(), test_x.float()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(train_x.shape[0], generator=generator)
+    num_val = int(round(val_fraction * train_x.shape[0])) if len(l2_grid) > 1 else 0
+    validation: dict[str, float] = {}
+    best = l2_grid[0]
+    if num_val > 0:
+        val_idx, fit_idx = order[:num_val], order[num_val:]
+        fit_x, val_x = standardise(train_x[fit_idx], train_x[val_idx])
+        init = None
+        best_acc = -1.0
+        for l2 in sorted(l2_grid, reverse=True):  # strong to weak, warm-started
+            init = fit_logistic(fit_x, train_y[fit_idx], num_classes, l2, max_iter=max_iter // 2, init=init)
+            acc = topk_accuracy(val_x @ init[0].T + init[1], train_y[val_idx])[0]
+            validation[f"{l2:g}"] = acc
+            if acc > best_acc:
+                best, best_acc = l2, acc
+    all_x, test_x = standardise(train_x, test_x)
+    weight, bias = fit_logistic(all_x, train_y, num_classes, best, max_iter=max_iter)
+    top1, top5 = topk_accuracy(test_x @ weight.T + bias, test_y)
+    return LinearResult(
+        top1=top1, top5=top5, num_train=int(train_x.shape[0]), num_test=int(test_x.shape[0]), l2=best,
+        validation=validation, num_val=num_val,
+    )
+
+
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer (for the bit-identity check)."""
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    """True when every parameter and buffer of ``module`` equals ``snapshot`` bit for bit."""
+    state = module.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in snapshot)
+
+
+def augmented_batch(
+    images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> one random-resized-crop + flip view, float32 (B, 3, S, S), normalised."""
+    recipe = RECIPES["crops"][0]
+    params = sample_view_params(recipe, images.shape[0], images.shape[2], images.shape[3], generator, images.device)
+    return apply_view(images.float().mul_(1.0 / 255), params, recipe, size, mean, std)
+
+
+@torch.no_grad()
+def evaluate_head(
+    backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, size: int,
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype, batch_size: int = 512,
+) -> tuple[float, float]:
+    """Top-1/top-5 (percent) of ``head(backbone(x))`` on centre test images (uint8 (M, 3, H, W))."""
+    backbone.eval()
+    head.eval()
+    logits = []
+    for start in range(0, images.shape[0], batch_size):
+        x = eval_transform(images[start : start + batch_size].to(device), size, mean=mean, std=std)
+        with runtime.autocast(device, dtype):
+            h = backbone(x)
+        logits.append(head(h.float()).float().cpu())
+    return topk_accuracy(torch.cat(logits), labels.cpu())
+
+
+def paper_linear_probe(
+    backbone: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int,
+    num_features: int,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> LinearResult:
+    """The standard linear protocol: SGD on augmented images, frozen backbone, cosine schedule.
+
+    Args:
+        backbone: the encoder f; kept in eval mode and checked bit-identical afterwards.
+        train_images, test_images: uint8 (N, 3, H, W) / (M, 3, H, W).
+        train_labels, test_labels: int64 (N,) / (M,), all known.
+        lr: learning rate for batch 256, scaled linearly with ``batch_size``.
+
+    Raises:
+        RuntimeError: if the backbone's weights or buffers changed (a bug, never expected).
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    order_generator = torch.Generator().manual_seed(seed)
+    head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes)).to(device)
+    nn.init.zeros_(head[1].weight)
+    nn.init.zeros_(head[1].bias)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=lr * batch_size / 256, momentum=momentum, weight_decay=weight_decay, nesterov=True,
+    )
+    steps_per_epoch = max(1, math.ceil(train_images.shape[0] / batch_size))
+    total = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    snapshot = state_snapshot(backbone)
+    was_training = backbone.training
+    requires_grad = [p.requires_grad for p in backbone.parameters()]
+    backbone.eval().requires_grad_(False)
+    losses = []
+    try:
+        with tqdm(total=total, disable=not progress, unit="step", desc="linear (paper)", dynamic_ncols=True,
+                  leave=False) as bar:
+            for _ in range(epochs):
+                head.train()
+                order = torch.randperm(train_images.shape[0], generator=order_generator)
+                for start in range(0, order.shape[0], batch_size):
+                    idx = order[start : start + batch_size]
+                    x = augmented_batch(train_images[idx].to(device), size, mean_t, std_t, generator)
+                    with torch.no_grad(), runtime.autocast(device, dtype):
+                        h = backbone(x)
+                    loss = F.cross_entropy(head(h.float()), train_labels[idx].to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append(loss.item())
+                    bar.update(1)
+        top1, top5 = evaluate_head(
+            backbone, head, test_images, test_labels, size=size, mean=mean, std=std, device=device, dtype=dtype,
+        )
+    finally:
+        for parameter, flag in zip(backbone.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+        backbone.train(was_training)
+    if not unchanged(backbone, snapshot):
+        raise RuntimeError("the frozen backbone changed during linear evaluation")
+    return LinearResult(
+        top1=top1, top5=top5, num_train=int(train_images.shape[0]), num_test=int(test_images.shape[0]),
+        extra={"backbone_bit_identical": True, "steps": total, "final_loss": losses[-1] if losses else None},
+    )

@@ -1,0 +1,149 @@
+"""The evaluation maths on features made up in the test: kNN, linear probe, retrieval, label subsets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnclr.errors import UserError
+from nnclr.evaluate.knn import knn_accuracy, knn_sweep
+from nnclr.evaluate.linear import fast_linear_probe, fit_logistic, standardise
+from nnclr.evaluate.retrieval import retrieval_metrics
+from nnclr.evaluate.semi import balanced_subset, read_subset, write_subset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These problems are tiny: one thread avoids waiting on a second one on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clusters(
+    n_per_class: int, num_classes: int = 5, dim: int = 32, spread: float = 0.1, seed: int = 0, noise_seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters around random unit centres (drawn from ``seed``): features (n*C, dim), labels (n*C,)."""
+    centre_generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=centre_generator), dim=1)
+    g = torch.Generator().manual_seed(1000 + noise_seed)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    features = centres[labels] + spread * torch.randn(labels.shape[0], dim, generator=g)
+    order = torch.randperm(labels.shape[0], generator=g)
+    return features[order], labels[order]
+
+
+def shuffled(labels: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    return labels[torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def test_knn_separable_clusters_reach_100_and_shuffled_labels_reach_chance() -> None:
+    train_x, train_y = clusters(200, num_classes=5)
+    test_x, test_y = clusters(100, num_classes=5, noise_seed=1)
+    assert knn_accuracy(train_x, train_y, test_x, test_y).top1 > 99.0
+    chance = knn_accuracy(train_x, shuffled(train_y), test_x, test_y).top1
+    assert abs(chance - 20.0) < 8.0, chance
+
+
+def test_knn_sweep_matches_single_runs_and_contains_the_default() -> None:
+    train_x, train_y = clusters(60, num_classes=4, spread=0.8)
+    test_x, test_y = clusters(30, num_classes=4, spread=0.8, noise_seed=3)
+    grid = knn_sweep(train_x, train_y, test_x, test_y, ks=(5, 20), temperatures=(0.07, 0.5), chunk_size=17)
+    assert [(r.k, r.temperature) for r in grid] == [(5, 0.07), (5, 0.5), (20, 0.07), (20, 0.5)]
+    for result in grid:
+        single = knn_accuracy(train_x, train_y, test_x, test_y, k=result.k, temperature=result.temperature)
+        assert result.top1 == pytest.approx(single.top1) and result.top5 == pytest.approx(single.top5)
+
+
+def test_linear_probe_separable_clusters_reach_100_and_shuffled_labels_reach_chance() -> None:
+    train_x, train_y = clusters(100, num_classes=5, spread=0.2)
+    test_x, test_y = clusters(60, num_classes=5, spread=0.2, noise_seed=1)
+    result = fast_linear_probe(train_x, train_y, test_x, test_y, max_iter=60)
+    assert result.top1 > 99.0 and result.l2 is not None and len(result.validation) == 6
+    chance = fast_linear_probe(train_x, shuffled(train_y), test_x, test_y, max_iter=60).top1
+    assert abs(chance - 20.0) < 10.0, chance
+
+
+def test_linear_probe_matches_scikit_learn_within_half_a_point() -> None:
+    """Same features, same objective (sklearn's C = 1 / (l2 * N)): test accuracies within 0.5 points."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    train_x, train_y = clusters(300, num_classes=6, dim=24, spread=0.9, seed=4)  # overlapping: ~60-70%
+    test_x, test_y = clusters(200, num_classes=6, dim=24, spread=0.9, seed=4, noise_seed=5)
+    ours = fast_linear_probe(train_x, train_y, test_x, test_y)
+    assert 40.0 < ours.top1 < 95.0, "the clusters should overlap, or the comparison is trivial"
+    std_train, std_test = standardise(train_x, test_x)
+    reference = linear_model.LogisticRegression(C=1.0 / (ours.l2 * train_x.shape[0]), max_iter=5000, tol=1e-8)
+    reference.fit(std_train.numpy(), train_y.numpy())
+    sklearn_top1 = 100.0 * (reference.predict(std_test.numpy()) == test_y.numpy()).mean()
+    assert abs(ours.top1 - sklearn_top1) <= 0.5, (ours.top1, sklearn_top1)
+    # and the coefficients themselves agree (same convex problem)
+    weight, bias = fit_logistic(std_train, train_y, 6, ours.l2, max_iter=500)
+    centred = weight - weight.mean(dim=0)  # multinomial logits are defined up to a shared shift
+    sk = torch.from_numpy(reference.coef_).float()
+    assert torch.allclose(centred, sk - sk.mean(dim=0), atol=2e-2)
+
+
+def test_retrieval_metrics_on_a_hand_computed_example() -> None:
+    """Gallery on a circle; two queries whose rankings are worked out by hand.
+
+    Gallery (angle, label): 0 deg A, 10 deg A, 20 deg B, 30 deg A, 180 deg B, 190 deg B.
+    Query 1 at 1 deg, label A (R=3): ranking A, A, B, A, ... -> hits at 1, 2; AP@R = (1/1 + 2/2) / 3 = 2/3.
+    Query 2 at 21 deg, label B (R=3): ranking B(20), A(30), A(10), A(0), B, B -> hit at 1 within R=3;
+    AP@R = (1/1) / 3 = 1/3. recall@1 = 2/2; recall@2: q1 yes, q2 yes (rank 1) -> 100%.
+    Query 3 at 185 deg, label A: nearest are B(180), B(190), then A(30) at rank 3 -> AP@R = (1/3)/3 = 1/9;
+    recall@1 = no, recall@3 = yes.
+    """
+
+    def at(degrees: list[float]) -> torch.Tensor:
+        radians = torch.tensor(degrees) * torch.pi / 180
+        return torch.stack([radians.cos(), radians.sin()], dim=1)
+
+    gallery = at([0, 10, 20, 30, 180, 190])
+    gallery_labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    queries = at([1, 21, 185])
+    query_labels = torch.tensor([0, 1, 0])
+    result = retrieval_metrics(queries, query_labels, gallery, gallery_labels, ks=(1, 3), chunk_size=2)
+    assert result.recall[1] == pytest.approx(100 * 2 / 3)
+    assert result.recall[3] == pytest.approx(100.0)
+    assert result.map_at_r == pytest.approx(100 * (2 / 3 + 1 / 3 + 1 / 9) / 3)
+    assert (result.num_queries, result.num_gallery) == (3, 6)
+
+
+def test_retrieval_ignores_unknown_labels_and_perfect_clusters_score_100() -> None:
+    x, y = clusters(20, num_classes=3, spread=0.01)
+    y_gallery = y.clone()
+    y_gallery[:5] = -1
+    result = retrieval_metrics(x, y, x, y_gallery, ks=(1, 5))
+    assert result.num_gallery == 55 and result.recall[1] == 100.0 and result.map_at_r == pytest.approx(100.0)
+
+
+def test_label_subsets_are_balanced_deterministic_and_seeded(tmp_path: Path) -> None:
+    labels = torch.arange(10).repeat_interleave(300)  # 10 classes x 300
+    labels[::7] = -1  # some unlabelled images are never chosen
+    one = balanced_subset(labels, 0.01, seed=0)
+    again = balanced_subset(labels, 0.01, seed=0)
+    other = balanced_subset(labels, 0.01, seed=1)
+    assert torch.equal(one, again) and not torch.equal(one, other)
+    counts = torch.bincount(labels[one], minlength=10)
+    assert counts.min() >= 2 and counts.max() - counts.min() <= 1, counts
+    assert bool((labels[one] >= 0).all()) and one.unique().numel() == one.numel()
+    ten = balanced_subset(labels, 0.1, seed=0)
+    assert torch.bincount(labels[ten], minlength=10).min() >= 25
+    path = tmp_path / "subset.txt"
+    write_subset(path, ten)
+    assert torch.equal(read_subset(path, labels.shape[0], labels), ten)
+
+
+def test_subset_files_with_names_bad_indices_or_unlabelled_images_are_user_errors(tmp_path: Path) -> None:
+    labels = torch.tensor([0, 1, -1, 1])
+    cases = {"names.txt": "n01440764_10026.JPEG\n", "range.txt": "0\n9\n", "unlabelled.txt": "2\n", "empty.txt": "\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError):
+            read_subset(tmp_path / name, 4, labels)
+    (tmp_path / "ok.txt").write_text("# SimCLR-style list\n3\n0\n\n")
+    assert read_subset(tmp_path / "ok.txt", 4, labels).tolist() == [0, 3]
