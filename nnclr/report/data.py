@@ -1,0 +1,155 @@
+"""Read a run directory of ``nnclr pretrain`` into plain data for the report.
+
+Everything here works from the files alone (no training data): ``config.yaml``,
+``checkpoint.pt`` (support set and k-means prototypes), ``metrics.jsonl``, ``results.json`` and
+``eval/*.json`` (written by ``nnclr eval``). A missing piece is recorded in :attr:`RunData.missing`
+with a sentence that says what is missing and how to get it, so the report can show it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nnclr.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunData:
+    """The pieces of one run directory; ``None``/empty where a piece is absent.
+
+    Attributes:
+        run_dir: the run directory.
+        config: the resolved config as a nested dict (from the checkpoint, else ``config.yaml``).
+        step: the checkpoint's optimiser step (None without a checkpoint).
+        train: ``metrics.jsonl`` records of type ``train`` (step, loss, lr, images_per_s, NN diagnostics).
+        knn: ``metrics.jsonl`` records of type ``knn`` (step, top1, top5).
+        results: ``results.json`` (steps, knn_before, knn_after, wall_time, images_per_second).
+        evals: the ``eval/*.json`` results, sorted by file name, each with ``_file`` added.
+        support: the support-set buffers (embeddings (Q, D), labels, indices, steps (Q,), num_filled), or None.
+        prototypes: KMCLR's k-means prototypes (K, D), or None.
+        missing: one sentence per missing piece.
+    """
+
+    run_dir: Path
+    config: dict[str, Any]
+    step: int | None = None
+    train: list[dict[str, Any]] = field(default_factory=list)
+    knn: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, Any] | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    support: dict[str, Any] | None = None
+    prototypes: Any = None
+    missing: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", {}).get("name", "?"))
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read what a run directory holds; raises UserError only if it is not a run directory at all."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found; pass the --run-dir of an `nnclr pretrain` run")
+    state = _read_checkpoint(run_dir / CHECKPOINT)
+    config = state.get("config") if state else None
+    if config is None and (run_dir / "config.yaml").is_file():
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if config is None:
+        raise UserError(f"{run_dir} has neither {CHECKPOINT} nor config.yaml; is it a run directory of `nnclr pretrain`?")
+    data = RunData(run_dir=run_dir, config=config)
+    if state is None:
+        data.missing["checkpoint"] = f"no {CHECKPOINT} yet (the run wrote none): no galleries, map or prototypes"
+    else:
+        data.step = int(state.get("step", 0))
+        support = state.get("support") or {}
+        if "embeddings" in support:
+            data.support = {k: support[k] for k in ("embeddings", "labels", "indices", "steps", "num_filled")}
+        prototypes = (state.get("selector") or {}).get("prototypes")
+        if prototypes is not None and int(state["selector"].get("last_recluster", -1)) >= 0:
+            data.prototypes = prototypes
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    data.train = [r for r in records if r.get("type") == "train"]
+    data.knn = [r for r in records if r.get("type") == "knn"]
+    if not data.train:
+        data.missing["metrics"] = "no training metrics (metrics.jsonl is absent or empty)"
+    if not data.knn:
+        data.missing["knn"] = "no kNN monitor records (the test split is unlabelled, absent or data.test_split is empty)"
+    results = run_dir / "results.json"
+    if results.is_file():
+        data.results = _read_json(results)
+    else:
+        data.missing["results"] = "no results.json: the run has not finished (wall time and final kNN unknown)"
+    for path in sorted((run_dir / "eval").glob("*.json")):
+        record = _read_json(path)
+        if isinstance(record, dict) and "protocol" in record:
+            data.evals.append(record | {"_file": path.name})
+    if not data.evals:
+        data.missing["eval"] = "no evaluation yet: run `nnclr eval all --checkpoint RUN_DIR` to add one"
+    return data
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise UserError(f"cannot read {path} ({type(error).__name__}); is it a checkpoint of `nnclr pretrain`?") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def hardware_info() -> dict[str, Any]:
+    """CPU model, core count, torch version and threads, GPU name: of the machine calling this."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "os": platform.platform(terse=True),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

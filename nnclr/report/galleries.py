@@ -1,0 +1,192 @@
+"""Neighbour galleries and KMCLR prototype usage: what the encoder and the support set "see".
+
+For a fixed set of test images (one per class, chosen with a fixed seed, so every report of every
+run shows the same queries) a gallery row holds:
+
+- the nearest entries of the **support set** Q by the projection ``z = g(f(x))``, which is what
+  NNCLR uses as positives (Dwibedi et al., 2021, Sec. 3: NN(z, Q) = argmax_q z·q), each shown as
+  the training image the entry was computed from (Q stores the sample index of each entry; Q's
+  ``z`` came from an augmented view, the image shown is the un-augmented one);
+- the nearest **training images** by backbone features ``h = f(x)`` (what kNN evaluation uses).
+
+Labels, cosine similarities and, for support entries, their age in steps are kept; a neighbour of
+another class than the query is marked wrong. For KMCLR, the support rows are assigned to their
+nearest k-means prototype, which gives each prototype's usage and its most typical members.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nnclr import runtime
+from nnclr.augment import eval_transform
+
+BORDER = {"query": (40, 90, 200), "right": (30, 150, 60), "wrong": (210, 40, 40), "unknown": (160, 160, 160)}
+
+
+@dataclass
+class Neighbour:
+    """One neighbour: its uint8 image (3, H, W) or None (no image), label (-1 unknown), cosine, a note."""
+
+    image: torch.Tensor | None
+    label: int
+    similarity: float
+    note: str = ""
+    wrong: bool = False
+
+
+@dataclass
+class GalleryRow:
+    """A query test image (3, H, W) with its label and its support-set and training-set neighbours."""
+
+    image: torch.Tensor
+    label: int
+    test_index: int
+    support: list[Neighbour] = field(default_factory=list)
+    train: list[Neighbour] = field(default_factory=list)
+
+
+@dataclass
+class PrototypeUsage:
+    """KMCLR: support rows claimed by each prototype (K,), and members of the largest prototypes."""
+
+    counts: list[int]
+    largest: list[tuple[int, int, list[Neighbour]]]  # (prototype, count, members nearest to it)
+    rows: int
+
+
+@torch.no_grad()
+def embed(pretrained: Any, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, H, W) -> L2-normalised backbone features h (N, F) and projections z (N, D), CPU fp32."""
+    hs, zs = [], []
+    for start in range(0, images.shape[0], batch_size):
+        x = eval_transform(images[start : start + batch_size], pretrained.image_size,
+                           mean=pretrained.mean, std=pretrained.std).to(pretrained.device)
+        with runtime.autocast(pretrained.device, pretrained.dtype):
+            h = pretrained.encoder(x)
+            z = pretrained.projector(h)
+        hs.append(F.normalize(h.float(), dim=1).cpu())
+        zs.append(F.normalize(z.float(), dim=1).cpu())
+    return torch.cat(hs), torch.cat(zs)
+
+
+def pick_queries(labels: torch.Tensor, count: int = 10, seed: int = 0) -> torch.Tensor:
+    """A fixed set of ``count`` test indices (M,): one per class in class order, round after round, each class's
+    images in a seeded order; the first ``count`` of a seeded order when unlabelled."""
+    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
+    by_class: dict[int, list[int]] = {}
+    for i in order:
+        if int(labels[i]) >= 0:
+            by_class.setdefault(int(labels[i]), []).append(i)
+    if not by_class:
+        return torch.tensor(order[:count], dtype=torch.long)
+    picked: list[int] = []
+    for round_ in range(max(len(members) for members in by_class.values())):
+        for label in sorted(by_class):
+            if round_ < len(by_class[label]) and len(picked) < count:
+                picked.append(by_class[label][round_])
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def _wrong(query_label: int, label: int) -> bool:
+    return query_label >= 0 and label >= 0 and label != query_label
+
+
+def galleries(
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    test_h: torch.Tensor,
+    test_z: torch.Tensor,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    train_h: torch.Tensor,
+    support: dict[str, Any] | None,
+    step: int,
+    queries: torch.Tensor,
+    k: int = 6,
+) -> list[GalleryRow]:
+    """The gallery rows of ``queries`` (M,) test indices: top-``k`` support entries by z, training images by h.
+
+    Shapes: test_images (T, 3, H, W) uint8, test_h (T, F), test_z (T, D), train_images (N, 3, H, W),
+    train_h (N, F); support as in the checkpoint (embeddings (Q, D), labels, indices, steps (Q,), num_filled).
+    """
+    rows = [GalleryRow(test_images[i], int(test_labels[i]), int(i)) for i in queries.tolist()]
+    sims, nearest = (test_h[queries] @ train_h.T).topk(min(k, train_h.shape[0]), dim=1)  # (M, k)
+    for row, sim, idx in zip(rows, sims.tolist(), nearest.tolist()):
+        row.train = [Neighbour(train_images[j], int(train_labels[j]), s, f"train #{j}",
+                               _wrong(row.label, int(train_labels[j]))) for s, j in zip(sim, idx)]
+    filled = int(support["num_filled"]) if support is not None else 0
+    if filled == 0:
+        return rows
+    bank = support["embeddings"][:filled].float()  # (Q', D)
+    sims, nearest = (test_z[queries] @ bank.T).topk(min(k, filled), dim=1)
+    for row, sim, idx in zip(rows, sims.tolist(), nearest.tolist()):
+        for s, r in zip(sim, idx):
+            label, sample = int(support["labels"][r]), int(support["indices"][r])
+            image = train_images[sample] if 0 <= sample < train_images.shape[0] else None
+            age = step - int(support["steps"][r])
+            row.support.append(Neighbour(image, label, s, f"age {age}", _wrong(row.label, label)))
+    return rows
+
+
+def prototype_usage(
+    prototypes: torch.Tensor, support: dict[str, Any], train_images: torch.Tensor | None, largest: int = 5,
+    members: int = 8,
+) -> PrototypeUsage:
+    """Assign the filled support rows (Q', D) to their nearest prototype (K, D): counts and typical members."""
+    filled = int(support["num_filled"])
+    bank = support["embeddings"][:filled].float()
+    centres = F.normalize(prototypes.float(), dim=1)
+    sims, owner = (bank @ centres.T).max(dim=1)  # (Q',)
+    counts = torch.bincount(owner, minlength=centres.shape[0])
+    top = []
+    for p in counts.argsort(descending=True)[:largest].tolist():
+        mine = (owner == p).nonzero().flatten()
+        best = mine[sims[mine].argsort(descending=True)[:members]]
+        people = []
+        for r in best.tolist():
+            sample = int(support["indices"][r])
+            image = train_images[sample] if train_images is not None and 0 <= sample < len(train_images) else None
+            people.append(Neighbour(image, int(support["labels"][r]), float(sims[r])))
+        top.append((p, int(counts[p]), people))
+    return PrototypeUsage(counts.tolist(), top, filled)
+
+
+def gallery_grid(rows: list[GalleryRow], size: int = 32, border: int = 2) -> torch.Tensor:
+    """The galleries as one uint8 image (3, H, W) for TensorBoard: per row the query, then support, then train
+    neighbours; borders blue (query), green (same class), red (other class), grey (unknown)."""
+    from torchvision.utils import make_grid
+
+    width = 1 + max((len(r.support) for r in rows), default=0) + max((len(r.train) for r in rows), default=0)
+    tiles = []
+    for row in rows:
+        line = [_tile(row.image, "query", size, border)]
+        line += [_tile(n.image, _kind(row.label, n), size, border) for n in row.support]
+        line += [_tile(None, "unknown", size, border)] * (width - len(line) - len(row.train))
+        line += [_tile(n.image, _kind(row.label, n), size, border) for n in row.train]
+        tiles += line
+    if not tiles:
+        return torch.zeros(3, size, size, dtype=torch.uint8)
+    return make_grid(torch.stack(tiles), nrow=width, padding=2, pad_value=255)
+
+
+def _kind(query_label: int, n: Neighbour) -> str:
+    if query_label < 0 or n.label < 0:
+        return "unknown"
+    return "wrong" if n.wrong else "right"
+
+
+def _tile(image: torch.Tensor | None, kind: str, size: int, border: int) -> torch.Tensor:
+    tile = torch.tensor(BORDER[kind], dtype=torch.uint8).view(3, 1, 1).repeat(1, size + 2 * border, size + 2 * border)
+    if image is None:
+        tile[:, border:-border, border:-border] = 255
+        return tile
+    if image.shape[-2:] != (size, size):
+        image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+    tile[:, border:-border, border:-border] = image
+    return tile
