@@ -2,7 +2,7 @@
 
 One ``torch.multiprocessing.spawn`` of two ranks (module fixture) runs every distributed scenario
 and saves what each rank saw; the tests compare that with a single process on the whole global
-batch. The end-to-end tests run ``python -m torch.distributed.run -m nnclr pretrain`` for real.
+batch. The end-to-end tests run `torchrun ... -m nnclr pretrain` for real (single machine, and two c10d "nodes").
 
 The equivalence runs keep the network in float64 (``float64_network``): the backbone gradient of
 a freshly initialised small CNN amplifies rounding enormously (measured: the same single-process
@@ -208,7 +208,7 @@ def test_batch_not_divisible_by_processes_is_a_user_error(ranks: list[dict]) -> 
 def test_torchrun_kill_and_rerun_continues_exactly(ranks: list[dict], tmp_path: Path) -> None:
     """The real launcher: kill -9 the whole torchrun job mid-run, rerun the same command, compare."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+    command = [*torchrun(), "--nproc_per_node=2", "--master_port", str(free_port()),
                "-m", "nnclr", "pretrain", "--no-progress", "--run-dir", str(run_dir),
                "--set", *TINY, "train.max_steps=6", "train.checkpoint_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -234,3 +234,31 @@ def test_torchrun_kill_and_rerun_continues_exactly(ranks: list[dict], tmp_path: 
     for part in ("model", "support"):
         for key in whole[part]:
             assert torch.equal(final[part][key], whole[part][key]), f"{part}.{key} differs after kill and rerun"
+
+
+def torchrun() -> list[str]:
+    """The ``torchrun`` console script of this interpreter's environment (as users type it)."""
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_two_nodes_with_c10d_rendezvous_equal_two_local_processes(ranks: list[dict], tmp_path: Path) -> None:
+    """README's multi-machine command, as two 1-process "nodes" on this machine, gives the 2-process run."""
+    run_dir = tmp_path / "nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    command = [*torchrun(), "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={endpoint}", "--rdzv-id=nnclr-test",
+               "-m", "nnclr", "pretrain", "--no-progress", "--run-dir", str(run_dir),
+               "--set", *TINY, "train.max_steps=6"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr
+    assert sum(out.count("run directory:") for out, _ in outputs) == 1  # rank 0 alone speaks
+    final = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    whole = load_checkpoint(ranks[2]["out"] / "whole" / CHECKPOINT_NAME)
+    for part in ("model", "support"):
+        for key in whole[part]:
+            assert torch.equal(final[part][key], whole[part][key]), f"{part}.{key} differs between launchers"
