@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_use_embed import make_checkpoint
+from use_helpers import make_checkpoint
 
 import nnclr
 from nnclr.augment import eval_transform
@@ -55,6 +55,38 @@ def test_transform_accepts_pil_images_of_any_mode_and_size(checkpoint: Path) -> 
     torch.testing.assert_close(pretrained.transform(hwc), pretrained.transform(torch.from_numpy(hwc).permute(2, 0, 1)))
     with pytest.raises(UserError, match="uint8"):
         pretrained.transform(torch.rand(3, 32, 32))
+    with pytest.raises(UserError, match="uint8"):
+        pretrained.transform(torch.rand(2, 3, 32, 32))
+
+
+def test_tensors_of_any_size_get_the_centre_square_like_pil_images(checkpoint: Path) -> None:
+    pretrained = nnclr.load(checkpoint)
+    wide = np.random.default_rng(1).integers(0, 256, (40, 64, 3), dtype=np.uint8)  # H=40, W=64
+    from_pil = pretrained.transform(Image.fromarray(wide))
+    from_tensor = pretrained.transform(torch.from_numpy(wide).permute(2, 0, 1))
+    from_batch = pretrained.transform(torch.from_numpy(wide).permute(2, 0, 1)[None])
+    assert from_tensor.shape == from_batch.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(from_tensor, from_batch)
+    # Pillow's and torch's antialiased bilinear differ by rounding only; a stretch would differ a lot
+    assert (from_pil - from_tensor).abs().mean() < 0.05
+    squashed = np.array(Image.fromarray(wide).resize((32, 32)))  # the whole image, stretched
+    stretched = pretrained.transform(torch.from_numpy(squashed).permute(2, 0, 1))
+    assert (from_pil - stretched).abs().mean() > 4 * (from_pil - from_tensor).abs().mean()
+
+
+def test_embed_folds_batchnorm_and_follows_weight_changes(checkpoint: Path) -> None:
+    pretrained = nnclr.load(checkpoint, precision="fp32")
+    images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(pretrained.encoder(pretrained.transform(images)), dim=1)
+    torch.testing.assert_close(pretrained.embed(images), reference, atol=1e-5, rtol=0)
+    folded = pretrained.inference_encoder()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert pretrained.inference_encoder() is folded  # built once
+    with torch.no_grad():
+        pretrained.encoder.stem[1].running_mean.add_(1.0)  # changed in place: the folded copy is stale
+        reference = torch.nn.functional.normalize(pretrained.encoder(pretrained.transform(images)), dim=1)
+    torch.testing.assert_close(pretrained.embed(images), reference, atol=1e-5, rtol=0)
 
 
 def test_load_errors_are_user_errors(tmp_path: Path) -> None:
