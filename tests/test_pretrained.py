@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from use_helpers import make_checkpoint
+from use_helpers import make_checkpoint, save_demo_image
 
 import nnclr
 from nnclr.augment import eval_transform
@@ -100,3 +103,23 @@ def test_load_errors_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(UserError, match="safetensors|nnclr metadata"):
         nnclr.load(tmp_path / "junk.safetensors")
+
+
+def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use what was learned") :]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    monkeypatch.chdir(tmp_path)
+    make_checkpoint(tmp_path / "runs" / "nnclr-demo" / "checkpoint.pt")
+    save_demo_image(0, tmp_path / "photos" / "cat.jpg")
+    save_demo_image(1, tmp_path / "photos" / "dog.png")
+    out = io.StringIO()
+    namespace: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    vectors, h = namespace["vectors"], namespace["h"]
+    assert vectors.shape == h.shape == (2, 256)
+    similarity = vectors @ vectors.T
+    torch.testing.assert_close(similarity.diagonal(), torch.ones(2))
+    assert f"{similarity[0, 1].item():.4f}" in out.getvalue()

@@ -30,8 +30,8 @@ def make_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
     return path
 
 
-def save_demo_png(index: int, path: Path) -> Path:
-    """Image ``index`` of the demo's test split (real CIFAR-10) as a PNG file."""
+def save_demo_image(index: int, path: Path) -> Path:
+    """Image ``index`` of the demo's test split (real CIFAR-10) as a file (format from the extension)."""
     demo = load_dataset("demo", "test")
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(demo.images[index].permute(1, 2, 0).numpy()).save(path)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if not -1.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold {args.threshold}: a cosine similarity lies in [-1, 1]")
     embeddings = open_embeddings(args.embeddings)
-    groups = duplicate_groups(embeddings.tensor(), args.threshold)
+    groups = duplicate_groups(embeddings.tensor(), args.threshold, progress=sys.stderr.isatty())
     data = [
         {"size": len(g.rows), "min_similarity": round(g.min_similarity, 6),
          "max_similarity": round(g.max_similarity, 6),

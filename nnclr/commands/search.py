@@ -30,7 +30,8 @@ def add_parser(commands: Any) -> None:
         help="exact (torch), approx (faiss IVF, saved in EMB_DIR), auto: approx when faiss is installed and "
         "EMB_DIR holds more than --approx-threshold vectors (default)",
     )
-    search.add_argument("--approx-threshold", type=int, default=100_000, metavar="N", help="see --index")
+    search.add_argument("--approx-threshold", type=int, default=100_000, metavar="N",
+                        help="see --index (default: 100000)")
     search.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
 
 
