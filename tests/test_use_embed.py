@@ -21,6 +21,7 @@ from use_helpers import (
     make_image_folder,
     nnclr_cli,
     run_main,
+    save_demo_image,
 )
 
 import nnclr
@@ -120,7 +121,7 @@ def test_rerun_embeds_only_new_or_changed_files(checkpoint: Path, folder: Path, 
 
 
 def test_ctrl_c_keeps_what_was_embedded_and_a_rerun_finishes_it(
-    checkpoint: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    checkpoint: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     pretrained = nnclr.load(checkpoint)
     whole = open_embeddings(embed_folder(pretrained, folder, tmp_path / "whole").out)
@@ -140,6 +141,7 @@ def test_ctrl_c_keeps_what_was_embedded_and_a_rerun_finishes_it(
     monkeypatch.undo()
     partial = open_embeddings(out)
     assert len(partial) == 16 and partial.manifest["complete"] is False  # two batches of 8
+    assert "interrupted `nnclr embed`" in run_main(capsys, "duplicates", "--embeddings", str(out)).stderr
     rerun = embed_folder(pretrained, folder, out, batch=8)
     assert (rerun.reused, rerun.embedded) == (16, len(whole) - 16)
     done = open_embeddings(out)
@@ -180,6 +182,10 @@ def test_embed_a_data_set_records_index_and_label(
     expected = nnclr.load(checkpoint).embed(images)
     torch.testing.assert_close(torch.from_numpy(emb.vectors), expected, atol=1e-5, rtol=0)
     assert "0 embedded, 100 unchanged" in run_main(capsys, *embed).stdout  # a re-run does nothing
+    query, html = save_demo_image(7, tmp_path / "query.png"), tmp_path / "gallery.html"
+    result = run_main(capsys, "search", "--embeddings", str(out), str(query), "-k", "2", "--html", str(html))
+    assert result.returncode == 0 and result.stdout.splitlines()[2].split()[-1] == f"npz:{tmp_path}/test/7"
+    assert html.read_text().count('src="data:image/png;base64,') == 3  # the data set's images, loaded again
 
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(

@@ -59,11 +59,12 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from nnclr.errors import UserError
-    from nnclr.use.embeddings import open_embeddings
+    from nnclr.use.embeddings import open_embeddings, warn_if_incomplete
 
     if args.k < 1:
         raise UserError(f"-k {args.k}: must be at least 1")
     embeddings = open_embeddings(args.embeddings)
+    warn_if_incomplete(embeddings)
     files = _query_files(Path(args.query).expanduser())
 
     import nnclr

@@ -372,5 +372,6 @@ def embed_dataset(
         Entry(f"{name}/{split}/{i}", int(y), classes[y] if 0 <= y < len(classes) else "")
         for i, y in enumerate(dataset.labels.tolist())
     ]
-    _write(out, vectors, entries, {**_base_manifest(pretrained, source), "classes": classes, "skipped": []})
+    manifest = {**_base_manifest(pretrained, source), "data_root": root, "classes": classes, "skipped": []}
+    _write(out, vectors, entries, manifest)
     return EmbedReport(out, len(entries), len(entries), 0, 0, [], embed_seconds, time.perf_counter() - begin)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,3 +182,12 @@ def open_embeddings(root: str | Path) -> Embeddings:
         raise _broken(root, f"{INDEX_FILE} has {len(entries)} rows, {EMBEDDINGS_FILE} {vectors.shape[0]}")
     return Embeddings(root, vectors, entries, manifest)
 
+
+
+def warn_if_incomplete(embeddings: Embeddings) -> None:
+    """Say on stderr when an EMB_DIR holds the saved progress of an interrupted ``nnclr embed``."""
+    if embeddings.manifest.get("complete") is False:
+        print(
+            f"note: {embeddings.root} holds {len(embeddings)} images of an interrupted `nnclr embed`; "
+            "run the same command again to embed the rest", file=sys.stderr,
+        )
