@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from use_helpers import assert_user_error, make_checkpoint, make_image_folder, nnclr_cli, run_main
+from use_helpers import assert_user_error, make_checkpoint, make_image_folder, run_main
 
 import nnclr
 from nnclr.cli import main
@@ -76,7 +76,7 @@ def test_not_an_image_query_and_another_checkpoint_exit_2(
     indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     checkpoint, folder, emb = indexed
-    assert_user_error(nnclr_cli("search", "--embeddings", str(emb), str(folder / "not_an_image.jpg")),
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(emb), str(folder / "not_an_image.jpg")),
                       "not_an_image.jpg", "not an image")
     assert_user_error(run_main(capsys, "search", "--embeddings", str(emb), str(tmp_path / "nothing.png")), "not found")
     empty = tmp_path / "empty"

@@ -60,8 +60,8 @@ def left_out(pretrained: Pretrained) -> str:
     m = pretrained.config.model
     if not m.backbone.startswith("resnet"):
         return (
-            f"{m.backbone} is not a torchvision model: build it with nnclr.backbones.build_backbone({m.backbone!r}) "
-            "and load_state_dict, or use nnclr.load(FILE)"
+            f"{m.backbone} is not a torchvision model: build it with nnclr.backbones.build_backbone({m.backbone!r})[0] "
+            "and its load_state_dict, or use nnclr.load(FILE)"
         )
     text = "fc (the classifier) is not part of the encoder: set model.fc = nn.Identity() or load with strict=False"
     if m.cifar_stem:
