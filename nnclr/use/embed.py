@@ -205,8 +205,9 @@ def embed_files(
     vectors, ok, failed = _embed_local(
         pretrained, files[part.start : part.stop], batch, progress, n, save if single else None, save_every
     )
-    all_vectors = distributed.gather_in_order(torch.from_numpy(vectors), n).numpy()
-    all_ok = distributed.gather_in_order(torch.from_numpy(ok), n).numpy().astype(bool)
+    device = pretrained.device  # NCCL gathers CUDA tensors; gloo and a single process take these as they are
+    all_vectors = distributed.gather_in_order(torch.from_numpy(vectors).to(device), n).cpu().numpy()
+    all_ok = distributed.gather_in_order(torch.from_numpy(ok).to(device), n).cpu().numpy().astype(bool)
     reasons: dict[int, str] = {}
     for shard_failed in distributed.gather_objects({part.start + i: reason for i, reason in failed.items()}):
         reasons.update(shard_failed)
@@ -226,7 +227,7 @@ def embed_tensor(
             stop = min(start + batch, part.stop)
             local.append(pretrained.embed(images[start:stop], batch_size=batch))
             bar.update((stop - start) * distributed.world_size())
-    return distributed.gather_in_order(torch.cat(local), n).numpy()
+    return distributed.gather_in_order(torch.cat(local).to(pretrained.device), n).cpu().numpy()
 
 
 # ---------------------------------------------------------------- EMB_DIR
