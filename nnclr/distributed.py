@@ -247,6 +247,15 @@ def gather_in_order(local: Tensor, n: int) -> Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` when single); e.g. per-shard error lists."""
+    if world_size() == 1:
+        return [obj]
+    parts: list[object] = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 # --- batch-norm over the global batch ---------------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_use_embed import make_checkpoint
+from use_helpers import make_checkpoint, save_demo_image
 
 import nnclr
 from nnclr.augment import eval_transform
@@ -55,6 +58,38 @@ def test_transform_accepts_pil_images_of_any_mode_and_size(checkpoint: Path) -> 
     torch.testing.assert_close(pretrained.transform(hwc), pretrained.transform(torch.from_numpy(hwc).permute(2, 0, 1)))
     with pytest.raises(UserError, match="uint8"):
         pretrained.transform(torch.rand(3, 32, 32))
+    with pytest.raises(UserError, match="uint8"):
+        pretrained.transform(torch.rand(2, 3, 32, 32))
+
+
+def test_tensors_of_any_size_get_the_centre_square_like_pil_images(checkpoint: Path) -> None:
+    pretrained = nnclr.load(checkpoint)
+    wide = np.random.default_rng(1).integers(0, 256, (40, 64, 3), dtype=np.uint8)  # H=40, W=64
+    from_pil = pretrained.transform(Image.fromarray(wide))
+    from_tensor = pretrained.transform(torch.from_numpy(wide).permute(2, 0, 1))
+    from_batch = pretrained.transform(torch.from_numpy(wide).permute(2, 0, 1)[None])
+    assert from_tensor.shape == from_batch.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(from_tensor, from_batch)
+    # Pillow's and torch's antialiased bilinear differ by rounding only; a stretch would differ a lot
+    assert (from_pil - from_tensor).abs().mean() < 0.05
+    squashed = np.array(Image.fromarray(wide).resize((32, 32)))  # the whole image, stretched
+    stretched = pretrained.transform(torch.from_numpy(squashed).permute(2, 0, 1))
+    assert (from_pil - stretched).abs().mean() > 4 * (from_pil - from_tensor).abs().mean()
+
+
+def test_embed_folds_batchnorm_and_follows_weight_changes(checkpoint: Path) -> None:
+    pretrained = nnclr.load(checkpoint, precision="fp32")
+    images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(pretrained.encoder(pretrained.transform(images)), dim=1)
+    torch.testing.assert_close(pretrained.embed(images), reference, atol=1e-5, rtol=0)
+    folded = pretrained.inference_encoder()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert pretrained.inference_encoder() is folded  # built once
+    with torch.no_grad():
+        pretrained.encoder.stem[1].running_mean.add_(1.0)  # changed in place: the folded copy is stale
+        reference = torch.nn.functional.normalize(pretrained.encoder(pretrained.transform(images)), dim=1)
+    torch.testing.assert_close(pretrained.embed(images), reference, atol=1e-5, rtol=0)
 
 
 def test_load_errors_are_user_errors(tmp_path: Path) -> None:
@@ -68,3 +103,38 @@ def test_load_errors_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(UserError, match="safetensors|nnclr metadata"):
         nnclr.load(tmp_path / "junk.safetensors")
+
+
+def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use what was learned") :]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 10
+    monkeypatch.chdir(tmp_path)
+    make_checkpoint(tmp_path / "runs" / "nnclr-demo" / "checkpoint.pt")
+    save_demo_image(0, tmp_path / "photos" / "cat.jpg")
+    save_demo_image(1, tmp_path / "photos" / "dog.png")
+    out = io.StringIO()
+    namespace: dict = {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    vectors, h = namespace["vectors"], namespace["h"]
+    assert vectors.shape == h.shape == (2, 256)
+    similarity = vectors @ vectors.T
+    torch.testing.assert_close(similarity.diagonal(), torch.ones(2))
+    assert f"{similarity[0, 1].item():.4f}" in out.getvalue()
+
+
+def test_the_readme_documents_every_flag_of_the_use_commands() -> None:
+    import argparse
+
+    from nnclr.cli import _parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Use what was learned") : readme.index("### Python: `nnclr.load`")]
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("embed", "search", "duplicates", "export"):
+        part = section[section.index(f"### `nnclr {name}`") :]
+        usage = part[: part.index("\n### ")] if "\n### " in part else part
+        flags = [s for a in commands[name]._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+        assert flags and [f for f in flags if f"`{f}" not in usage and f" {f}" not in usage] == [], name

@@ -1,13 +1,11 @@
-"""``nnclr embed`` on a folder of real images (CIFAR-10 demo images written as PNG files).
-
-Also holds the helpers the other ``test_use_*`` modules import: a tiny checkpoint and the folder.
-"""
+"""``nnclr embed`` on a folder of real images (CIFAR-10 demo images written as PNG files)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,73 +14,37 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from use_helpers import (
+    UNREADABLE,
+    assert_user_error,
+    make_checkpoint,
+    make_image_folder,
+    nnclr_cli,
+    run_main,
+    save_demo_image,
+)
 
 import nnclr
-from nnclr.checkpoint import save_checkpoint
-from nnclr.cli import main
-from nnclr.config import load_config, to_dict
 from nnclr.data import load_dataset
 from nnclr.data.decode import load_square
 from nnclr.errors import UserError
-from nnclr.model import build_model
-from nnclr.use.embeddings import EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE, embed_folder, open_embeddings
-
-TINY = ["model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64", "data.name=demo"]
-
-
-def make_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
-    """A checkpoint of a small model with random weights and non-trivial batch-norm statistics."""
-    config = load_config(None, [*TINY, *overrides])
-    torch.manual_seed(seed)
-    model = build_model(config)
-    with torch.no_grad():  # one train-mode pass: running statistics differ from their init
-        model(torch.rand(4, 3, config.data.image_size, config.data.image_size) * 2 - 0.5)
-    save_checkpoint({"config": to_dict(config), "model": model.state_dict(), "step": 0}, path)
-    return path
+from nnclr.pretrained import Pretrained
+from nnclr.use.embed import embed_folder
+from nnclr.use.embeddings import EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE, open_embeddings
 
 
-def make_image_folder(root: Path, n: int = 40) -> Path:
-    """Demo images as PNG files in class folders (one nested), plus odd files a real folder has."""
-    demo = load_dataset("demo", "test")
-    for i in range(n):
-        cls = demo.classes[int(demo.labels[i])]
-        folder = root / cls / ("nested" if i % 7 == 0 else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(demo.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
-    rgb = Image.fromarray(demo.images[n].permute(1, 2, 0).numpy())
-    rgb.convert("L").save(root / "gray.png")
-    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
-    rgb.convert("RGBA").save(root / "rgba.png")
-    rgb.resize((75, 50)).save(root / "wide.jpg")  # any size: shorter side scaled, centre square
-    rgb.save(root / "copy_of_40.png")
-    png = (root / "gray.png").read_bytes()
-    (root / "truncated.png").write_bytes(png[: len(png) // 2])
-    (root / "not_an_image.jpg").write_text("hello, I am text")
-    (root / "notes.txt").write_text("ignored: not an image extension")
-    return root
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pt")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))
 
 
-def nnclr_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nnclr", *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit code 2, one line on stderr naming the problem, no traceback."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nnclr: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+def _image_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.suffix != ".txt")
 
 
 def test_embed_folder_cli_writes_normalised_vectors_index_and_manifest(
@@ -93,37 +55,39 @@ def test_embed_folder_cli_writes_normalised_vectors_index_and_manifest(
     assert result.returncode == 0, result.stderr
     emb = open_embeddings(out)
     paths = [e.path for e in emb.entries]
-    images = [p for p in folder.rglob("*") if p.suffix in (".png", ".jpg")]
-    assert len(paths) == len(images) - 2  # every image but the truncated PNG and the text file
-    for name in ("gray.png", "palette.png", "rgba.png", "wide.jpg", "airplane/nested/021.png"):
-        assert name in paths or any(p.endswith(name.split("/")[-1]) for p in paths)
-    assert any("/nested/" in p for p in paths)
-    assert emb.vectors.dtype == np.float32
+    assert paths == [p for p in _image_files(folder) if p not in UNREADABLE]  # recursive, sorted, any format
+    assert {"gray.png", "palette.png", "rgba.png", "wide.jpg", "big.WEBP", "dog/nested/021.png"} <= set(paths)
+    assert emb.vectors.dtype == np.float32 and emb.vectors.shape == (len(paths), 256)
     np.testing.assert_allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, atol=1e-5)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
-    assert set(skipped) == {"truncated.png", "not_an_image.jpg"} and all(skipped.values())
+    assert set(skipped) == UNREADABLE and all(skipped.values())
     assert manifest["checkpoint_hash"] == nnclr.load(checkpoint).checkpoint_hash
     assert manifest["preprocessing"]["image_size"] == 32 and manifest["config"]["model"]["backbone"] == "small_cnn"
-    assert "2 skipped" in result.stdout and "truncated.png" in result.stderr
+    assert f"{len(paths)} images in {out}: {len(paths)} embedded" in result.stdout
+    assert "2 skipped" in result.stdout and "skipped truncated.png: " in result.stderr
     # labels come from the class folders; loose files are unlabelled
+    index = (out / INDEX_FILE).read_text().splitlines()
+    assert index[0] == "index,path,label,class,size,mtime_ns" and len(index) == 1 + len(paths)
     by_path = {e.path: e for e in emb.entries}
-    assert by_path["gray.png"].label == -1
+    assert by_path["gray.png"].label == -1 and by_path["gray.png"].cls == ""
     demo = load_dataset("demo", "test")
     first = next(p for p in paths if p.endswith("/000.png"))
     assert by_path[first].cls == demo.classes[int(demo.labels[0])] == first.split("/")[0]
+    assert by_path[first].label == sorted({p.split("/")[0] for p in paths if "/" in p}).index(by_path[first].cls)
 
 
 def test_vectors_equal_the_encoder_on_the_decoded_files(checkpoint: Path, folder: Path, tmp_path: Path) -> None:
     pretrained = nnclr.load(checkpoint)
     emb = open_embeddings(embed_folder(pretrained, folder, tmp_path / "emb").out)
-    rows = [i for i, e in enumerate(emb.entries) if e.path in ("gray.png", "palette.png", "rgba.png", "wide.jpg")]
+    names = ("gray.png", "palette.png", "rgba.png", "wide.jpg", "big.WEBP")
+    rows = [i for i, e in enumerate(emb.entries) if e.path in names]
     decoded = torch.from_numpy(np.stack([load_square(folder / emb.entries[i].path, 32) for i in rows]))
     expected = pretrained.embed(decoded)
     torch.testing.assert_close(torch.from_numpy(emb.vectors[rows]), expected, atol=1e-5, rtol=0)
-    # the same image through the PIL path of .transform gives the same vector (an RGBA image included)
+    # the same images through the PIL path of .transform give the same vectors (RGBA, palette... included)
     direct = pretrained.embed([Image.open(folder / emb.entries[i].path) for i in rows])
-    torch.testing.assert_close(direct, expected, atol=2e-2, rtol=0)  # PIL vs Pillow-draft decode, bf16
+    torch.testing.assert_close(direct, expected, atol=2e-2, rtol=0)  # JPEG draft decoding differs slightly
 
 
 def test_rerun_embeds_only_new_or_changed_files(checkpoint: Path, folder: Path, tmp_path: Path) -> None:
@@ -133,22 +97,56 @@ def test_rerun_embeds_only_new_or_changed_files(checkpoint: Path, folder: Path, 
     out = tmp_path / "emb"
     first = embed_folder(pretrained, images, out)
     before = open_embeddings(out)
+    mtime = (out / EMBEDDINGS_FILE).stat().st_mtime_ns
     again = embed_folder(pretrained, images, out)
     assert (again.embedded, again.reused, again.removed) == (0, first.total, 0)
+    assert (out / EMBEDDINGS_FILE).stat().st_mtime_ns == mtime  # nothing to do: nothing rewritten
 
     (images / "gray.png").unlink()  # removed
     Image.open(images / "rgba.png").rotate(90).save(images / "rgba.png")  # changed
     shutil.copy(images / "palette.png", images / "new.png")  # new
+    (images / "truncated.png").write_bytes((images / "palette.png").read_bytes())  # repaired: retried
     third = embed_folder(pretrained, images, out)
     after = open_embeddings(out)
-    assert (third.embedded, third.removed, third.reused) == (2, 1, first.total - 2)
-    assert "gray.png" not in [e.path for e in after.entries] and "new.png" in [e.path for e in after.entries]
+    assert (third.embedded, third.removed, third.reused) == (3, 1, first.total - 2)
+    paths = [e.path for e in after.entries]
+    assert "gray.png" not in paths and {"new.png", "truncated.png"} <= set(paths)
+    assert [s["path"] for s in after.manifest["skipped"]] == ["not_an_image.jpg"]
     old = {e.path: before.vectors[i] for i, e in enumerate(before.entries)}
     new = {e.path: after.vectors[i] for i, e in enumerate(after.entries)}
     unchanged = [p for p in new if p in old and p != "rgba.png"]
-    assert all(np.array_equal(old[p], new[p]) for p in unchanged)
+    assert len(unchanged) == first.total - 2 and all(np.array_equal(old[p], new[p]) for p in unchanged)
     assert not np.allclose(old["rgba.png"], new["rgba.png"])
     np.testing.assert_allclose(new["new.png"], new["palette.png"], atol=1e-6)
+
+
+def test_ctrl_c_keeps_what_was_embedded_and_a_rerun_finishes_it(
+    checkpoint: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    pretrained = nnclr.load(checkpoint)
+    whole = open_embeddings(embed_folder(pretrained, folder, tmp_path / "whole").out)
+    calls = {"n": 0}
+    real_embed = Pretrained.embed
+
+    def interrupted_on_third_batch(self: Pretrained, images: object, batch_size: int = 512) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_embed(self, images, batch_size)
+
+    out = tmp_path / "emb"
+    monkeypatch.setattr(Pretrained, "embed", interrupted_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(pretrained, folder, out, batch=8)
+    monkeypatch.undo()
+    partial = open_embeddings(out)
+    assert len(partial) == 16 and partial.manifest["complete"] is False  # two batches of 8
+    assert "interrupted `nnclr embed`" in run_main(capsys, "duplicates", "--embeddings", str(out)).stderr
+    rerun = embed_folder(pretrained, folder, out, batch=8)
+    assert (rerun.reused, rerun.embedded) == (16, len(whole) - 16)
+    done = open_embeddings(out)
+    assert done.entries == whole.entries and done.manifest["complete"] is True
+    np.testing.assert_allclose(done.vectors, whole.vectors, atol=1e-6)
 
 
 def test_another_checkpoint_is_refused_without_fresh_and_nothing_is_lost(
@@ -157,35 +155,54 @@ def test_another_checkpoint_is_refused_without_fresh_and_nothing_is_lost(
     out = tmp_path / "emb"
     embed_folder(nnclr.load(checkpoint), folder, out)
     files = {name: (out / name).read_bytes() for name in (EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE)}
-    other = make_checkpoint(tmp_path / "other.pt", seed=1)
+    other = nnclr.load(make_checkpoint(tmp_path / "other.pt", seed=1))
     with pytest.raises(UserError, match="--fresh"):
-        embed_folder(nnclr.load(other), folder, out)
+        embed_folder(other, folder, out)
     assert files == {name: (out / name).read_bytes() for name in files}
-    report = embed_folder(nnclr.load(other), folder, out, fresh=True)
-    assert report.embedded == report.total and open_embeddings(out).checkpoint_hash == nnclr.load(other).checkpoint_hash
+    report = embed_folder(other, folder, out, fresh=True)
+    assert report.embedded == report.total and open_embeddings(out).checkpoint_hash == other.checkpoint_hash
 
 
-def test_embed_a_data_set_records_index_and_label(checkpoint: Path, tmp_path: Path) -> None:
-    out = tmp_path / "emb"
-    assert main(["embed", "--checkpoint", str(checkpoint), "--images", "demo", "--split", "test",
-                 "--out", str(out), "--no-progress"]) == 0
-    emb = open_embeddings(out)
+def test_embed_a_data_set_records_index_and_label(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     demo = load_dataset("demo", "test")
-    assert len(emb) == len(demo) and emb.entries[5].path == "demo/test/5"
-    assert [e.label for e in emb.entries] == demo.labels.tolist()
-    expected = nnclr.load(checkpoint).embed(demo.images[:64])
-    torch.testing.assert_close(torch.from_numpy(emb.vectors[:64]), expected, atol=1e-5, rtol=0)
+    images, labels = demo.images[:100], demo.labels[:100]  # 100 real images as an npz: source
+    np.savez(tmp_path / "test.npz", images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(),
+             classes=np.array(demo.classes))
+    out = tmp_path / "emb"
+    embed = ("embed", "--checkpoint", str(checkpoint), "--images", f"npz:{tmp_path}", "--split", "test",
+             "--out", str(out), "--no-progress")
+    result = run_main(capsys, *embed)
+    assert result.returncode == 0, result.stderr
+    emb = open_embeddings(out)
+    assert len(emb) == 100 and emb.entries[5].path == f"npz:{tmp_path}/test/5"
+    assert [e.label for e in emb.entries] == labels.tolist()
+    assert emb.entries[7].cls == demo.classes[int(labels[7])]
+    expected = nnclr.load(checkpoint).embed(images)
+    torch.testing.assert_close(torch.from_numpy(emb.vectors), expected, atol=1e-5, rtol=0)
+    assert "0 embedded, 100 unchanged" in run_main(capsys, *embed).stdout  # a re-run does nothing
+    query, html = save_demo_image(7, tmp_path / "query.png"), tmp_path / "gallery.html"
+    result = run_main(capsys, "search", "--embeddings", str(out), str(query), "-k", "2", "--html", str(html))
+    assert result.returncode == 0 and result.stdout.splitlines()[2].split()[-1] == f"npz:{tmp_path}/test/7"
+    assert html.read_text().count('src="data:image/png;base64,') == 3  # the data set's images, loaded again
 
 
-def test_bad_input_exits_2_with_one_line(checkpoint: Path, tmp_path: Path) -> None:
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    checkpoint: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "readme.txt").write_text("no images here")
     out = tmp_path / "emb"
-    assert_user_error(
-        nnclr_cli("embed", "--checkpoint", str(checkpoint), "--images", str(empty), "--out", str(out)),
-        "no images found", str(empty),
-    )
+    embed = ("embed", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress")
+    assert_user_error(run_main(capsys, *embed, "--images", str(empty)), "no images found", str(empty))
+    assert_user_error(run_main(capsys, *embed, "--images", str(folder / "gray.png")), "is a file")
+    assert_user_error(run_main(capsys, *embed, "--images", "no_such_set"), "unknown data set")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    shutil.copy(folder / "truncated.png", unreadable / "a.png")
+    assert_user_error(run_main(capsys, *embed, "--images", str(unreadable)), "none of the 1 image files")
     assert not out.exists()
 
 
@@ -199,13 +216,38 @@ class _RunsCodeWhenUnpickled:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_would_run_code_is_refused_without_running_it(folder: Path, tmp_path: Path) -> None:
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pt"
     torch.save({"format_version": 1, "config": {}, "model": _RunsCodeWhenUnpickled(marker)}, evil)
-    result = nnclr_cli("embed", "--checkpoint", str(evil), "--images", str(folder), "--out", str(tmp_path / "e"))
-    assert_user_error(result, "refused", "weights_only=True")
-    assert not marker.exists()
+    result = run_main(capsys, "embed", "--checkpoint", str(evil), "--images", str(folder), "--out", str(tmp_path / "e"))
+    assert_user_error(result, "refused", "weights_only=True", "posix.system")
+    assert not marker.exists() and not (tmp_path / "e").exists()
     with pytest.raises(UserError, match="refused"):
         nnclr.load(evil)
     assert not marker.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_give_the_embeddings_of_one(checkpoint: Path, folder: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 -m nnclr embed``: each file once, in order, the same vectors; rank 0 writes."""
+    out = tmp_path / "emb2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+               "-m", "nnclr", "embed", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(out),
+               "--precision", "fp32", "--batch-size", "8", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("images in") == 1  # one summary: rank 0's
+    two = open_embeddings(out)
+    one = open_embeddings(embed_folder(nnclr.load(checkpoint, precision="fp32"), folder, tmp_path / "emb1").out)
+    assert two.entries == one.entries  # no file lost or duplicated, same order
+    assert two.manifest["skipped"] == one.manifest["skipped"]  # reasons gathered from both ranks
+    np.testing.assert_allclose(two.vectors, one.vectors, atol=1e-5, rtol=0)

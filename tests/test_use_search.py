@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_use_embed import assert_user_error, make_checkpoint, make_image_folder, nnclr_cli
+from use_helpers import assert_user_error, make_checkpoint, make_image_folder, run_main
 
 import nnclr
 from nnclr.cli import main
 from nnclr.use.duplicates import duplicate_groups
-from nnclr.use.embeddings import EMBEDDINGS_FILE, embed_folder, open_embeddings
-from nnclr.use.search import FAISS_INDEX_FILE, exact_search, recall_at_k, search
+from nnclr.use.embed import embed_folder
+from nnclr.use.embeddings import EMBEDDINGS_FILE, Entry, open_embeddings, save_embeddings
+from nnclr.use.search import FAISS_INDEX_FILE, exact_search, recall_at_k, rows_per_chunk, search
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +34,14 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
 def test_exact_search_matches_a_full_sort() -> None:
     keys = F.normalize(torch.randn(1000, 16), dim=1)
     queries = F.normalize(torch.randn(37, 16), dim=1)
-    scores, indices = exact_search(queries, keys, k=5, chunk=8)  # several chunks
     full = queries @ keys.t()
     expected = full.argsort(dim=1, descending=True)[:, :5]
-    assert torch.equal(indices, expected)
-    torch.testing.assert_close(scores, full.gather(1, expected))
+    for chunk in (8, None):  # several chunks, and the default
+        scores, indices = exact_search(queries, keys, k=5, chunk=chunk)
+        assert torch.equal(indices, expected)
+        torch.testing.assert_close(scores, full.gather(1, expected))
     assert exact_search(queries, keys[:3], k=10)[1].shape == (37, 3)  # k clipped to N
+    assert rows_per_chunk(10_000_000) * 10_000_000 <= 1 << 25 and rows_per_chunk(10) == 1024  # memory bounded
 
 
 def test_search_table_json_and_html_on_real_images(indexed: tuple[Path, Path, Path], tmp_path: Path,
@@ -69,30 +72,41 @@ def test_search_table_json_and_html_on_real_images(indexed: tuple[Path, Path, Pa
     assert "<script" not in page and "<link" not in page and "url(" not in page
 
 
-def test_not_an_image_query_and_another_checkpoint_exit_2(indexed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_not_an_image_query_and_another_checkpoint_exit_2(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     checkpoint, folder, emb = indexed
-    assert_user_error(nnclr_cli("search", "--embeddings", str(emb), str(folder / "not_an_image.jpg")),
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(emb), str(folder / "not_an_image.jpg")),
                       "not_an_image.jpg", "not an image")
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(emb), str(tmp_path / "nothing.png")), "not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(emb), str(empty)), "no images found")
     other = make_checkpoint(tmp_path / "other.pt", seed=3)
     assert_user_error(
-        nnclr_cli("search", "--embeddings", str(emb), "--checkpoint", str(other), str(folder / "gray.png")),
+        run_main(capsys, "search", "--embeddings", str(emb), "--checkpoint", str(other), str(folder / "gray.png")),
         "was made with checkpoint", "--fresh",
     )
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(tmp_path), str(folder / "gray.png")),
+                      "manifest.json")
 
 
-def test_corrupt_npy_is_an_error_and_stays_untouched(indexed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_corrupt_npy_is_an_error_and_stays_untouched(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     _, folder, emb = indexed
     broken = tmp_path / "emb"
     shutil.copytree(emb, broken)
     data = (broken / EMBEDDINGS_FILE).read_bytes()
     (broken / EMBEDDINGS_FILE).write_bytes(data[: len(data) // 2])
-    result = nnclr_cli("duplicates", "--embeddings", str(broken))
-    assert_user_error(result, EMBEDDINGS_FILE, "corrupt")
+    assert_user_error(run_main(capsys, "duplicates", "--embeddings", str(broken)), EMBEDDINGS_FILE, "corrupt")
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(broken), str(folder / "gray.png")), "corrupt")
     assert (broken / EMBEDDINGS_FILE).read_bytes() == data[: len(data) // 2]
     flipped = bytearray(data)
     flipped[-5] ^= 0xFF  # a changed byte: np.load still works, the hash does not match
     (broken / EMBEDDINGS_FILE).write_bytes(bytes(flipped))
-    assert main(["duplicates", "--embeddings", str(broken)]) == 2
+    assert_user_error(run_main(capsys, "duplicates", "--embeddings", str(broken)), "does not match the hash")
+    assert (broken / EMBEDDINGS_FILE).read_bytes() == bytes(flipped)
 
 
 def test_duplicate_groups_are_connected_components() -> None:
@@ -121,24 +135,48 @@ def test_duplicates_cli_finds_the_copied_image(indexed: tuple[Path, Path, Path],
     assert html.read_text().count("data:image/png;base64,") == sum(len(p) for p in paths)
 
 
-def test_faiss_index_is_built_once_saved_and_reports_recall(tmp_path: Path) -> None:
-    pytest.importorskip("faiss")
-    from nnclr.use.embeddings import Entry, save_embeddings
-
+def _clustered_embeddings(root: Path, n: int = 3000, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """An EMB_DIR of n vectors around 50 centres; returns (vectors, queries near some of them)."""
     generator = torch.Generator().manual_seed(0)
-    centres = F.normalize(torch.randn(50, 32, generator=generator), dim=1)
-    points = F.normalize(centres.repeat(60, 1) + 0.3 * torch.randn(3000, 32, generator=generator), dim=1)
+    centres = F.normalize(torch.randn(50, dim, generator=generator), dim=1)
+    points = F.normalize(centres.repeat(n // 50, 1) + 0.3 * torch.randn(n, dim, generator=generator), dim=1)
     manifest = {"format_version": 1, "checkpoint_hash": "x", "source": {"kind": "folder", "path": "/nowhere"},
                 "skipped": []}
-    save_embeddings(tmp_path, points.numpy(), [Entry(f"{i}.png") for i in range(3000)], manifest)
+    save_embeddings(root, points.numpy(), [Entry(f"{i}.png") for i in range(n)], manifest)
+    return points, F.normalize(points[:100] + 0.05 * torch.randn(100, dim, generator=generator), dim=1)
+
+
+def test_faiss_index_is_built_once_saved_and_reports_recall(tmp_path: Path) -> None:
+    pytest.importorskip("faiss", reason="the faiss extra (pip install 'nnclr[faiss]'; part of the dev extra)")
+    _, queries = _clustered_embeddings(tmp_path)
     emb = open_embeddings(tmp_path)
-    queries = points[:100] + 0.05 * torch.randn(100, 32, generator=generator)
-    scores, indices, index = search(emb, F.normalize(queries, dim=1), 10, approx_threshold=1000)
+    scores, indices, index = search(emb, queries, 10, approx_threshold=1000)
     assert index is not None and index.built and (tmp_path / FAISS_INDEX_FILE).is_file()
-    _, exact = exact_search(F.normalize(queries, dim=1), emb.tensor(), 10)
+    assert index.nlist > 1 and 1 <= index.nprobe <= index.nlist
+    _, exact = exact_search(queries, emb.tensor(), 10)
     measured = recall_at_k(indices.numpy(), exact.numpy())
     assert index.recall >= 0.95 and measured >= 0.9  # nprobe was raised until the sample reached 0.95
-    again = search(emb, F.normalize(queries, dim=1), 10, approx_threshold=1000)[2]
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    again = search(emb, queries, 10, approx_threshold=1000)[2]
     assert again is not None and not again.built and again.recall == index.recall
     assert search(emb, queries, 10)[2] is None  # below the default threshold: exact
+    assert search(emb, queries, 10, method="exact", approx_threshold=1000)[2] is None
     assert recall_at_k(np.array([[1, 2]]), np.array([[2, 3]])) == 0.5
+
+
+def test_search_cli_with_the_approximate_index(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("faiss", reason="the faiss extra (pip install 'nnclr[faiss]'; part of the dev extra)")
+    _, folder, emb = indexed
+    copy = tmp_path / "emb"
+    shutil.copytree(emb, copy)
+    query = folder / "airplane" / "003.png"
+    result = run_main(capsys, "search", "--embeddings", str(copy), str(query), "-k", "3", "--json",
+                      "--index", "approx")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"faiss IVF index \(built and saved, nlist=\d+, nprobe=\d+\): recall@3 [01]\.\d+", result.stderr)
+    data = json.loads(result.stdout)
+    assert data["search"].startswith("faiss-ivf recall@3=") and (copy / FAISS_INDEX_FILE).is_file()
+    assert data["results"][0]["neighbours"][0]["path"] == "airplane/003.png"
+    assert "loaded" in run_main(capsys, "search", "--embeddings", str(copy), str(query), "--index", "approx").stderr

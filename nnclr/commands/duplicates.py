@@ -25,12 +25,13 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from nnclr.errors import UserError
     from nnclr.use.duplicates import duplicate_groups
-    from nnclr.use.embeddings import open_embeddings
+    from nnclr.use.embeddings import open_embeddings, warn_if_incomplete
 
     if not -1.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold {args.threshold}: a cosine similarity lies in [-1, 1]")
     embeddings = open_embeddings(args.embeddings)
-    groups = duplicate_groups(embeddings.tensor(), args.threshold)
+    warn_if_incomplete(embeddings)
+    groups = duplicate_groups(embeddings.tensor(), args.threshold, progress=sys.stderr.isatty())
     data = [
         {"size": len(g.rows), "min_similarity": round(g.min_similarity, 6),
          "max_similarity": round(g.max_similarity, 6),

@@ -1,4 +1,4 @@
-"""``nnclr embed --checkpoint RUN --images DIR_OR_DATASET --out EMB_DIR [--split S] [--fresh]``."""
+"""``nnclr embed --checkpoint RUN --images DIR_OR_DATASET --out EMB_DIR [options]``; also under torchrun."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def add_parser(commands: Any) -> None:
         help="embed a folder of images (or a data set) into L2-normalised vectors",
         description="Embed every image below a folder (any depth, any common format) or every image of a data "
         "set with a trained encoder: EMB_DIR gets embeddings.npy (float32), index.csv and manifest.json. "
-        "Unreadable files are skipped and listed in the manifest. Re-running embeds only new or changed files.",
+        "Unreadable files are skipped and listed in the manifest. Re-running embeds only new or changed files. "
+        "Runs under torchrun too (the images are split over the processes; rank 0 writes).",
     )
     embed.add_argument("--checkpoint", required=True, metavar="RUN", help="a run directory or checkpoint.pt")
     embed.add_argument(
@@ -24,38 +25,64 @@ def add_parser(commands: Any) -> None:
     embed.add_argument("--out", required=True, metavar="EMB_DIR", help="where the embeddings go")
     embed.add_argument("--split", default="train", help="split of a data set (default: train)")
     embed.add_argument(
+        "--data-root", metavar="DIR",
+        help="folder of cifar10/cifar100/stl10 (default: the checkpoint's data.root for its own data set)",
+    )
+    embed.add_argument(
         "--fresh", action="store_true",
         help="re-embed everything (needed when EMB_DIR holds embeddings of another checkpoint or source)",
     )
+    embed.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per batch (default: 256)")
     embed.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    embed.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto",
+        help="auto (default): bf16 autocast where it is fast (CUDA, CPUs with AVX512-BF16/AMX), else fp32",
+    )
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Embed, then print a one-line summary (and the skipped files)."""
+def _folder(images: str) -> Path | None:
+    """The folder ``--images`` names, or None for a data set name; a UserError for anything else."""
     from nnclr.data.registry import parse_name
     from nnclr.errors import UserError
 
-    images = args.images
     path = Path(images[len("folder:"):] if images.startswith("folder:") else images).expanduser()
     if path.is_file():
         raise UserError(f"--images {images} is a file; pass a folder of images or a data set name (e.g. demo)")
-    if not path.is_dir():
-        source, _ = parse_name(images)  # an unknown name -> a UserError listing the valid ones
-        if source == "folder":
-            raise UserError(f"--images {images}: no such directory")
+    if path.is_dir():
+        return path
+    source, _ = parse_name(images)  # an unknown name -> a UserError listing the valid ones
+    if source == "folder":
+        raise UserError(f"--images {images}: no such directory")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Embed, then print a one-line summary (and the skipped files) on rank 0."""
+    from nnclr.errors import UserError
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    folder = _folder(args.images)
 
     import nnclr
-    from nnclr.use.embeddings import embed_dataset, embed_folder, scan_images
+    from nnclr import distributed, runtime
+    from nnclr.use.embed import embed_dataset, embed_folder, scan_images
 
-    if path.is_dir():
-        scan_images(path)  # a folder without images fails before the checkpoint is loaded
+    if folder is not None:
+        scan_images(folder)  # a folder without images fails before the checkpoint is loaded
     progress = not args.no_progress and sys.stderr.isatty()
-    pretrained = nnclr.load(args.checkpoint, device=args.device)
-    if path.is_dir():
-        report = embed_folder(pretrained, path, args.out, fresh=args.fresh, progress=progress)
-    else:
-        report = embed_dataset(pretrained, images, args.split, args.out, fresh=args.fresh, progress=progress)
+    with distributed.process_group(runtime.resolve_device(args.device)) as device:
+        main = distributed.is_main()
+        pretrained = nnclr.load(args.checkpoint, device=str(device), precision=args.precision)
+        if folder is not None:
+            report = embed_folder(pretrained, folder, args.out, fresh=args.fresh, progress=progress,
+                                  batch=args.batch_size)
+        else:
+            report = embed_dataset(pretrained, args.images, args.split, args.out, root=args.data_root,
+                                   fresh=args.fresh, progress=progress, batch=args.batch_size)
+    if not main:
+        return 0
     for item in report.skipped:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     rate = f" ({report.images_per_second:.0f} images/s)" if report.embedded else ""

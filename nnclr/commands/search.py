@@ -30,13 +30,14 @@ def add_parser(commands: Any) -> None:
         help="exact (torch), approx (faiss IVF, saved in EMB_DIR), auto: approx when faiss is installed and "
         "EMB_DIR holds more than --approx-threshold vectors (default)",
     )
-    search.add_argument("--approx-threshold", type=int, default=100_000, metavar="N", help="see --index")
+    search.add_argument("--approx-threshold", type=int, default=100_000, metavar="N",
+                        help="see --index (default: 100000)")
     search.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
 
 
 def _query_files(query: Path) -> list[Path]:
     from nnclr.errors import UserError
-    from nnclr.use.embeddings import scan_images
+    from nnclr.use.embed import scan_images
 
     if query.is_dir():
         return scan_images(query)[0]
@@ -58,15 +59,16 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from nnclr.errors import UserError
-    from nnclr.use.embeddings import open_embeddings
+    from nnclr.use.embeddings import open_embeddings, warn_if_incomplete
 
     if args.k < 1:
         raise UserError(f"-k {args.k}: must be at least 1")
     embeddings = open_embeddings(args.embeddings)
+    warn_if_incomplete(embeddings)
     files = _query_files(Path(args.query).expanduser())
 
     import nnclr
-    from nnclr.use.embeddings import embed_files
+    from nnclr.use.embed import embed_files
     from nnclr.use.search import search
 
     checkpoint = args.checkpoint or embeddings.manifest["checkpoint"]
@@ -81,17 +83,18 @@ def run(args: argparse.Namespace) -> int:
             f"is {pretrained.checkpoint_hash}: query with the same checkpoint, or re-embed with "
             f"`nnclr embed --checkpoint {args.checkpoint or checkpoint} --fresh`"
         )
-    vectors, done, failed = embed_files(pretrained, files)
-    if len(files) == 1 and failed:
-        raise UserError(f"query {files[0]} is not an image Pillow can read ({failed[0]})")
-    for position, reason in failed.items():
+    queries = embed_files(pretrained, files)
+    if len(files) == 1 and queries.failed:
+        raise UserError(f"query {files[0]} is not an image Pillow can read ({queries.failed[0]})")
+    for position, reason in queries.failed.items():
         print(f"skipped query {files[position]}: {reason}", file=sys.stderr)
-    if not done:
+    if not queries.positions:
         raise UserError(f"none of the {len(files)} query files in {args.query} could be read")
     import torch
 
     scores, indices, index = search(
-        embeddings, torch.from_numpy(vectors), args.k, method=args.index, approx_threshold=args.approx_threshold
+        embeddings, torch.from_numpy(queries.vectors), args.k, method=args.index,
+        approx_threshold=args.approx_threshold,
     )
     if index is not None:
         state = "built and saved" if index.built else "loaded"
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     results = []
-    for q, position in enumerate(done):
+    for q, position in enumerate(queries.positions):
         neighbours = []
         for rank, (score, row) in enumerate(zip(scores[q].tolist(), indices[q].tolist()), start=1):
             if row < 0:

@@ -20,6 +20,7 @@ normalisation, and with the projector also z = g(h) (B, D).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -59,8 +60,8 @@ def left_out(pretrained: Pretrained) -> str:
     m = pretrained.config.model
     if not m.backbone.startswith("resnet"):
         return (
-            f"{m.backbone} is not a torchvision model: build it with nnclr.backbones.build_backbone({m.backbone!r}) "
-            "and load_state_dict, or use nnclr.load(FILE)"
+            f"{m.backbone} is not a torchvision model: build it with nnclr.backbones.build_backbone({m.backbone!r})[0] "
+            "and its load_state_dict, or use nnclr.load(FILE)"
         )
     text = "fc (the classifier) is not part of the encoder: set model.fc = nn.Identity() or load with strict=False"
     if m.cifar_stem:
@@ -91,8 +92,12 @@ def metadata(pretrained: Pretrained, with_projector: bool) -> dict[str, str]:
 
 
 def _module(pretrained: Pretrained, with_projector: bool) -> ExportedEncoder:
-    projector = pretrained.projector if with_projector else None
-    return ExportedEncoder(pretrained.encoder, projector).to("cpu").float().eval()
+    """A CPU fp32 eval-mode copy of f (and g), contiguous weights; ``pretrained`` is left as it is."""
+    if with_projector and pretrained.projector is None:
+        raise UserError(f"{pretrained.checkpoint} holds no projector; export without --with-projector")
+    projector = copy.deepcopy(pretrained.projector) if with_projector else None
+    module = ExportedEncoder(copy.deepcopy(pretrained.encoder), projector)
+    return module.to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
 
 
 def _tmp(out: Path) -> Path:
@@ -111,11 +116,11 @@ def export_safetensors(pretrained: Pretrained, out: Path, with_projector: bool =
     """Write the backbone's state_dict (and the projector's, prefixed) with metadata."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in pretrained.encoder.state_dict().items()}
-    if with_projector:
-        tensors.update(
-            {PROJECTOR_PREFIX + k: v.detach().cpu().contiguous() for k, v in pretrained.projector.state_dict().items()}
-        )
+    module = _module(pretrained, with_projector)
+    tensors = {k: v.detach().contiguous() for k, v in module.encoder.state_dict().items()}
+    if module.projector is not None:
+        projector = module.projector.state_dict()
+        tensors.update({PROJECTOR_PREFIX + k: v.detach().contiguous() for k, v in projector.items()})
     save_file(tensors, str(_tmp(out)), metadata=metadata(pretrained, with_projector))
     _publish(out)
 

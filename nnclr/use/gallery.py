@@ -99,5 +99,6 @@ def source_images(embeddings: Any, rows: Sequence[int]) -> dict[int, Image.Image
         return {r: open_image(Path(source["path"]) / embeddings.entries[r].path) for r in rows}
     from nnclr.data import load_dataset
 
-    images = load_dataset(source["name"], source["split"], download=False).images
+    root = embeddings.manifest.get("data_root")
+    images = load_dataset(source["name"], source["split"], root=root, download=False).images
     return {r: Image.fromarray(images[r].permute(1, 2, 0).numpy()) for r in rows}

@@ -29,9 +29,17 @@ RECALL_SAMPLE = 200
 TARGET_RECALL = 0.95
 
 
+MAX_SCORES = 1 << 25  # similarities held at once by a chunked search: 128 MB of float32
+
+
+def rows_per_chunk(n: int, limit: int = 1024) -> int:
+    """Query rows per (rows, n) similarity block: at most ``limit``, and at most :data:`MAX_SCORES` scores."""
+    return max(1, min(limit, MAX_SCORES // max(1, n)))
+
+
 @torch.no_grad()
 def exact_search(
-    queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 256
+    queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most similar keys of every query by inner product.
 
@@ -39,12 +47,13 @@ def exact_search(
         queries: float32 (Q, F), L2-normalised.
         keys: float32 (N, F), L2-normalised.
         k: neighbours per query (clipped to N).
-        chunk: queries per matrix product (bounds memory to chunk x N floats).
+        chunk: queries per matrix product (default :func:`rows_per_chunk`: memory stays bounded).
 
     Returns:
         ``(scores (Q, k) float32, indices (Q, k) int64)``, best first.
     """
     k = min(k, keys.shape[0])
+    chunk = chunk or rows_per_chunk(keys.shape[0])
     scores, indices = [], []
     keys_t = keys.t()
     for start in range(0, queries.shape[0], chunk):
