@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ h1 { font-size: 24px; margin: 8px 0 2px; } h2 { font-size: 19px; margin: 30px 0 
 table { border-collapse: collapse; margin: 6px 0; } td, th { padding: 3px 10px; text-align: left;
      vertical-align: top; border-bottom: 1px solid #eee; } th { background: #f1f3f5; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.columns { display: flex; flex-wrap: wrap; gap: 8px 36px; align-items: flex-start; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0; }
 .card { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px 14px; min-width: 130px; }
 .card b { display: block; font-size: 20px; } .card span { color: #666; font-size: 12px; }
@@ -61,8 +63,9 @@ def esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def fmt(value: Any, digits: int = 1) -> str:
-    """Numbers with ``digits`` decimals (ints as is), None as an em dash, the rest as text; escaped."""
+def fmt(value: Any, digits: int | None = 1) -> str:
+    """Numbers with ``digits`` decimals (None: as short as exact, ``1e-06``; ints as is), None as an em dash,
+    the rest as text; escaped."""
     if value is None:
         return "&mdash;"
     if isinstance(value, bool):
@@ -70,7 +73,7 @@ def fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.{digits}f}"
+        return f"{value:g}" if digits is None else f"{value:,.{digits}f}"
     return esc(value)
 
 
@@ -92,8 +95,10 @@ def cards(items: Iterable[tuple[str, str]]) -> str:
     ) + "</div>"
 
 
-def plot(png: bytes, alt: str) -> str:
-    return f"<img class='plot' alt='{esc(alt)}' src='{png_uri(png)}'>"
+def plot(png: bytes, alt: str, points: dict[str, int] | None = None) -> str:
+    """A PNG figure; ``points`` (data points per panel) is kept in a ``data-points`` attribute, as JSON."""
+    counts = f" data-points='{esc(json.dumps(points))}'" if points is not None else ""
+    return f"<img class='plot' alt='{esc(alt)}'{counts} src='{png_uri(png)}'>"
 
 
 def _class_name(label: int, classes: list[str]) -> str:
@@ -127,7 +132,8 @@ def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool
     for row in rows:
         cells = [tile(row.image, f"<b>{esc(_class_name(row.label, classes))}</b><br>test #{row.test_index}", "q")]
         if with_support:
-            support = [neighbour_tile(n, row.label, classes) for n in row.support] or ["<span class='muted'>empty</span>"]
+            support = [neighbour_tile(n, row.label, classes) for n in row.support]
+            support = support or ["<span class='muted'>no neighbour</span>"]
             support += [""] * (max(1, k_support) - len(support))
             cells += support
         cells += [neighbour_tile(n, row.label, classes) for n in row.train]
