@@ -18,7 +18,7 @@ from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 TINY = [
     "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
     "optim.batch_size=32", "optim.warmup_epochs=0", "train.log_every=1",
-    "method.support_size=100",
+    "method.support_size=100", "train.report=false",  # the report has its own tests (test_report.py)
 ]
 
 

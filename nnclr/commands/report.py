@@ -23,6 +23,9 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnclr.report.data import require_run_dir
+
+    require_run_dir(args.run_dir)  # a wrong path fails before torch is imported
     from nnclr.report import write_report
 
     path = write_report(args.run_dir, args.out, galleries=not args.no_galleries)

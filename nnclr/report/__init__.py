@@ -8,6 +8,17 @@ test embeddings and (KMCLR) prototype usage. Modules: ``data`` (reading the run 
 ``galleries``, ``embedding_map``, ``plots``, ``html`` and ``build`` (putting the page together).
 """
 
-from nnclr.report.build import REPORT_NAME, write_report
+from __future__ import annotations
+
+from pathlib import Path
+
+from nnclr.report.data import REPORT_NAME
 
 __all__ = ["REPORT_NAME", "write_report"]
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, galleries: bool = True) -> Path:
+    """Write the HTML report of a run directory: see :func:`nnclr.report.build.write_report` (imports torch)."""
+    from nnclr.report.build import write_report as _write_report
+
+    return _write_report(run_dir, out, galleries=galleries)

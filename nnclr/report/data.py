@@ -18,6 +18,7 @@ import yaml
 from nnclr.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
+REPORT_NAME = "report.html"
 
 
 @dataclass
@@ -57,11 +58,21 @@ class RunData:
         return str(self.config.get("method", {}).get("name", "?"))
 
 
-def read_run(run_dir: str | Path) -> RunData:
-    """Read what a run directory holds; raises UserError only if it is not a run directory at all."""
+def require_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path if it holds a checkpoint or a config.yaml, else a UserError (torch is not imported)."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found; pass the --run-dir of an `nnclr pretrain` run")
+    if not (run_dir / CHECKPOINT).is_file() and not (run_dir / "config.yaml").is_file():
+        raise UserError(
+            f"{run_dir} has neither {CHECKPOINT} nor config.yaml; is it a run directory of `nnclr pretrain`?"
+        )
+    return run_dir
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read what a run directory holds; raises UserError only if it is not a run directory at all."""
+    run_dir = require_run_dir(run_dir)
     state = _read_checkpoint(run_dir / CHECKPOINT)
     config = state.get("config") if state else None
     if config is None and (run_dir / "config.yaml").is_file():
@@ -71,7 +82,8 @@ def read_run(run_dir: str | Path) -> RunData:
             config = None
     if not isinstance(config, dict):
         raise UserError(
-            f"{run_dir} has neither {CHECKPOINT} nor a readable config.yaml; is it a run directory of `nnclr pretrain`?"
+            f"{run_dir}/config.yaml cannot be read and there is no {CHECKPOINT}; "
+            "is it a run directory of `nnclr pretrain`?"
         )
     data = RunData(run_dir=run_dir, config=config)
     if state is None:

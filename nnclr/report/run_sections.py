@@ -129,7 +129,7 @@ def evaluation_section(run: RunData) -> str:
         splits = e.get("splits") if isinstance(e.get("splits"), dict) else {}
         sizes = ", ".join(f"{H.esc(k)} {H.fmt(v)}" for k, v in splits.items())
         for protocol, top1, top5, details in _eval_lines(e):
-            rows.append((protocol, H.esc(e.get("data")), H.fmt(top1), H.fmt(top5), details or "&mdash;", sizes, step,
+            rows.append((protocol, H.fmt(e.get("data")), H.fmt(top1), H.fmt(top5), details or "&mdash;", sizes, step,
                          H.fmt(e.get("wall_time_s"), 0)))
     files = ", ".join(H.esc(e["_file"]) for e in run.evals)
     return (H.table(("protocol", "data", "top-1 %", "top-5 %", "details", "images", "step", "time (s)"), rows,
