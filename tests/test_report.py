@@ -8,12 +8,15 @@ by most tests; KMCLR and an unlabelled run are trained in-process, a few steps e
 from __future__ import annotations
 
 import html
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from PIL import Image
 from nnclr.config import load_config
 from nnclr.data import load_dataset
 from nnclr.report import write_report
-from nnclr.report.embedding_map import project_2d
+from nnclr.report.embedding_map import available_method, project_2d
 from nnclr.report.galleries import Embedded, galleries
 from nnclr.train import pretrain
 
@@ -114,7 +117,7 @@ def test_report_has_every_section_with_non_empty_plots(report: Path) -> None:
     assert list(parts) == list(SECTIONS)
     summary = parts["summary"]
     for needle in ("nnclr", "small_cnn", "training wall time", "images / s", "kNN before pretraining",
-                   "kNN after pretraining", "hardware (recorded by the run)", "<details><summary>Resolved config"):
+                   "kNN after pretraining", "Hardware as recorded by the run", "<details><summary>Resolved config"):
         assert needle in summary, needle
     points = plot_points(parts["training"])
     assert len(points) == 2  # training curves, NN diagnostics
@@ -240,11 +243,28 @@ def test_galleries_rank_neighbours_and_never_show_the_query_itself() -> None:
         assert all(n.note == "age 3" for n in row.support)
 
 
-def test_2d_map_methods() -> None:
+def test_2d_map_methods(monkeypatch: pytest.MonkeyPatch) -> None:
     x = F.normalize(torch.randn(60, 16), dim=1)
+    assert available_method() == ("umap" if importlib.util.find_spec("umap") else "t-SNE")
     for method in ("PCA", "t-SNE"):
         xy, used = project_2d(x, method=method)
         assert used == method and xy.shape == (60, 2) and np.isfinite(xy).all() and xy.std(axis=0).min() > 0
+
+    class FakeUMAP:  # stands in for umap-learn (an optional extra, not installed in CI)
+        def __init__(self, **kwargs: object) -> None:
+            self.kwargs = kwargs
+
+        def fit_transform(self, data: np.ndarray) -> np.ndarray:
+            assert self.kwargs["metric"] == "cosine" and self.kwargs["n_components"] == 2
+            return data[:, :2]
+
+    fake = types.ModuleType("umap")
+    fake.__spec__ = importlib.machinery.ModuleSpec("umap", None)
+    fake.UMAP = FakeUMAP
+    monkeypatch.setitem(sys.modules, "umap", fake)
+    assert available_method() == "umap"
+    xy, used = project_2d(x)
+    assert used == "UMAP" and np.allclose(xy, x[:, :2].numpy())
 
 
 def test_tensorboard_gets_the_scalars_and_the_galleries(run: dict) -> None:

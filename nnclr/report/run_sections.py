@@ -60,12 +60,13 @@ def summary_section(run: RunData, data_used: str | None) -> str:
     settings = [(H.esc(key), H.fmt(get(c, key), None)) for key in KEY_SETTINGS
                 if key not in skip and get(c, key) is not None]
     hardware = r.get("hardware")
-    where = "recorded by the run"
+    where = "as recorded by the run"
     if not isinstance(hardware, dict):
-        hardware, where = runtime.hardware_info(), "of the machine that wrote this report (the run recorded none)"
+        hardware, where = runtime.hardware_info(), "of this report's machine: the run recorded none"
     side = (H.table(("key setting", "value"), settings),
             H.table(("final metric", "value"), _final_metrics(run)) if run.results or run.train else "",
-            H.table((f"hardware ({where})", ""), [(H.esc(k), H.esc(v)) for k, v in hardware.items()]))
+            H.table(("hardware", "value"), [(H.esc(k), H.esc(v)) for k, v in hardware.items()])
+            + f"<p class='note'>Hardware {H.esc(where)}.</p>")
     used = data_used or "none (only the run directory's files)"
     config = H.esc(yaml.safe_dump(c, sort_keys=False))
     return (
