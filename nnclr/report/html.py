@@ -32,7 +32,7 @@ table { border-collapse: collapse; margin: 6px 0; } td, th { padding: 3px 10px; 
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .columns { display: flex; flex-wrap: wrap; gap: 8px 36px; align-items: flex-start; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0; }
-.card { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px 14px; min-width: 130px; }
+.card { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px 12px; min-width: 100px; }
 .card b { display: block; font-size: 20px; } .card span { color: #666; font-size: 12px; }
 img.plot { max-width: 100%; display: block; margin: 6px 0; }
 pre { background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 12px; }

@@ -64,14 +64,14 @@ def summary_section(run: RunData, data_used: str | None) -> str:
     if not isinstance(hardware, dict):
         hardware, where = runtime.hardware_info(), "of this report's machine: the run recorded none"
     side = (H.table(("key setting", "value"), settings),
-            H.table(("final metric", "value"), _final_metrics(run)) if run.results or run.train else "",
-            H.table(("hardware", "value"), [(H.esc(k), H.esc(v)) for k, v in hardware.items()])
-            + f"<p class='note'>Hardware {H.esc(where)}.</p>")
+            H.table(("final metric", "value"), _final_metrics(run)) if run.results or run.train else "")
+    machine = "; ".join(f"{k} {v}" for k, v in hardware.items())
     used = data_used or "none (only the run directory's files)"
     config = H.esc(yaml.safe_dump(c, sort_keys=False))
     return (
         H.cards(cards) + "<div class='columns'>" + "".join(f"<div>{part}</div>" for part in side if part) + "</div>"
-        + f"<p class='note'>Data this report loaded: {H.esc(used)}.</p>"
+        + f"<p class='note'><b>Hardware</b> ({H.esc(where)}): {H.esc(machine)}.</p>"
+        + f"<p class='note'><b>Data this report loaded</b>: {H.esc(used)}.</p>"
         + f"<details><summary>Resolved config (config.yaml)</summary><pre>{config}</pre></details>"
     )
 
