@@ -7,6 +7,7 @@ from typing import Any
 
 
 def add_parser(commands: Any) -> None:
+    """Add the ``report`` subcommand to ``commands`` (argparse subparsers)."""
     report = commands.add_parser(
         "report",
         help="write a self-contained HTML report of a run (curves, NN diagnostics, evaluation, galleries, map)",
@@ -23,6 +24,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the report and print its path."""
     from nnclr.report.data import require_run_dir
 
     require_run_dir(args.run_dir)  # a wrong path fails before torch is imported

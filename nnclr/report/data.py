@@ -51,10 +51,12 @@ class RunData:
 
     @property
     def checkpoint(self) -> Path:
+        """The run's ``checkpoint.pt`` (it may not exist)."""
         return self.run_dir / CHECKPOINT
 
     @property
     def method(self) -> str:
+        """``method.name`` of the config (``?`` when absent)."""
         return str(self.config.get("method", {}).get("name", "?"))
 
 

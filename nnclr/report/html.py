@@ -60,6 +60,7 @@ def image_uri(image: torch.Tensor) -> str:
 
 
 def esc(value: Any) -> str:
+    """``str(value)`` with ``& < > " '`` escaped for HTML."""
     return html.escape(str(value))
 
 
@@ -114,23 +115,24 @@ def tile(image: torch.Tensor | None, caption: str, kind: str = "") -> str:
 
 
 def neighbour_tile(n: Neighbour, query_label: int, classes: list[str]) -> str:
+    """A neighbour's tile: class name (with a cross when it is not the query's), similarity and note."""
     kind = "" if query_label < 0 or n.label < 0 else ("bad" if n.wrong else "ok")
     mark = " &#10007;" if n.wrong else ""
     note = f"<br><span class='muted'>{esc(n.note)}</span>" if n.note else ""
     return tile(n.image, f"{esc(_class_name(n.label, classes))}{mark}<br>{n.similarity:.2f}{note}", kind)
 
 
-def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool) -> str:
-    """One line per query: the query, its support-set neighbours, its training-set neighbours."""
+def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool, split: str = "test") -> str:
+    """One line per query image of ``split``: the query, its support-set neighbours, its training-set neighbours."""
     k_support = max((len(r.support) for r in rows), default=0)
     k_train = max((len(r.train) for r in rows), default=0)
-    head = "<tr><th>test image</th>"
+    head = f"<tr><th>{esc(split)} image</th>"
     if with_support:
         head += f"<th colspan='{max(1, k_support)}' class='sep'>nearest in the support set (by z)</th>"
     head += f"<th colspan='{k_train}' class='sep'>nearest training images (by backbone features)</th></tr>"
     body = []
     for row in rows:
-        cells = [tile(row.image, f"<b>{esc(_class_name(row.label, classes))}</b><br>test #{row.test_index}", "q")]
+        cells = [tile(row.image, f"<b>{esc(_class_name(row.label, classes))}</b><br>{esc(split)} #{row.test_index}", "q")]
         if with_support:
             support = [neighbour_tile(n, row.label, classes) for n in row.support]
             support = support or ["<span class='muted'>no neighbour</span>"]
@@ -145,6 +147,7 @@ def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool
 
 
 def prototype_section(usage: PrototypeUsage, bars_png: bytes, classes: list[str]) -> str:
+    """KMCLR: a sentence on prototype usage, the usage bar chart, and the largest prototypes' members."""
     counts = sorted(usage.counts, reverse=True)
     used = sum(1 for c in counts if c > 0)
     parts = [

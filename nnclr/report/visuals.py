@@ -33,6 +33,7 @@ class Images:
 
     @property
     def same_split(self) -> bool:
+        """True when the queries are the training images themselves (the run has no test split)."""
         return self.train is not None and self.train.images is self.queries.images
 
 
@@ -123,7 +124,7 @@ def gallery_section(run: RunData, images: Images) -> str:
         intro += "<p class='note'>The support set is still empty: only training-set neighbours are shown.</p>"
     with TensorBoardLog(run.run_dir) as tensorboard:
         tensorboard.image("report/galleries", gallery_grid(rows), run.step or 0)
-    return intro + _agreement(rows) + H.gallery_table(rows, images.classes, with_support)
+    return intro + _agreement(rows) + H.gallery_table(rows, images.classes, with_support, images.query_split)
 
 
 def _agreement(rows: list[Any]) -> str:
