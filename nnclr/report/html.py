@@ -132,7 +132,8 @@ def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool
     head += f"<th colspan='{k_train}' class='sep'>nearest training images (by backbone features)</th></tr>"
     body = []
     for row in rows:
-        cells = [tile(row.image, f"<b>{esc(_class_name(row.label, classes))}</b><br>{esc(split)} #{row.test_index}", "q")]
+        caption = f"<b>{esc(_class_name(row.label, classes))}</b><br>{esc(split)} #{row.test_index}"
+        cells = [tile(row.image, caption, "q")]
         if with_support:
             support = [neighbour_tile(n, row.label, classes) for n in row.support]
             support = support or ["<span class='muted'>no neighbour</span>"]
