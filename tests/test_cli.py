@@ -44,6 +44,7 @@ def test_demo_run_prints_knn_before_after_and_run_dir(tmp_path: Path) -> None:
     assert "kNN top-1 on demo/test (k=20): before pretraining" in result.stdout
     assert "run directory: runs/nnclr-demo" in result.stdout
     assert (tmp_path / "runs" / "nnclr-demo" / CHECKPOINT_NAME).is_file()
+    assert not (tmp_path / "runs" / "nnclr-demo" / "report.html").exists() and "report:" not in result.stdout
     again = nnclr("pretrain", "--set", *TINY, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
     assert again.returncode == 0 and "already complete" in again.stdout
 
