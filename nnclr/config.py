@@ -108,6 +108,7 @@ class TrainConfig:
     knn_every_epochs: float = 0.0  # online kNN monitor on the test split; 0 = only before/after
     knn_k: int = 20
     knn_temperature: float = 0.07
+    report: bool = True  # write RUN_DIR/report.html (``nnclr report``) at the end of ``nnclr pretrain``
 
 
 @dataclass

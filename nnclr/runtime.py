@@ -13,6 +13,7 @@ import ctypes
 import os
 import platform
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -83,3 +84,29 @@ def set_threads(threads: int) -> None:
     """Use ``threads`` CPU threads (0 keeps PyTorch's default, one per physical core)."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def hardware_info(
+    device: torch.device | None = None, dtype: torch.dtype | None = None, processes: int = 1
+) -> dict[str, Any]:
+    """What ran (or runs) the math: CPU model and cores, GPU, torch version and threads, Python, OS.
+
+    ``device``, ``dtype`` and ``processes`` (the torchrun world size) are added when given.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    if device is not None:
+        info["device"] = str(device)
+    if dtype is not None:
+        info["precision"] = str(dtype).removeprefix("torch.")
+    info |= {"processes": processes, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "python": platform.python_version(), "os": platform.platform(terse=True)}
+    return info

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -49,6 +50,8 @@ from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 from nnclr.selectors import build_selector
 from nnclr.step import contrastive_step
 from nnclr.support import SupportSet
+from nnclr.tensorboard_log import LOG_DIR as TENSORBOARD_DIR
+from nnclr.tensorboard_log import TensorBoardLog
 
 
 @dataclass
@@ -244,10 +247,14 @@ def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor, extract:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON record per line; on resume, records past the checkpoint are dropped."""
+    """``metrics.jsonl``: one JSON record per line; on resume, records past the checkpoint are dropped.
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    Every record is also sent to ``mirror`` (TensorBoard, when installed).
+    """
+
+    def __init__(self, path: Path, resume_step: int, mirror: TensorBoardLog | None = None) -> None:
         self.path = path
+        self.mirror = mirror
         kept = []
         if resume_step > 0 and path.is_file():
             for line in path.read_text().splitlines():
@@ -261,6 +268,12 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.mirror is not None:
+            self.mirror.write(record)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
 
 
 class _NoLog:
@@ -268,6 +281,12 @@ class _NoLog:
 
     def write(self, record: dict[str, Any]) -> None:
         pass
+
+    def close(self) -> None:
+        pass
+
+
+Log = MetricsLog | _NoLog
 
 
 @contextmanager
@@ -399,6 +418,7 @@ def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
         if fresh and run.run_dir.exists():
             for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
                 (run.run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
         if path.is_file():  # one process loads onto its device; several share a CPU copy
             try:
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
@@ -435,7 +455,20 @@ def _pretrain(config: Config, device: torch.device, *, fresh: bool, progress: bo
     if main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(dump_yaml(config))
-    log = MetricsLog(run.run_dir / "metrics.jsonl", start) if main else _NoLog()
+    if main:  # TensorBoard drops what an interrupted session logged after the checkpoint, as metrics.jsonl does
+        tensorboard = TensorBoardLog(run.run_dir, purge_step=start + 1 if start else 0)
+        log: Log = MetricsLog(run.run_dir / "metrics.jsonl", start, mirror=tensorboard)
+    else:
+        log = _NoLog()
+    try:
+        return _train(run, log, start, progress=progress, echo=echo)
+    finally:
+        log.close()
+
+
+def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunResult:
+    """The loop from step ``start`` to ``run.total_steps``, then the final kNN and ``results.json``."""
+    config, path, main = run.config, run.run_dir / CHECKPOINT_NAME, distributed.is_main()
     if start:
         echo(f"resuming {run.run_dir} from step {start}/{run.total_steps}")
     if start == 0:
@@ -508,7 +541,7 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
     return record
 
 
-def _finish(run: Run, log: MetricsLog, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
+def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
     after = knn_monitor(run)
     if after and step > start:
         log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
@@ -520,6 +553,7 @@ def _finish(run: Run, log: MetricsLog, step: int, start: int, train_time: float,
     )
     if distributed.is_main():
         results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+        results["hardware"] = runtime.hardware_info(run.device, run.dtype, distributed.world_size())
         (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
     distributed.barrier()  # every file is written before any rank returns
     return result

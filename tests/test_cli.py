@@ -18,7 +18,7 @@ from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 TINY = [
     "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
     "optim.batch_size=32", "optim.warmup_epochs=0", "train.log_every=1",
-    "method.support_size=100",
+    "method.support_size=100", "train.report=false",  # the report has its own tests (test_report.py)
 ]
 
 
@@ -44,6 +44,7 @@ def test_demo_run_prints_knn_before_after_and_run_dir(tmp_path: Path) -> None:
     assert "kNN top-1 on demo/test (k=20): before pretraining" in result.stdout
     assert "run directory: runs/nnclr-demo" in result.stdout
     assert (tmp_path / "runs" / "nnclr-demo" / CHECKPOINT_NAME).is_file()
+    assert not (tmp_path / "runs" / "nnclr-demo" / "report.html").exists() and "report:" not in result.stdout
     again = nnclr("pretrain", "--set", *TINY, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
     assert again.returncode == 0 and "already complete" in again.stdout
 

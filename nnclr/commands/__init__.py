@@ -6,5 +6,5 @@ so that ``nnclr --help`` and argument mistakes stay fast. Add a command by writi
 and one entry in :data:`COMMANDS`.
 """
 
-COMMANDS: tuple[str, ...] = ("pretrain", "eval", "embed", "search", "duplicates", "export")
+COMMANDS: tuple[str, ...] = ("pretrain", "eval", "report", "embed", "search", "duplicates", "export")
 """Subcommand names, in the order ``nnclr --help`` lists them; module ``nnclr.commands.<name>``."""

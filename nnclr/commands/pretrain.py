@@ -64,4 +64,22 @@ def run(args: argparse.Namespace) -> int:
             f"before pretraining {_percent(result.knn_before)}, after {_percent(result.knn_after)}{gain}"
         )
     echo(f"run directory: {result.run_dir}")
+    if config.train.report and os.environ.get("RANK", "0") == "0":
+        _report(result.run_dir)
     return 0
+
+
+def _report(run_dir: Any) -> None:
+    """Write the run's report (train.report); a report that cannot be written is a warning, not a failure."""
+    import time
+
+    from nnclr.errors import UserError
+    from nnclr.report import write_report
+
+    started = time.perf_counter()
+    try:
+        path = write_report(run_dir)
+    except UserError as error:
+        print(f"nnclr: warning: no report written: {error}", file=sys.stderr)
+        return
+    print(f"report: {path} ({time.perf_counter() - started:.0f} s; turn off with --set train.report=false)")

@@ -1,12 +1,24 @@
-"""``nnclr report``: a self-contained HTML report of a pretraining run (see docs/report.md).
+"""``nnclr report``: one self-contained HTML file that shows what a pretraining run learned.
 
-:func:`write_report` reads a run directory (config, checkpoint, metrics, results, eval results),
-plots the training curves and NN diagnostics, and, from the run's data, draws neighbour galleries,
-a 2-D map of the test embeddings and (KMCLR) prototype usage. :class:`TensorBoardLog` mirrors the
-scalars and galleries to TensorBoard when it is installed.
+:func:`write_report` reads a run directory (config, checkpoint, ``metrics.jsonl``,
+``results.json``, ``eval/*.json``), plots the training curves and the nearest-neighbour
+diagnostics, and, with the run's encoder and images, draws neighbour galleries, a 2-D map of the
+test embeddings and (KMCLR) prototype usage. Modules: ``data`` (reading the run directory),
+``run_sections`` (summary, curves, evaluation table), ``visuals`` (galleries, map, prototypes),
+``galleries``, ``embedding_map``, ``plots``, ``html`` and ``build`` (putting the page together).
 """
 
-from nnclr.report.build import write_report
-from nnclr.report.tensorboard import TensorBoardLog
+from __future__ import annotations
 
-__all__ = ["TensorBoardLog", "write_report"]
+from pathlib import Path
+
+from nnclr.report.data import REPORT_NAME
+
+__all__ = ["REPORT_NAME", "write_report"]
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, galleries: bool = True) -> Path:
+    """Write the HTML report of a run directory: see :func:`nnclr.report.build.write_report` (imports torch)."""
+    from nnclr.report.build import write_report as _write_report
+
+    return _write_report(run_dir, out, galleries=galleries)

@@ -9,8 +9,6 @@ with a sentence that says what is missing and how to get it, so the report can s
 from __future__ import annotations
 
 import json
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import yaml
 from nnclr.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
+REPORT_NAME = "report.html"
 
 
 @dataclass
@@ -52,24 +51,42 @@ class RunData:
 
     @property
     def checkpoint(self) -> Path:
+        """The run's ``checkpoint.pt`` (it may not exist)."""
         return self.run_dir / CHECKPOINT
 
     @property
     def method(self) -> str:
+        """``method.name`` of the config (``?`` when absent)."""
         return str(self.config.get("method", {}).get("name", "?"))
+
+
+def require_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path if it holds a checkpoint or a config.yaml, else a UserError (torch is not imported)."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found; pass the --run-dir of an `nnclr pretrain` run")
+    if not (run_dir / CHECKPOINT).is_file() and not (run_dir / "config.yaml").is_file():
+        raise UserError(
+            f"{run_dir} has neither {CHECKPOINT} nor config.yaml; is it a run directory of `nnclr pretrain`?"
+        )
+    return run_dir
 
 
 def read_run(run_dir: str | Path) -> RunData:
     """Read what a run directory holds; raises UserError only if it is not a run directory at all."""
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} not found; pass the --run-dir of an `nnclr pretrain` run")
+    run_dir = require_run_dir(run_dir)
     state = _read_checkpoint(run_dir / CHECKPOINT)
     config = state.get("config") if state else None
     if config is None and (run_dir / "config.yaml").is_file():
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if config is None:
-        raise UserError(f"{run_dir} has neither {CHECKPOINT} nor config.yaml; is it a run directory of `nnclr pretrain`?")
+        try:
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        except yaml.YAMLError:
+            config = None
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{run_dir}/config.yaml cannot be read and there is no {CHECKPOINT}; "
+            "is it a run directory of `nnclr pretrain`?"
+        )
     data = RunData(run_dir=run_dir, config=config)
     if state is None:
         data.missing["checkpoint"] = f"no {CHECKPOINT} yet (the run wrote none): no galleries, map or prototypes"
@@ -87,10 +104,13 @@ def read_run(run_dir: str | Path) -> RunData:
     if not data.train:
         data.missing["metrics"] = "no training metrics (metrics.jsonl is absent or empty)"
     if not data.knn:
-        data.missing["knn"] = "no kNN monitor records (the test split is unlabelled, absent or data.test_split is empty)"
+        data.missing["knn"] = ("no kNN monitor records (the test split is unlabelled or absent, "
+                               "or data.test_split is empty)")
     results = run_dir / "results.json"
     if results.is_file():
-        data.results = _read_json(results)
+        data.results = record if isinstance(record := _read_json(results), dict) else None
+        if data.results is None:
+            data.missing["results"] = "results.json cannot be read (wall time and final kNN unknown)"
     else:
         data.missing["results"] = "no results.json: the run has not finished (wall time and final kNN unknown)"
     for path in sorted((run_dir / "eval").glob("*.json")):
@@ -105,12 +125,9 @@ def read_run(run_dir: str | Path) -> RunData:
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    import torch
+    from nnclr.checkpoint import load_checkpoint
 
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        raise UserError(f"cannot read {path} ({type(error).__name__}); is it a checkpoint of `nnclr pretrain`?") from None
+    return load_checkpoint(path)
 
 
 def _read_json(path: Path) -> Any:
@@ -132,24 +149,3 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
-
-
-def hardware_info() -> dict[str, Any]:
-    """CPU model, core count, torch version and threads, GPU name: of the machine calling this."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "python": platform.python_version(), "os": platform.platform(terse=True),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info

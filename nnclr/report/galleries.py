@@ -59,9 +59,20 @@ class PrototypeUsage:
     rows: int
 
 
+@dataclass
+class Embedded:
+    """A split with its encodings: uint8 images (N, 3, H, W), labels (N,) (-1 unknown), L2-normalised backbone
+    features h (N, F) and projections z (N, D)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    h: torch.Tensor
+    z: torch.Tensor
+
+
 @torch.no_grad()
-def embed(pretrained: Any, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 3, H, W) -> L2-normalised backbone features h (N, F) and projections z (N, D), CPU fp32."""
+def embed(pretrained: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> Embedded:
+    """Encode uint8 images (N, 3, H, W) with the run's encoder and projector (eval mode, CPU fp32 results)."""
     hs, zs = [], []
     for start in range(0, images.shape[0], batch_size):
         x = eval_transform(images[start : start + batch_size], pretrained.image_size,
@@ -71,11 +82,11 @@ def embed(pretrained: Any, images: torch.Tensor, batch_size: int = 512) -> tuple
             z = pretrained.projector(h)
         hs.append(F.normalize(h.float(), dim=1).cpu())
         zs.append(F.normalize(z.float(), dim=1).cpu())
-    return torch.cat(hs), torch.cat(zs)
+    return Embedded(images, labels, torch.cat(hs), torch.cat(zs))
 
 
 def pick_queries(labels: torch.Tensor, count: int = 10, seed: int = 0) -> torch.Tensor:
-    """A fixed set of ``count`` test indices (M,): one per class in class order, round after round, each class's
+    """A fixed set of ``count`` indices (M,): one per class in class order, round after round, each class's
     images in a seeded order; the first ``count`` of a seeded order when unlabelled."""
     order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed)).tolist()
     by_class: dict[int, list[int]] = {}
@@ -96,38 +107,44 @@ def _wrong(query_label: int, label: int) -> bool:
     return query_label >= 0 and label >= 0 and label != query_label
 
 
-def galleries(
-    test_images: torch.Tensor,
-    test_labels: torch.Tensor,
-    test_h: torch.Tensor,
-    test_z: torch.Tensor,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    train_h: torch.Tensor,
-    support: dict[str, Any] | None,
-    step: int,
-    queries: torch.Tensor,
-    k: int = 6,
-) -> list[GalleryRow]:
-    """The gallery rows of ``queries`` (M,) test indices: top-``k`` support entries by z, training images by h.
+def _nearest(scores: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """Per row of ``scores`` (M, N): the top-``k`` similarities and columns, masked (-inf) columns left out."""
+    sims, idx = scores.topk(min(k, scores.shape[1]), dim=1)
+    keep = sims.isfinite()
+    return [s[m].tolist() for s, m in zip(sims, keep)], [i[m].tolist() for i, m in zip(idx, keep)]
 
-    Shapes: test_images (T, 3, H, W) uint8, test_h (T, F), test_z (T, D), train_images (N, 3, H, W),
-    train_h (N, F); support as in the checkpoint (embeddings (Q, D), labels, indices, steps (Q,), num_filled).
+
+def galleries(
+    queries: Embedded, picks: torch.Tensor, train: Embedded, support: dict[str, Any] | None, step: int, *,
+    k: int = 6, same_split: bool = False,
+) -> list[GalleryRow]:
+    """The gallery rows of the query images ``picks`` (M,): top-``k`` support entries by z, training images by h.
+
+    ``support`` is the checkpoint's support set (embeddings (Q, D), labels, indices, steps (Q,), num_filled), taken
+    at ``step``. With ``same_split`` the queries are training images: the query itself is never its own neighbour
+    (as NNCLR excludes a sample's own older copy).
     """
-    rows = [GalleryRow(test_images[i], int(test_labels[i]), int(i)) for i in queries.tolist()]
-    sims, nearest = (test_h[queries] @ train_h.T).topk(min(k, train_h.shape[0]), dim=1)  # (M, k)
-    for row, sim, idx in zip(rows, sims.tolist(), nearest.tolist()):
-        row.train = [Neighbour(train_images[j], int(train_labels[j]), s, f"train #{j}",
-                               _wrong(row.label, int(train_labels[j]))) for s, j in zip(sim, idx)]
+    rows = [GalleryRow(queries.images[i], int(queries.labels[i]), int(i)) for i in picks.tolist()]
+    scores = queries.h[picks] @ train.h.T  # (M, N)
+    if same_split:
+        scores[torch.arange(len(picks)), picks] = -float("inf")
+    sims, nearest = _nearest(scores, k)
+    for row, sim, idx in zip(rows, sims, nearest):
+        row.train = [Neighbour(train.images[j], int(train.labels[j]), s, f"train #{j}",
+                               _wrong(row.label, int(train.labels[j]))) for s, j in zip(sim, idx)]
     filled = int(support["num_filled"]) if support is not None else 0
     if filled == 0:
         return rows
     bank = support["embeddings"][:filled].float()  # (Q', D)
-    sims, nearest = (test_z[queries] @ bank.T).topk(min(k, filled), dim=1)
-    for row, sim, idx in zip(rows, sims.tolist(), nearest.tolist()):
+    bank_samples = support["indices"][:filled]
+    scores = queries.z[picks] @ bank.T  # (M, Q')
+    if same_split:
+        scores = scores.masked_fill(bank_samples[None, :] == picks[:, None], -float("inf"))
+    sims, nearest = _nearest(scores, k)
+    for row, sim, idx in zip(rows, sims, nearest):
         for s, r in zip(sim, idx):
-            label, sample = int(support["labels"][r]), int(support["indices"][r])
-            image = train_images[sample] if 0 <= sample < train_images.shape[0] else None
+            label, sample = int(support["labels"][r]), int(bank_samples[r])
+            image = train.images[sample] if 0 <= sample < train.images.shape[0] else None
             age = step - int(support["steps"][r])
             row.support.append(Neighbour(image, label, s, f"age {age}", _wrong(row.label, label)))
     return rows

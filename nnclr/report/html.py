@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,8 +30,9 @@ h1 { font-size: 24px; margin: 8px 0 2px; } h2 { font-size: 19px; margin: 30px 0 
 table { border-collapse: collapse; margin: 6px 0; } td, th { padding: 3px 10px; text-align: left;
      vertical-align: top; border-bottom: 1px solid #eee; } th { background: #f1f3f5; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.columns { display: flex; flex-wrap: wrap; gap: 8px 36px; align-items: flex-start; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0; }
-.card { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px 14px; min-width: 130px; }
+.card { border: 1px solid #e3e3e3; border-radius: 6px; padding: 8px 12px; min-width: 100px; }
 .card b { display: block; font-size: 20px; } .card span { color: #666; font-size: 12px; }
 img.plot { max-width: 100%; display: block; margin: 6px 0; }
 pre { background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 12px; }
@@ -58,11 +60,13 @@ def image_uri(image: torch.Tensor) -> str:
 
 
 def esc(value: Any) -> str:
+    """``str(value)`` with ``& < > " '`` escaped for HTML."""
     return html.escape(str(value))
 
 
-def fmt(value: Any, digits: int = 1) -> str:
-    """Numbers with ``digits`` decimals (ints as is), None as an em dash, the rest as text; escaped."""
+def fmt(value: Any, digits: int | None = 1) -> str:
+    """Numbers with ``digits`` decimals (None: as short as exact, ``1e-06``; ints as is), None as an em dash,
+    the rest as text; escaped."""
     if value is None:
         return "&mdash;"
     if isinstance(value, bool):
@@ -70,7 +74,7 @@ def fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.{digits}f}"
+        return f"{value:g}" if digits is None else f"{value:,.{digits}f}"
     return esc(value)
 
 
@@ -92,8 +96,10 @@ def cards(items: Iterable[tuple[str, str]]) -> str:
     ) + "</div>"
 
 
-def plot(png: bytes, alt: str) -> str:
-    return f"<img class='plot' alt='{esc(alt)}' src='{png_uri(png)}'>"
+def plot(png: bytes, alt: str, points: dict[str, int] | None = None) -> str:
+    """A PNG figure; ``points`` (data points per panel) is kept in a ``data-points`` attribute, as JSON."""
+    counts = f" data-points='{esc(json.dumps(points))}'" if points is not None else ""
+    return f"<img class='plot' alt='{esc(alt)}'{counts} src='{png_uri(png)}'>"
 
 
 def _class_name(label: int, classes: list[str]) -> str:
@@ -109,25 +115,28 @@ def tile(image: torch.Tensor | None, caption: str, kind: str = "") -> str:
 
 
 def neighbour_tile(n: Neighbour, query_label: int, classes: list[str]) -> str:
+    """A neighbour's tile: class name (with a cross when it is not the query's), similarity and note."""
     kind = "" if query_label < 0 or n.label < 0 else ("bad" if n.wrong else "ok")
     mark = " &#10007;" if n.wrong else ""
     note = f"<br><span class='muted'>{esc(n.note)}</span>" if n.note else ""
     return tile(n.image, f"{esc(_class_name(n.label, classes))}{mark}<br>{n.similarity:.2f}{note}", kind)
 
 
-def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool) -> str:
-    """One line per query: the query, its support-set neighbours, its training-set neighbours."""
+def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool, split: str = "test") -> str:
+    """One line per query image of ``split``: the query, its support-set neighbours, its training-set neighbours."""
     k_support = max((len(r.support) for r in rows), default=0)
     k_train = max((len(r.train) for r in rows), default=0)
-    head = "<tr><th>test image</th>"
+    head = f"<tr><th>{esc(split)} image</th>"
     if with_support:
         head += f"<th colspan='{max(1, k_support)}' class='sep'>nearest in the support set (by z)</th>"
     head += f"<th colspan='{k_train}' class='sep'>nearest training images (by backbone features)</th></tr>"
     body = []
     for row in rows:
-        cells = [tile(row.image, f"<b>{esc(_class_name(row.label, classes))}</b><br>test #{row.test_index}", "q")]
+        caption = f"<b>{esc(_class_name(row.label, classes))}</b><br>{esc(split)} #{row.test_index}"
+        cells = [tile(row.image, caption, "q")]
         if with_support:
-            support = [neighbour_tile(n, row.label, classes) for n in row.support] or ["<span class='muted'>empty</span>"]
+            support = [neighbour_tile(n, row.label, classes) for n in row.support]
+            support = support or ["<span class='muted'>no neighbour</span>"]
             support += [""] * (max(1, k_support) - len(support))
             cells += support
         cells += [neighbour_tile(n, row.label, classes) for n in row.train]
@@ -139,6 +148,7 @@ def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool
 
 
 def prototype_section(usage: PrototypeUsage, bars_png: bytes, classes: list[str]) -> str:
+    """KMCLR: a sentence on prototype usage, the usage bar chart, and the largest prototypes' members."""
     counts = sorted(usage.counts, reverse=True)
     used = sum(1 for c in counts if c > 0)
     parts = [

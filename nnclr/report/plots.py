@@ -1,9 +1,10 @@
 """Training curves as PNG images (matplotlib, Agg backend: no display needed).
 
-Two figures, four panels each: training (loss, learning rate, throughput, kNN accuracy of the
-online monitor) and the NNCLR neighbour diagnostics of Dwibedi et al. (2021) that tell whether
-the support set is helping (neighbour label agreement, mean positive similarity, neighbour age,
-support-set fill). A panel without data says so instead of being left empty.
+Two figures: training (loss, learning rate, kNN accuracy of the online monitor, throughput) and
+the nearest-neighbour diagnostics that tell whether the support set is helping (neighbour label
+agreement, similarity of z to its positive, neighbour age, self-hits, support-set fill, share of
+queries with a neighbour). A panel without data says "not recorded" instead of being left empty;
+:attr:`Plot.points` counts what each panel drew.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ TRAIN_PANELS = (
     ("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "throughput (images/s)"),
 )
 NN_PANELS = (
-    ("nn_label_agreement", "neighbour label agreement"), ("positive_similarity", "mean positive similarity"),
-    ("nn_age", "neighbour age (steps)"), ("support_fill", "support-set fill"),
+    (("nn_label_agreement",), "neighbour label agreement"),
+    (("positive_similarity", "nn_similarity"), "cosine of z with its positive / neighbour"),
+    (("nn_age",), "neighbour age (steps)"),
+    (("nn_self_hit",), "neighbour is a copy of the query (share)"),
+    (("support_fill",), "support-set fill"),
+    (("nn_found",), "queries with a neighbour (share)"),
 )
+COLOURS = ("tab:blue", "tab:olive")
 
 
 @dataclass
@@ -47,18 +53,24 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return steps, values
 
 
-def _panel(ax: Any, steps: list[float], values: list[float], title: str, colour: str) -> int:
+def _panel(ax: Any, series: list[tuple[str, list[float], list[float]]], title: str) -> int:
+    """Draw ``series`` of (name, steps, values) on ``ax``; returns the number of points drawn (0: says so)."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
-    if not values:
+    drawn = [(name, steps, values) for name, steps, values in series if values]
+    if not drawn:
         ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="0.5")
         ax.set_xticks([])
         ax.set_yticks([])
         return 0
-    ax.plot(steps, values, color=colour, marker="o" if len(values) < 30 else None, markersize=3, linewidth=1.5)
-    return len(values)
+    for (name, steps, values), colour in zip(drawn, COLOURS):
+        ax.plot(steps, values, color=colour, marker="o" if len(values) < 30 else None, markersize=3, linewidth=1.5,
+                label=name)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return sum(len(values) for _, _, values in drawn)
 
 
 def _png(fig: Any) -> bytes:
@@ -69,25 +81,23 @@ def _png(fig: Any) -> bytes:
 
 
 def training_plot(train: list[dict[str, Any]], knn: list[dict[str, Any]]) -> Plot:
-    """Loss, learning rate, throughput and kNN top-1/top-5 of the online monitor over steps."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    """Loss, learning rate, kNN top-1/top-5 of the online monitor and throughput over steps (one row)."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.0))
     points = {}
-    for ax, (key, title) in zip(axes, TRAIN_PANELS):
-        points[key] = _panel(ax, *_series(train, key), title, "tab:blue")
-    points["knn_top1"] = _panel(axes[3], *_series(knn, "top1"), "kNN accuracy (%)", "tab:green")
-    if points["knn_top1"]:
-        steps, top5 = _series(knn, "top5")
-        axes[3].plot(steps, top5, color="tab:olive", marker="o" if len(top5) < 30 else None, markersize=3)
-        axes[3].legend(["top-1", "top-5"], fontsize=8)
+    for ax, (key, title) in zip(axes[[0, 1, 3]], TRAIN_PANELS):
+        points[key] = _panel(ax, [(key, *_series(train, key))], title)
+    points["knn"] = _panel(axes[2], [("top-1", *_series(knn, "top1")), ("top-5", *_series(knn, "top5"))],
+                           "kNN accuracy of the monitor (%)")
     fig.tight_layout()
-    return Plot("training", _png(fig), points)
+    return Plot("training curves", _png(fig), points)
 
 
 def diagnostics_plot(train: list[dict[str, Any]]) -> Plot:
-    """The NN diagnostics over steps: label agreement, positive similarity, neighbour age, support fill."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    points = {key: _panel(ax, *_series(train, key), title, "tab:purple")
-              for ax, (key, title) in zip(axes, NN_PANELS)}
+    """The NN diagnostics over steps (two rows of three panels)."""
+    fig, axes = plt.subplots(2, 3, figsize=(16, 5.6))
+    points = {}
+    for ax, (keys, title) in zip(axes.flat, NN_PANELS):
+        points["+".join(keys)] = _panel(ax, [(key, *_series(train, key)) for key in keys], title)
     fig.tight_layout()
     return Plot("nearest-neighbour diagnostics", _png(fig), points)
 

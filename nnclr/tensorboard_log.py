@@ -1,8 +1,10 @@
 """TensorBoard logging of the training scalars and the report's galleries; a no-op without ``tensorboard``.
 
-Uses :class:`torch.utils.tensorboard.SummaryWriter` (the ``tensorboard`` extra), writing to
-``RUN_DIR/tensorboard``, so ``tensorboard --logdir runs`` shows every run. Scalars are named
-``<record type>/<key>`` (``train/loss``, ``train/nn_label_agreement``, ``knn/top1``...).
+Uses :class:`torch.utils.tensorboard.SummaryWriter` (``pip install nnclr[tensorboard]``), writing to
+``RUN_DIR/tensorboard``, so ``tensorboard --logdir runs`` shows every run. Scalars are the numbers
+of the ``metrics.jsonl`` records, named ``<record type>/<key>`` (``train/loss``,
+``train/nn_label_agreement``, ``knn/top1``...); the report adds its neighbour galleries as an image.
+On resume, events past the checkpoint's step are purged, as ``metrics.jsonl`` drops its records.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 SKIP = ("type", "step", "epoch")
+LOG_DIR = "tensorboard"
 
 
 def available() -> bool:
@@ -27,38 +30,44 @@ class TensorBoardLog:
 
     Args:
         run_dir: the run directory.
+        purge_step: drop events logged at this step or later by an earlier, interrupted session
+            (a resumed run passes its checkpoint step + 1).
         enabled: False forces the no-op.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, purge_step: int | None = None, enabled: bool = True) -> None:
         self.writer = None
         if enabled and available():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / LOG_DIR), purge_step=purge_step)
 
     @property
     def active(self) -> bool:
+        """True when events are being written."""
         return self.writer is not None
 
-    def scalars(self, record: dict[str, Any], step: int) -> None:
-        """Log every finite number of a ``metrics.jsonl`` record (``train`` or ``knn``) at ``step``."""
+    def write(self, record: dict[str, Any]) -> None:
+        """Log every finite number of a ``metrics.jsonl`` record (``train`` or ``knn``) at its ``step``."""
         if self.writer is None:
             return
-        kind = record.get("type", "train")
+        kind, step = record.get("type", "train"), int(record.get("step", 0))
         for key, value in record.items():
             if key in SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if math.isfinite(value):
                 self.writer.add_scalar(f"{kind}/{key}", value, step)
+        self.writer.flush()
 
-    def images(self, tag: str, image_grid: torch.Tensor, step: int) -> None:
-        """Log one uint8 (3, H, W) image, e.g. :func:`nnclr.report.galleries.gallery_grid`."""
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """Log one uint8 image (3, H, W), e.g. :func:`nnclr.report.galleries.gallery_grid`."""
         if self.writer is None:
             return
-        self.writer.add_image(tag, image_grid, step, dataformats="CHW")
+        self.writer.add_image(tag, image, step, dataformats="CHW")
+        self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
