@@ -25,7 +25,7 @@ import yaml
 
 from nnclr.errors import UserError
 
-METHODS = ("nnclr", "simclr", "kmclr")
+METHODS = ("nnclr", "simclr", "kmclr", "deepcluster")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ModelConfig:
 class MethodConfig:
     """The method: which positive each sample is pulled towards, and the loss."""
 
-    name: str = "nnclr"  # nnclr | simclr | kmclr
+    name: str = "nnclr"  # nnclr | simclr | kmclr | deepcluster
     temperature: float = 0.1
     support_size: int = 1024  # support set Q (the paper: 98,304 for ImageNet)
     topk: int = 1  # 1 = the nearest neighbour; k > 1 samples one of the k nearest
@@ -74,7 +74,8 @@ class MethodConfig:
     instance_warmup_epochs: float = 0.0  # use the sample's other view as positive this long first
     num_prototypes: int = 400  # kmclr: K
     recluster_every: int = 100  # kmclr: steps between k-means re-clusterings
-    kmeans_iters: int = 10  # kmclr: Lloyd iterations per re-clustering
+    kmeans_iters: int = 10  # kmclr, deepcluster: Lloyd iterations per (re-)clustering
+    num_clusters: int = 100  # deepcluster: K, the k-means clusters (pseudo-classes) of the training set
 
 
 @dataclass
@@ -137,6 +138,7 @@ POSITIVE = (
     "method.recluster_every", "method.kmeans_iters", "optim.lr", "optim.batch_size",
     "train.epochs", "train.checkpoint_every", "train.log_every", "train.knn_k",
     "train.knn_temperature",
+    "method.num_clusters",
 )
 NON_NEGATIVE = (
     "model.pred_hidden_dim", "method.instance_warmup_epochs", "optim.final_lr",

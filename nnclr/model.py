@@ -2,7 +2,9 @@
 
 NNCLR (Dwibedi et al., ICCV 2021, Sec. 3.2 and Fig. 2): ``h = f(x)``, ``z = g(h)``, ``p = q(z)``;
 the support set stores ``z`` and the loss compares neighbours of ``z`` with ``p`` of the other
-view. SimCLR has no predictor: ``p = z``. No loss and no support set live here.
+view. SimCLR has no predictor: ``p = z``. DeepCluster (Caron et al., ECCV 2018) has a linear
+classifier on ``z`` in the predictor's place: ``p`` = its logits over the K pseudo-classes. No loss
+and no support set live here.
 """
 
 from __future__ import annotations
@@ -22,19 +24,26 @@ class ContrastiveModel(nn.Module):
         backbone: maps images (B, 3, H, W) to pooled features h (B, F).
         projector: maps h (B, F) to z (B, D).
         predictor: maps z (B, D) to p (B, D), or None (then p = z).
+        classifier: DeepCluster's classifier, z (B, D) -> logits (B, K), or None; when given it
+            takes the predictor's place: p = its logits.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None) -> None:
+    def __init__(
+        self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
+        classifier: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
         self.predictor = predictor
+        self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) -> (h (B, F), z (B, D), p (B, D))."""
+        """Images (B, 3, H, W) -> (h (B, F), z (B, D), p (B, D), or logits (B, K) with a classifier)."""
         h = self.backbone(x)
         z = self.projector(h)
-        p = self.predictor(z) if self.predictor is not None else z
+        head = self.classifier if self.classifier is not None else self.predictor
+        p = head(z) if head is not None else z
         return h, z, p
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,12 +52,15 @@ class ContrastiveModel(nn.Module):
 
 
 def build_model(config: Config) -> ContrastiveModel:
-    """Build the model a config describes (SimCLR gets no predictor, as in its paper)."""
+    """Build the model a config describes (SimCLR gets no predictor, as in its paper; DeepCluster a
+    classifier ``Linear(d, K)`` on z instead, K = ``method.num_clusters``)."""
     m = config.model
     backbone, feature_dim = build_backbone(m.backbone, cifar_stem=m.cifar_stem)
     projector = projection_head(
         feature_dim, hidden_dim=m.proj_hidden_dim, out_dim=m.proj_dim, num_layers=m.proj_layers
     )
+    if config.method.name == "deepcluster":
+        return ContrastiveModel(backbone, projector, None, classifier=nn.Linear(m.proj_dim, config.method.num_clusters))
     use_predictor = config.method.name != "simclr" and m.pred_hidden_dim > 0
     predictor = prediction_head(m.proj_dim, hidden_dim=m.pred_hidden_dim) if use_predictor else None
     return ContrastiveModel(backbone, projector, predictor)

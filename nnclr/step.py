@@ -6,7 +6,8 @@ NNCLR (Dwibedi et al., ICCV 2021, Eq. 2, symmetrised as in Sec. 3.2)::
 
 with ``NN`` the selector's positive (the nearest support-set entry for NNCLR, the nearest k-means
 prototype for KMCLR, the sample's own ``z`` during an instance warm-up). SimCLR (Chen et al.,
-2020) uses NT-Xent on ``(z1, z2)`` with 2N-2 negatives and no predictor.
+2020) uses NT-Xent on ``(z1, z2)`` with 2N-2 negatives and no predictor. DeepCluster (Caron et al.,
+ECCV 2018) classifies both views into the samples' k-means pseudo-labels (``nnclr.deepcluster``).
 
 Both views go through the network in one forward pass, so batch-norm sees both views as one
 batch of 2B (as lightly's benchmarks and byol-pytorch do); this is the same for every method.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nnclr.deepcluster import pseudo_label_loss
 from nnclr.losses import at_least_fp32, nnclr_loss, nt_xent
 from nnclr.model import ContrastiveModel
 from nnclr.selectors import InstanceSelector
@@ -59,8 +61,9 @@ def contrastive_step(
         model: the :class:`ContrastiveModel`, or it wrapped in DistributedDataParallel; under
             torchrun B is this rank's share of the global batch and the losses gather the rest.
         views: view 1 then view 2 of the same B samples, concatenated on dim 0.
-        method: ``nnclr`` | ``kmclr`` | ``simclr``.
-        selector: picks positives from ``support`` (unused for SimCLR).
+        method: ``nnclr`` | ``kmclr`` | ``simclr`` | ``deepcluster``.
+        selector: picks positives from ``support`` (unused for SimCLR); for DeepCluster the
+            :class:`~nnclr.deepcluster.PseudoLabels` of the epoch (and ``support`` is None).
         instance_positive: use the sample's own z as positive (NNCLR/KMCLR warm-up).
     """
     _, z, p = model(views)
@@ -68,6 +71,10 @@ def contrastive_step(
     z1, z2 = z.chunk(2)
     if method == "simclr":
         return StepOutput(nt_xent(z1, z2, temperature=temperature), z1.detach(), {})
+    if method == "deepcluster":  # p: the classifier's logits (2B, K); both views share a pseudo-label
+        targets = selector(indices)  # type: ignore[operator]
+        loss, diagnostics = pseudo_label_loss(p, torch.cat([targets, targets]))
+        return StepOutput(loss, z1.detach(), diagnostics)
     p1, p2 = at_least_fp32(p).chunk(2)  # (B, D) each
     assert support is not None and selector is not None
     choose = InstanceSelector() if instance_positive else selector

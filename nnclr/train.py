@@ -42,6 +42,7 @@ from nnclr.checkpoint import (
 )
 from nnclr.config import Config, dump_yaml, to_dict
 from nnclr.data import ImageDataset, load_dataset
+from nnclr.deepcluster import PseudoLabels, classifier_without_lars, reset_classifier
 from nnclr.errors import UserError
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
@@ -135,15 +136,19 @@ def build_run(config: Config, device: torch.device | None = None) -> Run:
         model = model.to(memory_format=torch.channels_last)
     network = _distribute(model, config.model.sync_bn, device)
     support = selector = None
-    if m.name != "simclr":
+    if m.name == "deepcluster":  # no support set: the pseudo-labels of the training set are the targets
+        selector = PseudoLabels(num_samples=len(train_set), num_clusters=m.num_clusters, iters=m.kmeans_iters)
+        selector = selector.to(device)
+    elif m.name != "simclr":
         support = SupportSet(m.support_size, config.model.proj_dim).to(device)
         selector = _build_selector(config, dtype)
         if isinstance(selector, torch.nn.Module):
             selector = selector.to(device)
     base_lr = scaled_lr(o.lr, o.batch_size) if o.lr_scaling == "linear" else o.lr
-    optimizer = build_optimizer(
-        o.name, param_groups(model, o.weight_decay), lr=base_lr, momentum=o.momentum, weight_decay=o.weight_decay
-    )
+    groups = param_groups(model, o.weight_decay)
+    if m.name == "deepcluster":
+        groups = classifier_without_lars(groups, model.classifier, weight_decay=o.weight_decay)
+    optimizer = build_optimizer(o.name, groups, lr=base_lr, momentum=o.momentum, weight_decay=o.weight_decay)
     steps_per_epoch = len(train_set) // o.batch_size
     schedule_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
     schedule = warmup_cosine(base_lr, schedule_steps, round(o.warmup_epochs * steps_per_epoch), o.final_lr)
@@ -225,17 +230,36 @@ def knn_monitor(run: Run) -> KnnResult | None:
     """Weighted kNN top-1/top-5 of backbone features: train split as memory, test split as queries."""
     if run.test_set is None or not run.test_set.has_labels:
         return None
-    mean, std = normalization_for(run.config.data.name)
-    extract = dict(
-        image_size=run.config.data.image_size, mean=mean, std=std, device=run.device,
-        dtype=run.dtype, channels_last=run.config.train.channels_last,
-    )
+    extract = _extract_options(run)
     train_features = _extract_in_shards(run.model.backbone, run.train_set.images, extract)
     test_features = _extract_in_shards(run.model.backbone, run.test_set.images, extract)
     return knn_accuracy(
         train_features, run.train_set.labels.to(run.device), test_features, run.test_set.labels.to(run.device),
         k=run.config.train.knn_k, temperature=run.config.train.knn_temperature,
     )
+
+
+def _extract_options(run: Run) -> dict[str, Any]:
+    """The keyword arguments of ``extract_features`` for this run's data, device and precision."""
+    mean, std = normalization_for(run.config.data.name)
+    return dict(image_size=run.config.data.image_size, mean=mean, std=std, device=run.device,
+                dtype=run.dtype, channels_last=run.config.train.channels_last)
+
+
+def _recluster(run: Run, epoch: int, step: int, log: Log) -> None:
+    """DeepCluster at the start of ``epoch``: cluster z of the whole training set, reset the classifier.
+
+    Skipped when the checkpoint a run resumed from already holds this epoch's pseudo-labels.
+    The features are those of the model in eval mode without augmentation (``extract_features``).
+    """
+    if int(run.selector.epoch) == epoch:
+        return
+    encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
+    z = _extract_in_shards(encoder, run.train_set.images, _extract_options(run))  # (N, D) L2-normalised
+    generator = torch.Generator().manual_seed(_seed(run.config.train.seed, 3, epoch))
+    stats = run.selector.recluster(z, epoch=epoch, generator=generator, true_labels=run.train_set.labels)
+    reset_classifier(run.model.classifier, run.optimizer, generator)
+    log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
 
 
 def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor, extract: dict[str, Any]) -> torch.Tensor:
@@ -249,6 +273,10 @@ def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor, extract:
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per line; on resume, records past the checkpoint are dropped.
 
+    A record of step s was written before the checkpoint of step s, except DeepCluster's
+    ``clustering`` record, written after it at the start of the next epoch: resuming from step s
+    drops that one too (the resumed run clusters again).
+
     Every record is also sent to ``mirror`` (TensorBoard, when installed).
     """
 
@@ -259,7 +287,9 @@ class MetricsLog:
         if resume_step > 0 and path.is_file():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
+                    record = json.loads(line)
+                    step = record.get("step", 0)
+                    if step < resume_step or (step == resume_step and record.get("type") != "clustering"):
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
@@ -330,6 +360,8 @@ def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(_seed(run.config.train.seed, 1, epoch))
+    if isinstance(run.selector, PseudoLabels):  # DeepCluster: uniform over the pseudo-labels
+        return run.selector.epoch_order(generator)
     return torch.randperm(len(run.train_set), generator=generator)
 
 
@@ -487,6 +519,8 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
         while step < run.total_steps and not stopping:
             if step // run.steps_per_epoch != epoch:
                 epoch = step // run.steps_per_epoch
+                if isinstance(run.selector, PseudoLabels):
+                    _recluster(run, epoch, step, log)
                 order = _epoch_order(run, epoch)
             loss, diagnostics = train_step(run, step, order)
             step += 1

@@ -73,3 +73,16 @@ def test_round_trip_through_dict() -> None:
 def test_parse_override_keeps_names_as_strings() -> None:
     assert parse_override("data.name=folder:/a b/c") == ("data.name", "folder:/a b/c")
     assert parse_override("data.root=null") == ("data.root", None)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "published"),
+    [("imagenet_nnclr_paper", "75.6%"), ("cifar10_nnclr_sololearn", "91.88%"), ("cifar100_nnclr_sololearn", "69.62%")],
+)
+def test_recipes_of_published_setups_state_their_number_and_source(recipe: str, published: str) -> None:
+    lines = (REPO / "configs" / f"{recipe}.yaml").read_text().splitlines()
+    header = "\n".join(line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+    assert f"Published: {published}" in header and "NOT RUN" in header
+    assert ("solo-learn" if "sololearn" in recipe else "Dwibedi") in header
+    config = load_config(REPO / "configs" / f"{recipe}.yaml")
+    assert config.model.backbone == ("resnet50" if "imagenet" in recipe else "resnet18")

@@ -23,19 +23,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nnclr import distributed, train
-from nnclr.augment import BatchAugment
+from nnclr.augment import BatchAugment, eval_transform
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
+from nnclr.data import load_dataset
+from nnclr.deepcluster import PseudoLabels
+from nnclr.evaluate import features
 from nnclr.model import build_model
 from nnclr.train import build_run, pretrain, train_step
 
-METHODS = ("nnclr", "simclr", "kmclr")
+METHODS = ("nnclr", "simclr", "kmclr", "deepcluster")
 STEPS = 4
 GLOBAL_BATCH = 16
 # support_size 40 is no multiple of the global batch 16: by step 3 the ring has wrapped mid-batch.
@@ -51,6 +55,21 @@ def tiny(*overrides: str):
     return load_config(None, [*TINY, *overrides])
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """97 demo images for DeepCluster to cluster (odd: the two ranks' shards of the features differ in size)."""
+    folder = tmp_path_factory.mktemp("small")
+    demo = load_dataset("demo", "train")
+    np.savez(folder / "train.npz", images=demo.images[:97].permute(0, 2, 3, 1).numpy(), labels=demo.labels[:97].numpy())
+    return f"npz:{folder}"
+
+
+def method_config(method: str, data: str):
+    """The tiny config of a method with global batch-norm everywhere, so that 2 x B equals 1 x 2B."""
+    extra = [f"data.name={data}", "method.num_clusters=8"] if method == "deepcluster" else []
+    return tiny(f"method.name={method}", "model.sync_bn=all", *extra)
+
+
 class Float64Views(BatchAugment):
     def apply_params(self, images: torch.Tensor, params: list) -> list[torch.Tensor]:
         return [view.double() for view in super().apply_params(images, params)]
@@ -62,13 +81,20 @@ def float64_network() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "build_model", lambda config: build_model(config).double())
         patch.setattr(train, "BatchAugment", Float64Views)
+        patch.setattr(features, "eval_transform", lambda *a, **k: eval_transform(*a, **k).double())
         yield
 
 
 def run_steps(config) -> dict:
-    """Build a run and take STEPS steps by hand; the losses, last gradients, support, parameters."""
+    """Build a run and take STEPS steps by hand; the losses, last gradients, support, parameters.
+
+    DeepCluster first clusters the training set and draws its epoch order from the pseudo-labels.
+    """
     run = build_run(config)
     order = torch.randperm(len(run.train_set), generator=torch.Generator().manual_seed(0))
+    if isinstance(run.selector, PseudoLabels):
+        train._recluster(run, 0, 0, train._NoLog())
+        order = train._epoch_order(run, 0)
     losses = [train_step(run, step, order)[0] for step in range(STEPS)]
     return {
         "losses": losses,
@@ -77,10 +103,11 @@ def run_steps(config) -> dict:
         "support": {k: v.clone() for k, v in run.support.state_dict().items()} if run.support is not None else {},
         "selector": {k: v.clone() for k, v in run.selector.state_dict().items()} if run.selector is not None else {},
         "local_batch": run.config.optim.batch_size // distributed.world_size(),
+        "order": order,
     }
 
 
-def worker(rank: int, world: int, port: int, out: Path) -> None:
+def worker(rank: int, world: int, port: int, out: Path, data: str) -> None:
     """One rank: torchrun's environment variables, a gloo group, every scenario; saves its results."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -88,8 +115,8 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {"rank": rank}
     with float64_network():
-        for method in METHODS:  # global batch-norm everywhere, so that 2 x B equals 1 x 2B
-            results[method] = run_steps(tiny(f"method.name={method}", "model.sync_bn=all"))
+        for method in METHODS:
+            results[method] = run_steps(method_config(method, data))
     results["heads_only"] = run_steps(tiny("model.sync_bn=heads"))  # the default
     n = 7  # not a multiple of the world size
     part = distributed.shard(n)
@@ -112,19 +139,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def ranks(tmp_path_factory: pytest.TempPathFactory, small_data: str) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), out, small_data), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)] + [{"out": out}]
 
 
 @pytest.fixture(scope="module")
-def single() -> dict:
+def single(small_data: str) -> dict:
     """The same scenarios in this one process, on the whole global batch."""
     threads = torch.get_num_threads()
     try:
         with float64_network():
-            return {method: run_steps(tiny(f"method.name={method}", "model.sync_bn=all")) for method in METHODS}
+            return {method: run_steps(method_config(method, small_data)) for method in METHODS}
     finally:
         torch.set_num_threads(threads)
 
@@ -147,8 +174,10 @@ def test_two_processes_of_b_equal_one_process_of_2b(ranks: list[dict], single: d
         assert_close_dicts(two["params"], one["params"], f"{method} rank {r} parameter", rtol=1e-4, atol=1e-5)
         assert_close_dicts(two["support"], one["support"], f"{method} rank {r} support set", rtol=1e-4, atol=1e-5)
         assert_close_dicts(two["selector"], one["selector"], f"{method} rank {r} selector", rtol=1e-4, atol=1e-4)
+    # Every rank clustered the same pseudo-labels as one process and drew the same epoch order from them.
+    torch.testing.assert_close(two["order"], one["order"], rtol=0, atol=0)
     # Wrapped: 4 steps x 16 = 64 rows written into 40, the write pointer is at 64 mod 40.
-    if method != "simclr":
+    if method in ("nnclr", "kmclr"):
         assert int(one["support"]["ptr"]) == (STEPS * GLOBAL_BATCH) % 40 and int(one["support"]["num_filled"]) == 40
 
 

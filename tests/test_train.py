@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
+from nnclr.data import load_dataset
 from nnclr.errors import UserError
 from nnclr.train import pretrain
 
@@ -26,19 +28,39 @@ def tiny(run_dir: Path, *overrides: str):
     return load_config(None, [*TINY, f"train.run_dir={run_dir}", *overrides])
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """96 demo training images: DeepCluster re-clusters every epoch, here every 3 steps of 32."""
+    folder = tmp_path_factory.mktemp("small")
+    demo = load_dataset("demo", "train")
+    np.savez(folder / "train.npz", images=demo.images[:96].permute(0, 2, 3, 1).numpy(), labels=demo.labels[:96].numpy())
+    return f"npz:{folder}"
+
+
+def method_overrides(method: str, small_data: str) -> list[str]:
+    """DeepCluster runs on ``small_data`` for 3 epochs, so that 7 steps cross two re-clusterings."""
+    if method != "deepcluster":
+        return [f"method.name={method}"]
+    return [f"method.name={method}", f"data.name={small_data}", "method.num_clusters=8", "train.epochs=3"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["nnclr", "simclr", "kmclr"])
-def test_two_step_smoke_run(tmp_path: Path, method: str) -> None:
-    result = pretrain(tiny(tmp_path, f"method.name={method}", "train.max_steps=2"), progress=False)
+@pytest.mark.parametrize("method", ["nnclr", "simclr", "kmclr", "deepcluster"])
+def test_two_step_smoke_run(tmp_path: Path, method: str, small_data: str) -> None:
+    result = pretrain(tiny(tmp_path, *method_overrides(method, small_data), "train.max_steps=2"), progress=False)
     assert result.steps == 2
     records = [r for r in read_metrics(tmp_path) if r["type"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    if method != "simclr":
+    if method in ("nnclr", "kmclr"):
         assert "nn_label_agreement" in records[-1] and "support_fill" in records[-1]
+    else:  # the neighbour diagnostics do not apply
+        assert not any(key.startswith(("nn_", "support")) for key in records[-1])
+    if method == "deepcluster":
+        assert 0 <= records[-1]["pseudo_label_accuracy"] <= 1
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert state["step"] == 2 and state["config"]["method"]["name"] == method
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "results.json").is_file()
@@ -54,12 +76,13 @@ def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
     assert torch.bincount(support["steps"]).tolist() == [0, 4, 32, 32, 32]
 
 
-@pytest.mark.parametrize("method", ["nnclr", "kmclr"])
-def test_resume_equals_uninterrupted(tmp_path: Path, method: str) -> None:
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    pretrain(tiny(whole, f"method.name={method}", "train.max_steps=7"), progress=False)
-    pretrain(tiny(parts, f"method.name={method}", "train.max_steps=3"), progress=False)
-    result = pretrain(tiny(parts, f"method.name={method}", "train.max_steps=7"), progress=False)
+@pytest.mark.parametrize("method", ["nnclr", "kmclr", "deepcluster"])
+def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: str) -> None:
+    """DeepCluster: stopped at step 3, the end of its first epoch, the resumed run does the second clustering."""
+    whole, parts, overrides = tmp_path / "whole", tmp_path / "parts", method_overrides(method, small_data)
+    pretrain(tiny(whole, *overrides, "train.max_steps=7"), progress=False)
+    pretrain(tiny(parts, *overrides, "train.max_steps=3"), progress=False)
+    result = pretrain(tiny(parts, *overrides, "train.max_steps=7"), progress=False)
     assert result.resumed_from == 3 and result.steps == 7
     a, b = load_checkpoint(whole / CHECKPOINT_NAME), load_checkpoint(parts / CHECKPOINT_NAME)
     for part in ("model", "support", "selector"):
@@ -71,6 +94,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, method: str) -> None:
     # metrics.jsonl of the resumed run has each step exactly once
     steps = [r["step"] for r in read_metrics(parts) if r["type"] == "train"]
     assert steps == list(range(1, 8))
+    if method == "deepcluster":  # each clustering logged once, and the pseudo-labels are in the checkpoint
+        assert [r["step"] for r in read_metrics(parts) if r["type"] == "clustering"] == [0, 3, 6]
+        assert int(b["selector"]["epoch"]) == 2 and int(b["selector"]["labels"].min()) >= 0
 
 
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:

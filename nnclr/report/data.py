@@ -35,6 +35,8 @@ class RunData:
         evals: the ``eval/*.json`` results, sorted by file name, each with ``_file`` added.
         support: the support-set buffers (embeddings (Q, D), labels, indices, steps (Q,), num_filled), or None.
         prototypes: KMCLR's k-means prototypes (K, D), or None.
+        clustering: ``metrics.jsonl`` records of type ``clustering`` (DeepCluster, one per epoch).
+        pseudo_labels: DeepCluster's pseudo-labels of the training set (N,) in the checkpoint, or None.
         missing: one sentence per missing piece.
     """
 
@@ -47,6 +49,8 @@ class RunData:
     evals: list[dict[str, Any]] = field(default_factory=list)
     support: dict[str, Any] | None = None
     prototypes: Any = None
+    clustering: list[dict[str, Any]] = field(default_factory=list)
+    pseudo_labels: Any = None
     missing: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -98,9 +102,13 @@ def read_run(run_dir: str | Path) -> RunData:
         prototypes = (state.get("selector") or {}).get("prototypes")
         if prototypes is not None and int(state["selector"].get("last_recluster", -1)) >= 0:
             data.prototypes = prototypes
+        selector = state.get("selector") or {}
+        if "labels" in selector and int(selector.get("epoch", -1)) >= 0:  # DeepCluster's PseudoLabels
+            data.pseudo_labels = selector["labels"]
     records = _read_jsonl(run_dir / "metrics.jsonl")
     data.train = [r for r in records if r.get("type") == "train"]
     data.knn = [r for r in records if r.get("type") == "knn"]
+    data.clustering = [r for r in records if r.get("type") == "clustering"]
     if not data.train:
         data.missing["metrics"] = "no training metrics (metrics.jsonl is absent or empty)"
     if not data.knn:

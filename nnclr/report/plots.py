@@ -3,8 +3,8 @@
 Two figures: training (loss, learning rate, kNN accuracy of the online monitor, throughput) and
 the nearest-neighbour diagnostics that tell whether the support set is helping (neighbour label
 agreement, similarity of z to its positive, neighbour age, self-hits, support-set fill, share of
-queries with a neighbour). A panel without data says "not recorded" instead of being left empty;
-:attr:`Plot.points` counts what each panel drew.
+queries with a neighbour), or for DeepCluster its clustering diagnostics. A panel without data says
+"not recorded" instead of being left empty; :attr:`Plot.points` counts what each panel drew.
 """
 
 from __future__ import annotations
@@ -29,6 +29,12 @@ NN_PANELS = (
     (("nn_self_hit",), "neighbour is a copy of the query (share)"),
     (("support_fill",), "support-set fill"),
     (("nn_found",), "queries with a neighbour (share)"),
+)
+CLUSTERING_PANELS = (  # (record source, keys, title): DeepCluster, one clustering record per epoch
+    ("clustering", ("nmi_labels", "nmi_previous"), "NMI of the pseudo-labels with the labels / previous epoch"),
+    ("clustering", ("largest_cluster", "smallest_cluster"), "largest / smallest cluster (images)"),
+    ("clustering", ("kmeans_similarity",), "cosine of z with its centroid (mean)"),
+    ("train", ("pseudo_label_accuracy",), "classifier accuracy on the pseudo-labels"),
 )
 COLOURS = ("tab:blue", "tab:olive")
 
@@ -100,6 +106,17 @@ def diagnostics_plot(train: list[dict[str, Any]]) -> Plot:
         points["+".join(keys)] = _panel(ax, [(key, *_series(train, key)) for key in keys], title)
     fig.tight_layout()
     return Plot("nearest-neighbour diagnostics", _png(fig), points)
+
+
+def clustering_plot(clustering: list[dict[str, Any]], train: list[dict[str, Any]]) -> Plot:
+    """DeepCluster's diagnostics over steps (one row of four panels; Caron et al., 2018, Fig. 2)."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.0))
+    points = {}
+    for ax, (source, keys, title) in zip(axes, CLUSTERING_PANELS):
+        records = clustering if source == "clustering" else train
+        points["+".join(keys)] = _panel(ax, [(key, *_series(records, key)) for key in keys], title)
+    fig.tight_layout()
+    return Plot("clustering diagnostics", _png(fig), points)
 
 
 def bar_plot(counts: list[int], title: str, xlabel: str, ylabel: str) -> bytes:

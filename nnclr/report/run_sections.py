@@ -18,12 +18,17 @@ from nnclr.report.data import RunData
 
 KEY_SETTINGS = (
     "data.name", "data.image_size", "augment.recipe", "model.backbone", "model.proj_dim", "method.name",
-    "method.temperature", "method.support_size", "method.num_prototypes", "optim.name", "optim.lr",
+    "method.temperature", "method.support_size", "method.num_prototypes", "method.num_clusters", "optim.name",
+    "optim.lr",
     "optim.batch_size", "optim.weight_decay", "train.epochs", "train.max_steps", "train.precision", "train.seed",
 )
-NOT_FOR = {"simclr": ("method.support_size", "method.num_prototypes"), "nnclr": ("method.num_prototypes",)}
+NOT_FOR = {"simclr": ("method.support_size", "method.num_prototypes", "method.num_clusters"),
+           "nnclr": ("method.num_prototypes", "method.num_clusters"),
+           "kmclr": ("method.num_clusters",),
+           "deepcluster": ("method.temperature", "method.support_size", "method.num_prototypes")}
 FINAL_TRAIN_KEYS = (("loss", "loss"), ("nn_label_agreement", "neighbour label agreement"),
-                    ("positive_similarity", "cosine of z with its positive"), ("support_fill", "support-set fill"))
+                    ("positive_similarity", "cosine of z with its positive"), ("support_fill", "support-set fill"),
+                    ("pseudo_label_accuracy", "classifier accuracy on the pseudo-labels"))
 MAX_DETAILS = 6
 
 
@@ -104,6 +109,8 @@ def training_section(run: RunData) -> str:
     if run.method == "simclr":
         return "".join(parts) + ("<p class='note'>SimCLR has no support set, so there are no nearest-neighbour "
                                  "diagnostics.</p>")
+    if run.method == "deepcluster":
+        return "".join(parts) + _clustering_part(run)
     diagnostics = diagnostics_plot(run.train)
     parts += [
         "<h3>Nearest-neighbour diagnostics</h3><p class='note'>Label agreement: share of positives (support-set "
@@ -113,6 +120,34 @@ def training_section(run: RunData) -> str:
         "in use. Rising agreement means the support set supplies semantically close positives.</p>",
         H.plot(diagnostics.png, diagnostics.title, diagnostics.points),
     ]
+    return "".join(parts)
+
+
+def _clustering_part(run: RunData) -> str:
+    """DeepCluster: the per-epoch clustering diagnostics and the sizes of the checkpoint's pseudo-classes."""
+    from nnclr.report.plots import bar_plot, clustering_plot
+
+    diagnostics = clustering_plot(run.clustering, run.train)
+    parts = [
+        "<h3>Clustering diagnostics</h3><p class='note'>DeepCluster has no support set: every epoch it clusters "
+        "z of the whole training set into pseudo-labels and learns to classify them. NMI with the labels: how much "
+        "the clusters agree with the classes (where labels are known); NMI with the previous epoch: how stable the "
+        "clustering is (both as in Caron et al., 2018, Fig. 2); cluster sizes; cosine of z with its centroid; the "
+        "classifier's accuracy on its pseudo-labels (re-initialised after each clustering).</p>",
+        H.plot(diagnostics.png, diagnostics.title, diagnostics.points),
+    ]
+    if run.pseudo_labels is not None:
+        counts = sorted(run.pseudo_labels.bincount(minlength=int(get(run.config, "method.num_clusters") or 0)).tolist(),
+                        reverse=True)
+        n = sum(counts)
+        parts += [
+            f"<p>Pseudo-labels of the checkpoint: {len(counts):,} clusters of {n:,} training images, the largest "
+            f"{counts[0]:,} images ({100 * counts[0] / max(1, n):.1f}%), the median {counts[len(counts) // 2]:,}, "
+            f"the smallest {counts[-1]:,}. Images are drawn uniformly over the pseudo-labels, so each is seen about "
+            f"{n / len(counts):,.0f} times per epoch whatever its cluster's size.</p>",
+            H.plot(bar_plot(counts, "training images per pseudo-label (sorted)", "cluster (by rank)", "images"),
+                   "pseudo-label usage"),
+        ]
     return "".join(parts)
 
 
