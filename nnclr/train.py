@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnclr import distributed, runtime
+from nnclr import distributed, runlock, runtime
 from nnclr.augment import BatchAugment, normalization_for
 from nnclr.checkpoint import (
     CHECKPOINT_NAME,
@@ -39,6 +39,7 @@ from nnclr.checkpoint import (
     load_checkpoint,
     load_state_strict,
     save_checkpoint,
+    written_by,
 )
 from nnclr.config import Config, dump_yaml, to_dict
 from nnclr.data import ImageDataset, load_dataset
@@ -47,6 +48,7 @@ from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
 from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from nnclr.runfiles import append_line, write_text_atomic
 from nnclr.selectors import build_selector
 from nnclr.step import contrastive_step
 from nnclr.support import SupportSet
@@ -76,6 +78,7 @@ class Run:
     warmup_instance_steps: int
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
+    lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
 
 
 @dataclass
@@ -210,11 +213,12 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
             f"{run.run_dir} holds a run with a different config ({'; '.join(differences[:3])}); "
             "use the same config to resume, another --run-dir, or --fresh to start over"
         )
-    load_state_strict(run.model, state["model"], "model")
+    origin = written_by(state)
+    load_state_strict(run.model, state["model"], "model", origin)
     if run.support is not None:
-        load_state_strict(run.support, state["support"], "support set")
+        load_state_strict(run.support, state["support"], "support set", origin)
     if isinstance(run.selector, torch.nn.Module):
-        load_state_strict(run.selector, state["selector"], "selector")
+        load_state_strict(run.selector, state["selector"], "selector", origin)
     run.optimizer.load_state_dict(state["optimizer"])
     run.knn_before = state.get("knn_before")
     run.last_checkpoint_step = int(state["step"])
@@ -249,25 +253,35 @@ def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor, extract:
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per line; on resume, records past the checkpoint are dropped.
 
-    Every record is also sent to ``mirror`` (TensorBoard, when installed).
+    The file is rewritten atomically on resume and appended to one line at a time
+    (:mod:`nnclr.runfiles`), so a kill costs at most the records after the checkpoint. Every
+    record is also sent to ``mirror`` (TensorBoard, when installed).
     """
+
+    KEPT = "the last checkpoint is intact"
 
     def __init__(self, path: Path, resume_step: int, mirror: TensorBoardLog | None = None) -> None:
         self.path = path
         self.mirror = mirror
-        kept = []
+        kept: list[tuple[str, dict[str, Any]]] = []  # (line, record)
         if resume_step > 0 and path.is_file():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
+                    record = json.loads(line)
+                    if record.get("step", 0) <= resume_step:
+                        kept.append((line, record))
+                except (json.JSONDecodeError, AttributeError):
                     continue  # a line cut by a kill
-        path.write_text("".join(line + "\n" for line in kept))
+        self.logged = {(record.get("type"), record.get("step")) for _, record in kept}
+        write_text_atomic(path, "".join(line + "\n" for line, _ in kept), what="the metrics", kept=self.KEPT)
+
+    def has(self, kind: str, step: int) -> bool:
+        """Whether a record of this type and step was logged (by this or an interrupted session)."""
+        return (kind, step) in self.logged
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record), what="the metrics", kept=self.KEPT)
+        self.logged.add((record.get("type"), record.get("step")))
         if self.mirror is not None:
             self.mirror.write(record)
 
@@ -281,6 +295,9 @@ class _NoLog:
 
     def write(self, record: dict[str, Any]) -> None:
         pass
+
+    def has(self, kind: str, step: int) -> bool:
+        return True
 
     def close(self) -> None:
         pass
@@ -415,17 +432,18 @@ def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
     """
     state: Any = None
     if distributed.is_main():
-        if fresh and run.run_dir.exists():
-            for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
-                (run.run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
-        if path.is_file():  # one process loads onto its device; several share a CPU copy
-            try:
+        try:
+            run.lock = runlock.acquire(run.run_dir)  # before --fresh deletes anything
+            if fresh:
+                for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
+                    (run.run_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
+            if path.is_file():  # one process loads onto its device; several share a CPU copy
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
-            except UserError as error:
-                if distributed.world_size() == 1:
-                    raise
-                state = error  # raised on every rank below, so that no rank waits for the others
+        except UserError as error:
+            if distributed.world_size() == 1:
+                raise
+            state = error  # raised on every rank below, so that no rank waits for the others
     if distributed.world_size() > 1:
         box = [state]
         torch.distributed.broadcast_object_list(box, src=0, device=run.device if run.device.type == "cuda" else None)
@@ -449,21 +467,21 @@ def _pretrain(config: Config, device: torch.device, *, fresh: bool, progress: bo
     run = build_run(config, device)
     path = run.run_dir / CHECKPOINT_NAME
     main = distributed.is_main()
-    state = _resume_state(run, path, fresh)
-    start = _restore(run, state) if state is not None else 0
-    del state
-    if main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(dump_yaml(config))
-    if main:  # TensorBoard drops what an interrupted session logged after the checkpoint, as metrics.jsonl does
-        tensorboard = TensorBoardLog(run.run_dir, purge_step=start + 1 if start else 0)
-        log: Log = MetricsLog(run.run_dir / "metrics.jsonl", start, mirror=tensorboard)
-    else:
-        log = _NoLog()
+    log: Log = _NoLog()
     try:
+        state = _resume_state(run, path, fresh)
+        start = _restore(run, state) if state is not None else 0
+        del state
+        if main:
+            write_text_atomic(run.run_dir / "config.yaml", dump_yaml(config), what="the config")
+            # TensorBoard drops what an interrupted session logged after the checkpoint, as metrics.jsonl does
+            tensorboard = TensorBoardLog(run.run_dir, purge_step=start + 1 if start else 0)
+            log = MetricsLog(run.run_dir / "metrics.jsonl", start, mirror=tensorboard)
         return _train(run, log, start, progress=progress, echo=echo)
     finally:
         log.close()
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunResult:
@@ -510,7 +528,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                                "top1": result.top1, "top5": result.top5})
             if step % config.train.checkpoint_every == 0 or step == run.total_steps or stopping:
                 if main:
-                    save_checkpoint(_state(run, step), path)
+                    save_checkpoint(_state(run, step), path, previous_step=run.last_checkpoint_step)
                 run.last_checkpoint_step = step
     bar.close()
     train_time = time.perf_counter() - t0
@@ -543,7 +561,7 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
 
 def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
     after = knn_monitor(run)
-    if after and step > start:
+    if after and not log.has("knn", step):  # also when a kill came between the last checkpoint and this record
         log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
                    "top1": after.top1, "top5": after.top5})
     result = RunResult(
@@ -554,7 +572,8 @@ def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images
     if distributed.is_main():
         results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
         results["hardware"] = runtime.hardware_info(run.device, run.dtype, distributed.world_size())
-        (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_text_atomic(run.run_dir / "results.json", json.dumps(results, indent=2), what="the results",
+                          kept="the final checkpoint is intact")
     distributed.barrier()  # every file is written before any rank returns
     return result
 
