@@ -1,7 +1,7 @@
 """The ``nnclr`` command: one subcommand per module of :mod:`nnclr.commands`.
 
 Every mistake a user can make ends in a one-line ``nnclr: error: ...`` and exit code 2, with
-no traceback; an interrupted run (Ctrl-C) saves what it has and exits with 130.
+no traceback; an interrupted run (Ctrl-C, SIGTERM) saves what it has and exits with 130 (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = "" if rank == "0" else f" (rank {rank})"
         print(f"nnclr: error{where}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as shells report)
         print("nnclr: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)

@@ -43,7 +43,7 @@ from nnclr.checkpoint import (
 )
 from nnclr.config import Config, dump_yaml, to_dict
 from nnclr.data import ImageDataset, load_dataset
-from nnclr.errors import UserError
+from nnclr.errors import Interrupted, UserError
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
 from nnclr.model import ContrastiveModel, build_model
@@ -307,14 +307,17 @@ Log = MetricsLog | _NoLog
 
 
 @contextmanager
-def stop_requests() -> Iterator[list[bool]]:
-    """Turn the first Ctrl-C/SIGTERM into a request to stop at the next step boundary."""
-    requested = [False]
+def stop_requests() -> Iterator[list[int]]:
+    """Turn the first Ctrl-C/SIGTERM into a request to stop at the next step boundary.
+
+    Yields a one-element list holding the signal's number once one came (0 before).
+    """
+    requested = [0]
 
     def handler(signum: int, frame: Any) -> None:
         if requested[0]:
-            raise KeyboardInterrupt
-        requested[0] = True
+            raise Interrupted(signum)
+        requested[0] = signum
 
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -508,7 +511,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                 order = _epoch_order(run, epoch)
             loss, diagnostics = train_step(run, step, order)
             step += 1
-            stopping = _any_rank(stop[0], run.device)  # every rank stops after the same step
+            stopping = _any_rank(bool(stop[0]), run.device)  # every rank stops after the same step
             images_seen += config.optim.batch_size
             window.append((loss, diagnostics))
             bar.update(1)
@@ -533,9 +536,11 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
     bar.close()
     train_time = time.perf_counter() - t0
     if step < run.total_steps:
-        echo(f"stopped at step {step}/{run.total_steps}; checkpoint saved in {path}. Run the same command to resume.")
+        signum = stop[0] or signal.SIGINT  # (a rank the signal did not reach stops with the others)
+        echo(f"stopped by {signal.Signals(signum).name} at step {step}/{run.total_steps}; checkpoint saved in {path}. "
+             "Run the same command to resume.")
         distributed.barrier()  # the checkpoint is written before any rank exits
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
     return _finish(run, log, step, start, train_time, images_seen)
 
 

@@ -1,8 +1,8 @@
 """Kill campaign: ``kill -9`` at random moments of a run, again and again, loses nothing.
 
-A tiny run (16 steps over 2 epochs of 8x8 images, a checkpoint every 2, kNN before and after) is started, killed with SIGKILL
-at a random point, started again with the same command, killed again, ..., until a start is let
-finish. Then its checkpoint (weights, support set, optimiser state), ``metrics.jsonl`` (every
+A tiny run (16 steps over 2 epochs of 8x8 images, a checkpoint every 2, kNN before and after) is
+started, killed with SIGKILL at a random point, started again with the same command, killed again,
+..., until a start is let finish. Then its checkpoint (weights, support set, optimiser state), ``metrics.jsonl`` (every
 record, the wall-clock ``images_per_s`` aside) and kNN results must equal those of a run that
 was never killed. After every kill the checkpoint on disk must load and never go back in steps,
 and the next start must say it resumes from exactly that step.
