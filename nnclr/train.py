@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnclr import distributed, runlock, runtime
+from nnclr import distributed, nonfinite, runlock, runtime
 from nnclr.augment import BatchAugment, normalization_for
 from nnclr.checkpoint import (
     CHECKPOINT_NAME,
@@ -79,6 +79,8 @@ class Run:
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
     lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
+    consecutive_skips: int = 0
 
 
 @dataclass
@@ -203,6 +205,8 @@ def _state(run: Run, step: int) -> dict[str, Any]:
         "selector": selector,
         "optimizer": run.optimizer.state_dict(),
         "knn_before": run.knn_before,
+        "skipped_steps": run.skipped_steps,
+        "consecutive_skips": run.consecutive_skips,
     }
 
 
@@ -221,6 +225,7 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
         load_state_strict(run.selector, state["selector"], "selector", origin)
     run.optimizer.load_state_dict(state["optimizer"])
     run.knn_before = state.get("knn_before")
+    run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
     run.last_checkpoint_step = int(state["step"])
     return run.last_checkpoint_step
 
@@ -368,6 +373,7 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
         views = views.contiguous(memory_format=torch.channels_last)
     for group in run.optimizer.param_groups:
         group["lr"] = float(run.lr_schedule[min(step, len(run.lr_schedule) - 1)]) * group.get("lr_scale", 1.0)
+    saved = nonfinite.save_buffers(run.model) if config.train.nonfinite == "skip" else []
     with runtime.autocast(run.device, run.dtype):
         out = contrastive_step(
             run.network, views, method=config.method.name, temperature=config.method.temperature,
@@ -375,21 +381,37 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
             instance_positive=step < run.warmup_instance_steps,
         )
     loss, diagnostics = _global_mean(out.loss.detach(), out.diagnostics)
-    if not math.isfinite(loss):
-        kept = (
-            f"the last good checkpoint (step {run.last_checkpoint_step}) in {run.run_dir} is intact"
-            if run.last_checkpoint_step is not None else "no checkpoint had been written yet"
-        )
-        raise UserError(
-            f"the loss became {loss} at step {step + 1}, so the run stopped; {kept}. "
-            "Lower optim.lr or use train.precision=fp32 and rerun with --fresh"
-        )
     run.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    problem = None if math.isfinite(loss) else f"the loss became {loss}"
+    if problem is None:
+        out.loss.backward()
+        problem = nonfinite.gradient_problem(run.model)
+    if problem is not None:
+        return _nonfinite_step(run, step, problem, saved)
+    run.consecutive_skips = 0
     run.optimizer.step()
     if run.support is not None:
         run.support.enqueue(out.z1, labels, indices, step)
     return loss, diagnostics
+
+
+def _nonfinite_step(run: Run, step: int, problem: str, buffers: list) -> tuple[float, dict[str, float]]:
+    """Stop the run (``train.nonfinite=stop``) or skip the step: weights, batch-norm ``buffers`` as saved before
+    the forward, optimiser and support set as before it."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.config.train.nonfinite == "stop":
+        raise nonfinite.stop(problem, step + 1, run.run_dir, run.last_checkpoint_step)
+    nonfinite.restore_buffers(run.model, buffers)
+    run.skipped_steps += 1
+    run.consecutive_skips += 1
+    if run.consecutive_skips > nonfinite.MAX_CONSECUTIVE_SKIPS:
+        raise nonfinite.stop(
+            problem, step + 1, run.run_dir, run.last_checkpoint_step,
+            advice=f"{run.consecutive_skips} steps in a row were skipped, the run is not recovering: lower optim.lr "
+            "or use train.precision=fp32 and start over with --fresh",
+        )
+    nonfinite.skip(problem, step + 1, run.skipped_steps)
+    return math.nan, {}
 
 
 def _global_mean(loss: torch.Tensor, diagnostics: dict[str, float]) -> tuple[float, dict[str, float]]:
@@ -522,7 +544,8 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                 now = time.perf_counter()
                 record = _log_record(run, step, window, len(window) * config.optim.batch_size / (now - last_log))
                 log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                shown = math.nan if record["loss"] is None else record["loss"]  # None: every step skipped
+                bar.set_postfix(loss=f"{shown:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 window, last_log = [], now
             if knn_every and step % knn_every == 0 and step < run.total_steps:
                 result = knn_monitor(run)
@@ -530,6 +553,10 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                     log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
                                "top1": result.top1, "top5": result.top5})
             if step % config.train.checkpoint_every == 0 or step == run.total_steps or stopping:
+                problem = nonfinite.weights_problem(run.model)  # never replace a good checkpoint with NaN weights
+                if problem:
+                    advice = "lower optim.lr or use train.precision=fp32 and start over with --fresh"
+                    raise nonfinite.stop(problem, step, run.run_dir, run.last_checkpoint_step, advice=advice)
                 if main:
                     save_checkpoint(_state(run, step), path, previous_step=run.last_checkpoint_step)
                 run.last_checkpoint_step = step
@@ -552,13 +579,16 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[str, Any]:
+    losses = [loss for loss, _ in window if math.isfinite(loss)]  # skipped steps have none
     record: dict[str, Any] = {
         "type": "train", "step": step, "epoch": round(step / run.steps_per_epoch, 4),
-        "loss": sum(loss for loss, _ in window) / len(window),
+        "loss": sum(losses) / len(losses) if losses else None,
         "lr": float(run.lr_schedule[min(step - 1, len(run.lr_schedule) - 1)]),
         "images_per_s": images_per_s,
     }
-    for key in window[-1][1]:
+    if run.config.train.nonfinite == "skip":
+        record["skipped_steps"] = run.skipped_steps
+    for key in dict.fromkeys(key for _, diagnostics in window for key in diagnostics):
         values = [d[key] for _, d in window if key in d and math.isfinite(d[key])]
         record[key] = sum(values) / len(values) if values else None
     return record

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from robust_helpers import metrics_without_timing, run_overrides, small_filesystem, tiny_config, tiny_npz
 from use_helpers import assert_user_error, make_checkpoint, run_main
 
@@ -169,3 +170,90 @@ def test_a_second_process_is_refused_until_the_first_dies(
     resumed = run_main(capsys, *args, f"train.max_steps={killed_at + 2}")  # (max_steps may change on resume)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {tmp_path / 'run'} from step {killed_at}" in resumed.stdout
+
+
+# ---------------------------------------------------------------------------- non-finite loss, gradients, weights
+
+
+def _poison_gradients(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> dict[int, dict]:
+    """Make the gradient of the first backbone weight NaN in the given (0-based) steps.
+
+    Returns, per poisoned step, the model's weights before and after it.
+    """
+    original = nnclr.train.train_step
+    seen: dict[int, dict] = {}
+
+    def wrapped(run, index, order):
+        if index not in steps:
+            return original(run, index, order)
+        weight = next(run.model.backbone.parameters())
+        handle = weight.register_hook(lambda grad: grad * float("nan"))
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        try:
+            return original(run, index, order)
+        finally:
+            handle.remove()
+            seen[index] = {"before": before, "after": {k: v.clone() for k, v in run.model.state_dict().items()}}
+
+    monkeypatch.setattr(nnclr.train, "train_step", wrapped)
+    return seen
+
+
+def _all_finite(state: dict) -> bool:
+    return all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point())
+
+
+def test_a_non_finite_gradient_stops_naming_the_step_and_the_parameter(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _poison_gradients(monkeypatch, {4})
+    with pytest.raises(UserError) as error:
+        pretrain(tiny_config(data, tmp_path, "data.test_split="), progress=False)
+    assert str(error.value).startswith("the gradient of backbone.stem.0.weight is not finite at step 5, so the run "
+                                       f"stopped; the last good checkpoint (step 4) in {tmp_path} is intact")
+    assert "train.nonfinite=skip" in str(error.value)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 4 and _all_finite(state["model"])
+
+
+def test_with_skip_non_finite_steps_are_skipped_counted_and_resumed(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    seen = _poison_gradients(monkeypatch, {2, 5})
+    config = tiny_config(data, tmp_path, "data.test_split=", "train.nonfinite=skip", "train.max_steps=6")
+    assert pretrain(config, progress=False).steps == 6
+    for step in (2, 5):  # the optimiser did not step: the weights are those before the step
+        for key, value in seen[step]["before"].items():
+            assert torch.equal(value, seen[step]["after"][key]), key
+    err = capsys.readouterr().err
+    assert "nnclr: warning: step 3 skipped: the gradient of backbone.stem.0.weight is not finite (1 skipped so far)" \
+        in err and "step 6 skipped" in err
+    records = [r for r in metrics_without_timing(tmp_path) if r["type"] == "train"]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 2]
+    assert [r["loss"] is None for r in records] == [False, False, True, False, False, True]  # no loss: no step
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["skipped_steps"] == 2 and _all_finite(state["model"]) and _all_finite(state["support"])
+    # the count survives a resume
+    monkeypatch.undo()
+    result = pretrain(tiny_config(data, tmp_path, "data.test_split=", "train.nonfinite=skip", "train.max_steps=8"),
+                      progress=False)
+    assert result.resumed_from == 6
+    assert [r["skipped_steps"] for r in metrics_without_timing(tmp_path) if r["type"] == "train"][-1] == 2
+
+
+def test_non_finite_weights_are_never_written(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = nnclr.train.train_step
+
+    def blow_up(run, index, order):  # finite gradients, then an infinite weight (as from a huge learning rate)
+        result = original(run, index, order)
+        if index == 2:
+            with torch.no_grad():
+                next(run.model.projector.parameters())[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(nnclr.train, "train_step", blow_up)
+    with pytest.raises(UserError, match=r"the weight projector\.\S+ is not finite at step 4, so the run stopped; "
+                                        r"the last good checkpoint \(step 2\)"):
+        pretrain(tiny_config(data, tmp_path, "data.test_split=", "train.nonfinite=skip"), progress=False)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 2 and _all_finite(state["model"])
