@@ -12,14 +12,29 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from nnclr import __version__
 from nnclr.commands import COMMANDS
 from nnclr.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line ``nnclr: error: ...`` (no usage block), exit code 2.
+
+    argparse's messages name the flag and, for choices, the allowed values; an unknown flag also
+    gets the command's flags listed.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            flags = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+            message += f"; {self.prog} takes: {', '.join(flags)}"
+        self.exit(2, f"nnclr: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nnclr",
         description="Self-supervised contrastive pretraining of image encoders (NNCLR, SimCLR, KMCLR), "
         "and what to do with them afterwards.",
@@ -33,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnclr`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, which lists its own flags
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     command = importlib.import_module(f"nnclr.commands.{args.command}")
     try:
         return command.run(args)
