@@ -135,3 +135,104 @@ def test_a_checkpoint_of_another_format_or_version_is_explained(tmp_path: Path, 
     assert_user_error(_cli(capsys, "export", "--checkpoint", str(tmp_path / "old.pt"), "--format", "safetensors",
                            "--out", str(tmp_path / "x")),
                       "(written by nnclr 0.0.9, this is", "does not match this model", "Missing key")
+
+
+# ---------------------------------------------------------------------------- bad image files
+
+
+def _image_matrix(root: Path) -> tuple[set[str], set[str]]:
+    """A folder of every kind of file a real image folder holds; returns (convertible, unreadable) names."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    good, cls = root / "good", root / "bad"
+    good.mkdir(parents=True)
+    cls.mkdir()
+    convertible = {
+        "rgb.png": rgb, "gray.png": rgb.convert("L"), "palette.gif": rgb.convert("P"), "rgba.png": rgb.convert("RGBA"),
+        "gray_alpha.png": rgb.convert("LA"), "cmyk.jpg": rgb.convert("CMYK"), "bilevel.bmp": rgb.convert("1"),
+        "gray16.png": Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16)),
+        "float.tif": Image.fromarray(rng.random((20, 30), dtype=np.float32)),
+        "one_pixel.png": Image.new("RGB", (1, 1), (200, 10, 10)), "wide.webp": rgb.resize((300, 2)),
+        "large.jpg": Image.new("RGB", (6000, 4000), (10, 120, 30)),
+        "UPPER.JPEG": rgb,
+    }
+    for name, image in convertible.items():
+        image.save(good / name)
+    png = io.BytesIO()
+    rgb.save(png, "PNG")
+    bomb = io.BytesIO()
+    Image.new("L", (1, 1)).save(bomb, "PNG")
+    data = bomb.getvalue()  # IHDR claims 30000 x 30000 pixels: Pillow's decompression-bomb limit
+    bomb_bytes = data[:16] + (30000).to_bytes(4, "big") * 2 + data[24:]
+    unreadable = {
+        "truncated.png": png.getvalue()[: len(png.getvalue()) // 2], "corrupt.png": png.getvalue()[:40] + b"\0" * 500,
+        "text.jpg": b"hello, I am text", "empty.png": b"", "bomb.png": bomb_bytes,
+    }
+    for name, content in unreadable.items():
+        (cls / name).write_bytes(content)
+    (cls / "loop_a.png").symlink_to(cls / "loop_b.png")
+    (cls / "loop_b.png").symlink_to(cls / "loop_a.png")
+    (cls / "dir_loop").symlink_to(cls)  # a folder that contains itself
+    (root / "empty_class").mkdir()
+    (root / "only_bad").mkdir()
+    (root / "only_bad" / "x.png").write_bytes(b"\x89PNG nope")
+    return set(convertible), {*unreadable, "loop_a.png", "loop_b.png", "x.png"}
+
+
+def test_bad_image_files_are_converted_or_skipped_with_a_count_never_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from nnclr.data import load_dataset
+
+    convertible, unreadable = _image_matrix(tmp_path)
+    ds = load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert len(ds) == len(convertible) and ds.images.dtype == torch.uint8 and ds.images.shape[1:] == (3, 8, 8)
+    assert ds.classes == ["bad", "good", "only_bad"] and ds.labels.tolist() == [1] * len(convertible)
+    warning = capsys.readouterr().err.strip()
+    assert "\n" not in warning and "Traceback" not in warning
+    assert f"skipped {len(unreadable)} unreadable file(s) or folder(s) " \
+        f"({len(convertible) + len(unreadable)} image files found): {tmp_path / 'bad'}/" in warning
+    assert f"and {len(unreadable) - 3} more" in warning
+    only_bad = tmp_path / "only_bad"  # a data set with no usable image is an error
+    with pytest.raises(UserError, match=f"none of the 1 image files in {only_bad} could be read"):
+        load_dataset(f"folder:{only_bad}", image_size=8)
+    with pytest.raises(UserError, match="no images found"):
+        load_dataset(f"folder:{tmp_path / 'empty_class'}", image_size=8)
+
+
+def test_unreadable_permissions_are_skipped(tmp_path: Path) -> None:
+    """Files and folders without read permission (as root, run without the capabilities that bypass it)."""
+    import shutil
+    import sys
+
+    from PIL import Image
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for name in ("ok.png", "locked.png"):
+        Image.new("RGB", (4, 4), (1, 2, 3)).save(root / "a" / name)
+    Image.new("RGB", (4, 4)).save(root / "b" / "hidden.png")
+    (root / "a" / "locked.png").chmod(0o200)
+    (root / "b").chmod(0o300)  # cannot be listed
+    code = f"from nnclr.data import load_dataset; ds = load_dataset('folder:{root}', image_size=4); print(len(ds))"
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads everything; setpriv (util-linux) is needed to drop that")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    finally:
+        (root / "b").chmod(0o700)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+    assert "skipped 2 unreadable" in result.stderr and "Permission denied" in result.stderr
+    assert str(root / "a" / "locked.png") in result.stderr and str(root / "b") in result.stderr
+    assert "Traceback" not in result.stderr

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -73,11 +72,9 @@ def test_folder_errors(tmp_path: Path) -> None:
     assert_user_error(nnclr("pretrain", "--set", f"data.name=folder:{empty}", cwd=tmp_path), str(empty))
     broken = tmp_path / "broken" / "cats"
     broken.mkdir(parents=True)
-    for i in range(3):
-        Image.new("RGB", (40, 30), (i, 2 * i, 3 * i)).save(broken / f"{i}.png")
-    (broken / "bad.jpg").write_bytes(b"not a jpeg at all")
+    (broken / "bad.jpg").write_bytes(b"not a jpeg at all")  # only unreadable files: nothing to train on
     assert_user_error(
-        nnclr("pretrain", "--set", f"data.name=folder:{broken.parent}", cwd=tmp_path), "bad.jpg"
+        nnclr("pretrain", "--set", f"data.name=folder:{broken.parent}", cwd=tmp_path), "none of the 1", "bad.jpg"
     )
 
 

@@ -89,3 +89,13 @@ def load_square(path: Path, size: int) -> np.ndarray:
             "valid image"
         ) from exc
     return array.transpose(2, 0, 1)
+
+
+def try_load_square(path: Path, size: int) -> np.ndarray | str:
+    """:func:`load_square`, or the reason the file cannot be read (for callers that skip such files)."""
+    try:
+        return load_square(path, size)
+    except UserError as error:
+        text = str(error)
+        start, end = text.find("("), text.rfind(")")
+        return text[start + 1 : end] if 0 <= start < end else text
