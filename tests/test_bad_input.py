@@ -205,6 +205,19 @@ def test_bad_image_files_are_converted_or_skipped_with_a_count_never_a_traceback
         load_dataset(f"folder:{tmp_path / 'empty_class'}", image_size=8)
 
 
+def test_broken_links_among_unlabelled_images_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from nnclr.data import load_dataset
+
+    Image.new("RGB", (5, 7), (9, 8, 7)).save(tmp_path / "ok.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    assert len(load_dataset(f"folder:{tmp_path}", image_size=4)) == 1
+    warning = capsys.readouterr().err
+    assert "skipped 2 unreadable file(s) or folder(s) (3 image files found)" in warning
+    assert f"{tmp_path / 'gone.png'}: " in warning and f"{tmp_path / 'loop.jpg'}: " in warning
+
 def test_unreadable_permissions_are_skipped(tmp_path: Path) -> None:
     """Files and folders without read permission (as root, run without the capabilities that bypass it)."""
     import shutil

@@ -59,7 +59,8 @@ def _visible_subdirs(path: Path) -> list[Path]:
 
 
 def _images_directly_in(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+    """Image files in ``path`` itself; broken symlinks and symlink loops too, to be reported as unreadable."""
+    return sorted(p for p in path.iterdir() if not p.is_dir() and is_image_file(p))
 
 
 def _images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
@@ -157,8 +158,8 @@ def scan_folder(
 
 
 def _decode_all(
-    files: list[Path], size: int, load: Callable[[Path, int], np.ndarray]
-) -> Iterator[np.ndarray]:
+    files: list[Path], size: int, load: Callable[[Path, int], np.ndarray | str]
+) -> Iterator[np.ndarray | str]:
     """Yield the decoded files in order, two at a time on a small thread pool."""
     if len(files) < 8:
         yield from (load(f, size) for f in files)
