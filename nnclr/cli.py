@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnclr`` console script."""
+    # Pillow warns about damaged metadata ("Truncated File Read", "Corrupt EXIF data") in two
+    # lines per file; such files are decoded or skipped and reported in one line all the same.
+    # (In the CLI only: a library must not change the warning filters of its caller.)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, which lists its own flags

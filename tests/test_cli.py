@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -73,8 +75,13 @@ def test_folder_errors(tmp_path: Path) -> None:
     broken = tmp_path / "broken" / "cats"
     broken.mkdir(parents=True)
     (broken / "bad.jpg").write_bytes(b"not a jpeg at all")  # only unreadable files: nothing to train on
-    assert_user_error(
-        nnclr("pretrain", "--set", f"data.name=folder:{broken.parent}", cwd=tmp_path), "none of the 1", "bad.jpg"
+    tiff = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiff, "TIFF")
+    tiff = bytearray(tiff.getvalue())
+    tiff[42:46] = (10_000).to_bytes(4, "little")  # BitsPerSample's values past the end: Pillow warns, then refuses
+    (broken / "cut.tif").write_bytes(tiff)
+    assert_user_error(  # one line: Pillow's warnings about the file are not printed
+        nnclr("pretrain", "--set", f"data.name=folder:{broken.parent}", cwd=tmp_path), "none of the 2", "bad.jpg"
     )
 
 
