@@ -1,7 +1,7 @@
 """The ``nnclr`` command: one subcommand per module of :mod:`nnclr.commands`.
 
 Every mistake a user can make ends in a one-line ``nnclr: error: ...`` and exit code 2, with
-no traceback; an interrupted run (Ctrl-C) saves what it has and exits with 130.
+no traceback; an interrupted run (Ctrl-C, SIGTERM) saves what it has and exits with 130 (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -9,16 +9,33 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from nnclr import __version__
 from nnclr.commands import COMMANDS
 from nnclr.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line ``nnclr: error: ...`` (no usage block), exit code 2.
+
+    argparse's messages name the flag and, for choices, the allowed values; an unknown flag also
+    gets the command's flags listed.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            flags = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+            message += f"; {self.prog} takes: {', '.join(flags)}"
+        self.exit(2, f"nnclr: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nnclr",
         description="Self-supervised contrastive pretraining of image encoders (NNCLR, SimCLR, KMCLR), "
         "and what to do with them afterwards.",
@@ -32,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnclr`` console script."""
-    args = _parser().parse_args(argv)
+    # Pillow warns about damaged metadata ("Truncated File Read", "Corrupt EXIF data") in two
+    # lines per file; such files are decoded or skipped and reported in one line all the same.
+    # (In the CLI only: a library must not change the warning filters of its caller.)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, which lists its own flags
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     command = importlib.import_module(f"nnclr.commands.{args.command}")
     try:
         return command.run(args)
@@ -41,6 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = "" if rank == "0" else f" (rank {rank})"
         print(f"nnclr: error{where}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as shells report)
         print("nnclr: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)

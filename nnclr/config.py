@@ -110,6 +110,7 @@ class TrainConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     report: bool = True  # write RUN_DIR/report.html (``nnclr report``) at the end of ``nnclr pretrain``
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip the step and count it
 
 
 @dataclass
@@ -131,6 +132,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "none"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.nonfinite": ("stop", "skip"),
 }
 POSITIVE = (
     "data.image_size", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",

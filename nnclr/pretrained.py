@@ -33,7 +33,7 @@ from torch import nn
 
 from nnclr import runtime
 from nnclr.augment import eval_transform, normalization_for
-from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state_strict
+from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state_strict, written_by
 from nnclr.config import Config, from_dict
 from nnclr.data.decode import _square_box, to_rgb
 from nnclr.data.resize import resize_images
@@ -219,27 +219,6 @@ def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[s
     return json.loads(meta["config"]), backbone, projector
 
 
-def _read_checkpoint(checkpoint: Path) -> dict[str, Any]:
-    """:func:`load_checkpoint`, with a clear refusal for files that need arbitrary unpickling.
-
-    The names the file would import are listed without unpickling it
-    (``torch.serialization.get_unsafe_globals_in_checkpoint``), so nothing in it runs.
-    """
-    try:
-        return load_checkpoint(checkpoint)
-    except UserError:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint)
-        except Exception:  # noqa: BLE001 - not a zip checkpoint at all: the original message says it
-            unsafe = []
-        if not unsafe:
-            raise
-        raise UserError(
-            f"refused to load {checkpoint}: it needs unpickling arbitrary Python objects ({', '.join(unsafe[:3])}), "
-            "which can run code; nnclr loads checkpoints with torch.load(weights_only=True) only"
-        ) from None
-
-
 def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pretrained:
     """Load the encoder of a run directory, a checkpoint file (``torch.load(weights_only=True)``) or an export.
 
@@ -262,12 +241,12 @@ def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pret
             load_state_strict(model.projector, projector_state, "projector")
         state: dict[str, Any] = {"step": 0}
     else:
-        state = _read_checkpoint(checkpoint)
+        state = load_checkpoint(checkpoint)
         if "config" not in state or "model" not in state:
             raise UserError(f"{checkpoint} is not an nnclr pretraining checkpoint (no config or model in it)")
         config = from_dict(state["config"])
         model = build_model(config)
-        load_state_strict(model, state["model"], "model")
+        load_state_strict(model, state["model"], "model", written_by(state))
         projector_state = state["model"]
     resolved = runtime.resolve_device(device)
     model = model.to(resolved).eval()

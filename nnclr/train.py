@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnclr import distributed, runtime
+from nnclr import distributed, nonfinite, runlock, runtime
 from nnclr.augment import BatchAugment, normalization_for
 from nnclr.checkpoint import (
     CHECKPOINT_NAME,
@@ -39,15 +39,17 @@ from nnclr.checkpoint import (
     load_checkpoint,
     load_state_strict,
     save_checkpoint,
+    written_by,
 )
 from nnclr.config import Config, dump_yaml, to_dict
 from nnclr.data import ImageDataset, load_dataset
 from nnclr.deepcluster import PseudoLabels, classifier_without_lars, reset_classifier
-from nnclr.errors import UserError
+from nnclr.errors import Interrupted, UserError
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
 from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from nnclr.runfiles import append_line, write_text_atomic
 from nnclr.selectors import build_selector
 from nnclr.step import contrastive_step
 from nnclr.support import SupportSet
@@ -77,6 +79,9 @@ class Run:
     warmup_instance_steps: int
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
+    lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
+    consecutive_skips: int = 0
 
 
 @dataclass
@@ -205,6 +210,8 @@ def _state(run: Run, step: int) -> dict[str, Any]:
         "selector": selector,
         "optimizer": run.optimizer.state_dict(),
         "knn_before": run.knn_before,
+        "skipped_steps": run.skipped_steps,
+        "consecutive_skips": run.consecutive_skips,
     }
 
 
@@ -215,13 +222,15 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
             f"{run.run_dir} holds a run with a different config ({'; '.join(differences[:3])}); "
             "use the same config to resume, another --run-dir, or --fresh to start over"
         )
-    load_state_strict(run.model, state["model"], "model")
+    origin = written_by(state)
+    load_state_strict(run.model, state["model"], "model", origin)
     if run.support is not None:
-        load_state_strict(run.support, state["support"], "support set")
+        load_state_strict(run.support, state["support"], "support set", origin)
     if isinstance(run.selector, torch.nn.Module):
-        load_state_strict(run.selector, state["selector"], "selector")
+        load_state_strict(run.selector, state["selector"], "selector", origin)
     run.optimizer.load_state_dict(state["optimizer"])
     run.knn_before = state.get("knn_before")
+    run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
     run.last_checkpoint_step = int(state["step"])
     return run.last_checkpoint_step
 
@@ -277,27 +286,36 @@ class MetricsLog:
     ``clustering`` record, written after it at the start of the next epoch: resuming from step s
     drops that one too (the resumed run clusters again).
 
-    Every record is also sent to ``mirror`` (TensorBoard, when installed).
+    The file is rewritten atomically on resume and appended to one line at a time
+    (:mod:`nnclr.runfiles`), so a kill costs at most the records after the checkpoint. Every
+    record is also sent to ``mirror`` (TensorBoard, when installed).
     """
+
+    KEPT = "the last checkpoint is intact"
 
     def __init__(self, path: Path, resume_step: int, mirror: TensorBoardLog | None = None) -> None:
         self.path = path
         self.mirror = mirror
-        kept = []
+        kept: list[tuple[str, dict[str, Any]]] = []  # (line, record)
         if resume_step > 0 and path.is_file():
             for line in path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                     step = record.get("step", 0)
                     if step < resume_step or (step == resume_step and record.get("type") != "clustering"):
-                        kept.append(line)
-                except json.JSONDecodeError:
+                        kept.append((line, record))
+                except (json.JSONDecodeError, AttributeError):
                     continue  # a line cut by a kill
-        path.write_text("".join(line + "\n" for line in kept))
+        self.logged = {(record.get("type"), record.get("step")) for _, record in kept}
+        write_text_atomic(path, "".join(line + "\n" for line, _ in kept), what="the metrics", kept=self.KEPT)
+
+    def has(self, kind: str, step: int) -> bool:
+        """Whether a record of this type and step was logged (by this or an interrupted session)."""
+        return (kind, step) in self.logged
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record), what="the metrics", kept=self.KEPT)
+        self.logged.add((record.get("type"), record.get("step")))
         if self.mirror is not None:
             self.mirror.write(record)
 
@@ -312,6 +330,9 @@ class _NoLog:
     def write(self, record: dict[str, Any]) -> None:
         pass
 
+    def has(self, kind: str, step: int) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
@@ -320,14 +341,17 @@ Log = MetricsLog | _NoLog
 
 
 @contextmanager
-def stop_requests() -> Iterator[list[bool]]:
-    """Turn the first Ctrl-C/SIGTERM into a request to stop at the next step boundary."""
-    requested = [False]
+def stop_requests() -> Iterator[list[int]]:
+    """Turn the first Ctrl-C/SIGTERM into a request to stop at the next step boundary.
+
+    Yields a one-element list holding the signal's number once one came (0 before).
+    """
+    requested = [0]
 
     def handler(signum: int, frame: Any) -> None:
         if requested[0]:
-            raise KeyboardInterrupt
-        requested[0] = True
+            raise Interrupted(signum)
+        requested[0] = signum
 
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -380,6 +404,7 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
         views = views.contiguous(memory_format=torch.channels_last)
     for group in run.optimizer.param_groups:
         group["lr"] = float(run.lr_schedule[min(step, len(run.lr_schedule) - 1)]) * group.get("lr_scale", 1.0)
+    saved = nonfinite.save_buffers(run.model) if config.train.nonfinite == "skip" else []
     with runtime.autocast(run.device, run.dtype):
         out = contrastive_step(
             run.network, views, method=config.method.name, temperature=config.method.temperature,
@@ -387,21 +412,37 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
             instance_positive=step < run.warmup_instance_steps,
         )
     loss, diagnostics = _global_mean(out.loss.detach(), out.diagnostics)
-    if not math.isfinite(loss):
-        kept = (
-            f"the last good checkpoint (step {run.last_checkpoint_step}) in {run.run_dir} is intact"
-            if run.last_checkpoint_step is not None else "no checkpoint had been written yet"
-        )
-        raise UserError(
-            f"the loss became {loss} at step {step + 1}, so the run stopped; {kept}. "
-            "Lower optim.lr or use train.precision=fp32 and rerun with --fresh"
-        )
     run.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    problem = None if math.isfinite(loss) else f"the loss became {loss}"
+    if problem is None:
+        out.loss.backward()
+        problem = nonfinite.gradient_problem(run.model)
+    if problem is not None:
+        return _nonfinite_step(run, step, problem, saved)
+    run.consecutive_skips = 0
     run.optimizer.step()
     if run.support is not None:
         run.support.enqueue(out.z1, labels, indices, step)
     return loss, diagnostics
+
+
+def _nonfinite_step(run: Run, step: int, problem: str, buffers: list) -> tuple[float, dict[str, float]]:
+    """Stop the run (``train.nonfinite=stop``) or skip the step: weights, batch-norm ``buffers`` as saved before
+    the forward, optimiser and support set as before it."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.config.train.nonfinite == "stop":
+        raise nonfinite.stop(problem, step + 1, run.run_dir, run.last_checkpoint_step)
+    nonfinite.restore_buffers(run.model, buffers)
+    run.skipped_steps += 1
+    run.consecutive_skips += 1
+    if run.consecutive_skips > nonfinite.MAX_CONSECUTIVE_SKIPS:
+        raise nonfinite.stop(
+            problem, step + 1, run.run_dir, run.last_checkpoint_step,
+            advice=f"{run.consecutive_skips} steps in a row were skipped, the run is not recovering: lower optim.lr "
+            "or use train.precision=fp32 and start over with --fresh",
+        )
+    nonfinite.skip(problem, step + 1, run.skipped_steps)
+    return math.nan, {}
 
 
 def _global_mean(loss: torch.Tensor, diagnostics: dict[str, float]) -> tuple[float, dict[str, float]]:
@@ -447,17 +488,18 @@ def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
     """
     state: Any = None
     if distributed.is_main():
-        if fresh and run.run_dir.exists():
-            for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
-                (run.run_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
-        if path.is_file():  # one process loads onto its device; several share a CPU copy
-            try:
+        try:
+            run.lock = runlock.acquire(run.run_dir)  # before --fresh deletes anything
+            if fresh:
+                for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
+                    (run.run_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
+            if path.is_file():  # one process loads onto its device; several share a CPU copy
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
-            except UserError as error:
-                if distributed.world_size() == 1:
-                    raise
-                state = error  # raised on every rank below, so that no rank waits for the others
+        except UserError as error:
+            if distributed.world_size() == 1:
+                raise
+            state = error  # raised on every rank below, so that no rank waits for the others
     if distributed.world_size() > 1:
         box = [state]
         torch.distributed.broadcast_object_list(box, src=0, device=run.device if run.device.type == "cuda" else None)
@@ -481,21 +523,21 @@ def _pretrain(config: Config, device: torch.device, *, fresh: bool, progress: bo
     run = build_run(config, device)
     path = run.run_dir / CHECKPOINT_NAME
     main = distributed.is_main()
-    state = _resume_state(run, path, fresh)
-    start = _restore(run, state) if state is not None else 0
-    del state
-    if main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(dump_yaml(config))
-    if main:  # TensorBoard drops what an interrupted session logged after the checkpoint, as metrics.jsonl does
-        tensorboard = TensorBoardLog(run.run_dir, purge_step=start + 1 if start else 0)
-        log: Log = MetricsLog(run.run_dir / "metrics.jsonl", start, mirror=tensorboard)
-    else:
-        log = _NoLog()
+    log: Log = _NoLog()
     try:
+        state = _resume_state(run, path, fresh)
+        start = _restore(run, state) if state is not None else 0
+        del state
+        if main:
+            write_text_atomic(run.run_dir / "config.yaml", dump_yaml(config), what="the config")
+            # TensorBoard drops what an interrupted session logged after the checkpoint, as metrics.jsonl does
+            tensorboard = TensorBoardLog(run.run_dir, purge_step=start + 1 if start else 0)
+            log = MetricsLog(run.run_dir / "metrics.jsonl", start, mirror=tensorboard)
         return _train(run, log, start, progress=progress, echo=echo)
     finally:
         log.close()
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunResult:
@@ -524,7 +566,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                 order = _epoch_order(run, epoch)
             loss, diagnostics = train_step(run, step, order)
             step += 1
-            stopping = _any_rank(stop[0], run.device)  # every rank stops after the same step
+            stopping = _any_rank(bool(stop[0]), run.device)  # every rank stops after the same step
             images_seen += config.optim.batch_size
             window.append((loss, diagnostics))
             bar.update(1)
@@ -535,7 +577,8 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                 now = time.perf_counter()
                 record = _log_record(run, step, window, len(window) * config.optim.batch_size / (now - last_log))
                 log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                shown = math.nan if record["loss"] is None else record["loss"]  # None: every step skipped
+                bar.set_postfix(loss=f"{shown:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 window, last_log = [], now
             if knn_every and step % knn_every == 0 and step < run.total_steps:
                 result = knn_monitor(run)
@@ -543,15 +586,21 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                     log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
                                "top1": result.top1, "top5": result.top5})
             if step % config.train.checkpoint_every == 0 or step == run.total_steps or stopping:
+                problem = nonfinite.weights_problem(run.model)  # never replace a good checkpoint with NaN weights
+                if problem:
+                    advice = "lower optim.lr or use train.precision=fp32 and start over with --fresh"
+                    raise nonfinite.stop(problem, step, run.run_dir, run.last_checkpoint_step, advice=advice)
                 if main:
-                    save_checkpoint(_state(run, step), path)
+                    save_checkpoint(_state(run, step), path, previous_step=run.last_checkpoint_step)
                 run.last_checkpoint_step = step
     bar.close()
     train_time = time.perf_counter() - t0
     if step < run.total_steps:
-        echo(f"stopped at step {step}/{run.total_steps}; checkpoint saved in {path}. Run the same command to resume.")
+        signum = stop[0] or signal.SIGINT  # (a rank the signal did not reach stops with the others)
+        echo(f"stopped by {signal.Signals(signum).name} at step {step}/{run.total_steps}; checkpoint saved in {path}. "
+             "Run the same command to resume.")
         distributed.barrier()  # the checkpoint is written before any rank exits
-        raise KeyboardInterrupt
+        raise Interrupted(signum)
     return _finish(run, log, step, start, train_time, images_seen)
 
 
@@ -563,13 +612,16 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[str, Any]:
+    losses = [loss for loss, _ in window if math.isfinite(loss)]  # skipped steps have none
     record: dict[str, Any] = {
         "type": "train", "step": step, "epoch": round(step / run.steps_per_epoch, 4),
-        "loss": sum(loss for loss, _ in window) / len(window),
+        "loss": sum(losses) / len(losses) if losses else None,
         "lr": float(run.lr_schedule[min(step - 1, len(run.lr_schedule) - 1)]),
         "images_per_s": images_per_s,
     }
-    for key in window[-1][1]:
+    if run.config.train.nonfinite == "skip":
+        record["skipped_steps"] = run.skipped_steps
+    for key in dict.fromkeys(key for _, diagnostics in window for key in diagnostics):
         values = [d[key] for _, d in window if key in d and math.isfinite(d[key])]
         record[key] = sum(values) / len(values) if values else None
     return record
@@ -577,7 +629,7 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
 
 def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
     after = knn_monitor(run)
-    if after and step > start:
+    if after and not log.has("knn", step):  # also when a kill came between the last checkpoint and this record
         log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
                    "top1": after.top1, "top5": after.top5})
     result = RunResult(
@@ -588,7 +640,8 @@ def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images
     if distributed.is_main():
         results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
         results["hardware"] = runtime.hardware_info(run.device, run.dtype, distributed.world_size())
-        (run.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_text_atomic(run.run_dir / "results.json", json.dumps(results, indent=2), what="the results",
+                          kept="the final checkpoint is intact")
     distributed.barrier()  # every file is written before any rank returns
     return result
 

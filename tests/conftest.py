@@ -35,3 +35,19 @@ def cifar10_dir() -> Path:
             pytest.fail(message + "; NNCLR_REQUIRE_DATA=1 forbids skipping")
         pytest.skip(message)
     return path
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def figures() -> list[str]:
+    """Lines the fuzz and kill campaigns report (inputs tried, kills survived), printed at the end."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _FIGURES:
+        terminalreporter.section("robustness campaigns")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -72,11 +74,14 @@ def test_folder_errors(tmp_path: Path) -> None:
     assert_user_error(nnclr("pretrain", "--set", f"data.name=folder:{empty}", cwd=tmp_path), str(empty))
     broken = tmp_path / "broken" / "cats"
     broken.mkdir(parents=True)
-    for i in range(3):
-        Image.new("RGB", (40, 30), (i, 2 * i, 3 * i)).save(broken / f"{i}.png")
-    (broken / "bad.jpg").write_bytes(b"not a jpeg at all")
-    assert_user_error(
-        nnclr("pretrain", "--set", f"data.name=folder:{broken.parent}", cwd=tmp_path), "bad.jpg"
+    (broken / "bad.jpg").write_bytes(b"not a jpeg at all")  # only unreadable files: nothing to train on
+    tiff = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiff, "TIFF")
+    tiff = bytearray(tiff.getvalue())
+    tiff[42:46] = (10_000).to_bytes(4, "little")  # BitsPerSample's values past the end: Pillow warns, then refuses
+    (broken / "cut.tif").write_bytes(tiff)
+    assert_user_error(  # one line: Pillow's warnings about the file are not printed
+        nnclr("pretrain", "--set", f"data.name=folder:{broken.parent}", cwd=tmp_path), "none of the 2", "bad.jpg"
     )
 
 
@@ -119,7 +124,10 @@ def test_kill_and_rerun_resumes_exactly(tmp_path: Path) -> None:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_says_how_to_resume(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
     args = ["pretrain", "--run-dir", "run", "--set", *TINY, "data.test_split=", "train.epochs=1",
             "train.checkpoint_every=1000"]
     process = subprocess.Popen([sys.executable, "-m", "nnclr", *args], cwd=tmp_path,
@@ -130,9 +138,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path: Path) -> None:
         if metrics.is_file() and metrics.read_text().count('"train"') >= 2:
             break
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert "Run the same command to resume" in out
+    assert process.returncode == code, err
     step = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"]
     assert 2 <= step < 109  # 3,500 demo images // 32 = 109 steps in the epoch
+    assert f"stopped by {signum.name} at step {step}/109; checkpoint saved in run/{CHECKPOINT_NAME}. " \
+        "Run the same command to resume." in out
+    assert err.strip().splitlines()[-1] == "nnclr: interrupted" and "Traceback" not in err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, step + 1))  # the step was finished

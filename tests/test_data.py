@@ -310,7 +310,7 @@ def test_folder_without_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"definitely not a png", "truncated"])
-def test_folder_corrupt_image(tmp_path: Path, content: bytes | str) -> None:
+def test_folder_corrupt_image_is_skipped_and_named(tmp_path: Path, content: bytes | str, capsys) -> None:
     _png(tmp_path / "c" / "good.png")
     bad = tmp_path / "c" / "bad.png"
     if content == "truncated":
@@ -318,9 +318,14 @@ def test_folder_corrupt_image(tmp_path: Path, content: bytes | str) -> None:
         Image.fromarray(_rgb(64, 64)).save(buffer, "PNG")
         content = buffer.getvalue()[:200]
     bad.write_bytes(content)
-    with pytest.raises(UserError, match=f"{bad}: cannot read this image .*remove the file") as info:
+    assert len(load_dataset(f"folder:{tmp_path}", image_size=8)) == 1
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"nnclr: warning: {tmp_path}: skipped 1 unreadable file") and f"{bad}: " in warning
+    assert "\n" not in warning
+    good = tmp_path / "c" / "good.png"
+    good.write_bytes(b"")
+    with pytest.raises(UserError, match=f"none of the 2 image files in {tmp_path} could be read"):
         load_dataset(f"folder:{tmp_path}", image_size=8)
-    assert "\n" not in str(info.value)
 
 
 def test_folder_many_files_threaded_order(tmp_path: Path) -> None:

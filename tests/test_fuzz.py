@@ -2,14 +2,17 @@
 
 The guarantee: whatever the bytes of an image file or the text of a ``--set`` override or YAML
 recipe, the result is a valid value or a :class:`~nnclr.errors.UserError` (a one-line message
-and exit code 2 in the CLI), never another exception. ``NNCLR_FUZZ_EXAMPLES`` raises the number
-of cases per test for a longer campaign (CI runs the default, a few hundred in all).
+and exit code 2 in the CLI), never another exception. ``NNCLR_FUZZ_EXAMPLES`` sets the number
+of cases per test; CI runs 150 per test (600 in all), ``NNCLR_LONG_CAMPAIGN=1`` 5,000 per test.
+How many inputs were tried, and how many decoded or were refused, is printed in the test
+summary (docs/robustness.md records the latest long campaign).
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from nnclr.config import Config, flatten, load_config, to_dict
 from nnclr.data.decode import load_square
 from nnclr.errors import UserError
 
-EXAMPLES = int(os.environ.get("NNCLR_FUZZ_EXAMPLES", "150"))
+LONG = os.environ.get("NNCLR_LONG_CAMPAIGN") == "1"
+EXAMPLES = int(os.environ.get("NNCLR_FUZZ_EXAMPLES", "5000" if LONG else "150"))
 FUZZ = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -51,14 +55,28 @@ def _seed_files() -> dict[str, bytes]:
 SEEDS = _seed_files()
 
 
-def _decode_or_user_error(path: Path, size: int = 8) -> np.ndarray | None:
+def _decode_or_user_error(path: Path, size: int = 8, fuzzer: str = "") -> np.ndarray | None:
     try:
         array = load_square(path, size)
     except UserError as error:
         assert "\n" not in str(error) and str(path) in str(error)
+        TRIED[fuzzer, "refused"] += 1
         return None
     assert array.dtype == np.uint8 and array.shape == (3, size, size)
+    TRIED[fuzzer, "valid"] += 1
     return array
+
+
+TRIED: Counter = Counter()  # (fuzzer, "valid" | "refused") -> inputs tried; conftest prints it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_tried(figures: list[str]):
+    yield
+    for fuzzer in dict.fromkeys(name for name, _ in TRIED if name):
+        valid, refused = TRIED[fuzzer, "valid"], TRIED[fuzzer, "refused"]
+        figures.append(f"fuzz {fuzzer}: {valid + refused} inputs tried, {valid} valid, {refused} refused with a "
+                       "one-line error, 0 other exceptions")
 
 
 @FUZZ
@@ -75,7 +93,7 @@ def test_mutated_image_files_decode_or_fail_cleanly(tmp_path: Path, seed: str, f
         data = data[: cut % (len(data) + 1)]
     path = tmp_path / "image.png"
     path.write_bytes(bytes(data))
-    _decode_or_user_error(path)  # asserts: a uint8 (3, S, S) array or a one-line UserError
+    _decode_or_user_error(path, fuzzer="mutated image files")  # asserts: a uint8 (3, S, S) array or a UserError
 
 
 @FUZZ
@@ -83,7 +101,7 @@ def test_mutated_image_files_decode_or_fail_cleanly(tmp_path: Path, seed: str, f
 def test_random_bytes_with_an_image_extension(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "not-really.jpg"
     path.write_bytes(data)
-    _decode_or_user_error(path)  # asserts: a uint8 (3, S, S) array or a one-line UserError
+    _decode_or_user_error(path, fuzzer="random bytes as .jpg")  # asserts: a uint8 (3, S, S) array or a UserError
 
 
 def test_unmutated_seed_files_decode(tmp_path: Path) -> None:
@@ -111,8 +129,10 @@ def test_overrides_parse_or_name_the_problem(keys: list[str], values: list[str],
         config = load_config(None, overrides)
     except UserError as error:
         assert "\n" not in str(error)
+        TRIED["--set overrides", "refused"] += 1
         return
     assert isinstance(config, Config)
+    TRIED["--set overrides", "valid"] += 1
 
 
 @FUZZ
@@ -133,8 +153,10 @@ def test_yaml_recipes_load_or_name_the_problem(tmp_path: Path, tree: object) -> 
         config = load_config(path)
     except UserError as error:
         assert "\n" not in str(error)
+        TRIED["YAML recipes", "refused"] += 1
         return
     assert isinstance(config, Config)
+    TRIED["YAML recipes", "valid"] += 1
 
 
 @pytest.mark.parametrize(

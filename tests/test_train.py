@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import nnclr.train
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
 from nnclr.data import load_dataset
@@ -108,14 +110,26 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     assert result.resumed_from == 0 and result.steps == 1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
-    config = tiny(tmp_path, "optim.name=sgd", "optim.lr=1.0e+30", "train.checkpoint_every=1",
-                  "train.precision=fp32")
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = nnclr.train.contrastive_step
+
+    def nan_loss_at_step_3(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if kwargs["step"] == 2 else out
+
+    monkeypatch.setattr(nnclr.train, "contrastive_step", nan_loss_at_step_3)
     with pytest.raises(UserError, match="loss became") as error:
-        pretrain(config, progress=False)
+        pretrain(tiny(tmp_path, "train.checkpoint_every=1"), progress=False)
     step = load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"]
-    assert f"at step {step + 1}" in str(error.value)  # the checkpoint holds the last good step
+    assert step == 2 and "at step 3" in str(error.value)  # the checkpoint holds the last good step
     assert f"checkpoint (step {step})" in str(error.value)
+
+
+def test_a_learning_rate_far_too_high_stops_before_writing_non_finite_weights(tmp_path: Path) -> None:
+    config = tiny(tmp_path, "optim.name=sgd", "optim.lr=1.0e+30", "train.checkpoint_every=1", "train.precision=fp32")
+    with pytest.raises(UserError, match=r"the weight \S+ is not finite at step 1, so the run stopped; no checkpoint"):
+        pretrain(config, progress=False)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
 def test_knn_before_and_after_are_reported(tmp_path: Path) -> None:

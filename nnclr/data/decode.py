@@ -63,7 +63,7 @@ def _square_box(width: int, height: int) -> tuple[float, float, float, float]:
     return (left, top, left + side, top + side)
 
 
-def load_square(path: Path, size: int) -> np.ndarray:
+def try_load_square(path: Path, size: int) -> np.ndarray | str:
     """Decode ``path`` to a ``uint8 [3, size, size]`` RGB array (shorter side scaled, centre crop).
 
     Args:
@@ -71,10 +71,9 @@ def load_square(path: Path, size: int) -> np.ndarray:
         size: The output side length in pixels.
 
     Returns:
-        A ``uint8`` array in CHW layout.
-
-    Raises:
-        UserError: If Pillow cannot open or decode the file.
+        A ``uint8`` array in CHW layout, or, if Pillow cannot open or decode the file (truncated,
+        corrupt, not an image, a decompression bomb, no permission, a symlink loop), the reason
+        as one line of text: for callers that skip such files and report them.
     """
     try:
         with Image.open(path) as image:
@@ -83,9 +82,19 @@ def load_square(path: Path, size: int) -> np.ndarray:
             square = rgb.resize((size, size), Image.Resampling.BILINEAR, box=_square_box(*rgb.size))
             array = np.asarray(square, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise UserError(
-            f"{path}: cannot read this image ({reason}); remove the file or replace it with a "
-            "valid image"
-        ) from exc
+        return " ".join(str(exc).split()) or type(exc).__name__
     return array.transpose(2, 0, 1)
+
+
+def load_square(path: Path, size: int) -> np.ndarray:
+    """:func:`try_load_square` for one file that must be readable.
+
+    Raises:
+        UserError: If Pillow cannot open or decode the file (the message names it and the reason).
+    """
+    array = try_load_square(path, size)
+    if isinstance(array, str):
+        raise UserError(
+            f"{path}: cannot read this image ({array}); remove the file or replace it with a valid image"
+        )
+    return array

@@ -14,7 +14,9 @@ Layout rules:
   sorted relative paths.
 
 Every file is decoded as described in :mod:`nnclr.data.decode` and kept in memory as
-``uint8 (N, 3, S, S)``.
+``uint8 (N, 3, S, S)``. A file that cannot be read (truncated, corrupt, not an image, no
+permission, a symlink loop) and a folder that cannot be listed are skipped, counted and the first
+few named in one warning line on stderr; a folder in which no image can be read is an error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from nnclr.data.dataset import ImageDataset
-from nnclr.data.decode import IMAGE_EXTENSIONS, is_image_file, load_square
+from nnclr.data.decode import IMAGE_EXTENSIONS, is_image_file, try_load_square
 from nnclr.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 64
@@ -57,14 +59,23 @@ def _visible_subdirs(path: Path) -> list[Path]:
 
 
 def _images_directly_in(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+    """Image files in ``path`` itself; broken symlinks and symlink loops too, to be reported as unreadable."""
+    return sorted(p for p in path.iterdir() if not p.is_dir() and is_image_file(p))
 
 
-def _images_below(path: Path) -> list[Path]:
-    """All image files at any depth below ``path``, sorted; symlinked folders followed once."""
+def _images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """All image files at any depth below ``path``, sorted; symlinked folders followed once.
+
+    Folders that cannot be listed are added to ``unreadable`` with the reason.
+    """
     seen: set[str] = set()
     found: list[Path] = []
-    for top, dirs, files in os.walk(path, followlinks=True):
+
+    def onerror(error: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append((Path(error.filename), error.strerror or type(error).__name__))
+
+    for top, dirs, files in os.walk(path, followlinks=True, onerror=onerror):
         real = os.path.realpath(top)
         if real in seen:  # a symlink loop or a folder reached twice
             dirs[:] = []
@@ -105,25 +116,31 @@ def split_folder(root: Path, split: str) -> Path:
     )
 
 
-def scan_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
+def scan_folder(
+    path: Path, unreadable: list[tuple[Path, str]] | None = None
+) -> tuple[list[Path], list[int], list[str]]:
     """List the images under ``path`` with their labels and the class names.
 
     Returns:
         ``(files, labels, classes)``; labels are ``-1`` and classes ``[]`` when unlabelled.
+        Subfolders that cannot be listed are added to ``unreadable``.
 
     Raises:
-        UserError: If there are no images.
+        UserError: If there are no images, or ``path`` itself cannot be listed.
     """
     classes: list[str] = []
     files: list[Path] = []
     labels: list[int] = []
-    for sub in _visible_subdirs(path):
-        below = _images_below(sub)
+    try:
+        subdirs, loose = _visible_subdirs(path), _images_directly_in(path)
+    except OSError as error:
+        raise UserError(f"cannot list {path} ({error.strerror}); check its permissions") from None
+    for sub in subdirs:
+        below = _images_below(sub, unreadable)
         if below:
             files.extend(below)
             labels.extend([len(classes)] * len(below))
             classes.append(sub.name)
-    loose = _images_directly_in(path)
     if classes and loose:
         warnings.warn(
             f"{path}: ignoring {len(loose)} image(s) lying next to the class subfolders "
@@ -141,8 +158,8 @@ def scan_folder(path: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def _decode_all(
-    files: list[Path], size: int, load: Callable[[Path, int], np.ndarray]
-) -> Iterator[np.ndarray]:
+    files: list[Path], size: int, load: Callable[[Path, int], np.ndarray | str]
+) -> Iterator[np.ndarray | str]:
     """Yield the decoded files in order, two at a time on a small thread pool."""
     if len(files) < 8:
         yield from (load(f, size) for f in files)
@@ -154,21 +171,38 @@ def _decode_all(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def decode_files(files: list[Path], size: int, desc: str = "decoding images") -> torch.Tensor:
-    """Decode ``files`` into one ``uint8 (N, 3, size, size)`` tensor (progress bar if many).
+def decode_files(
+    files: list[Path], size: int, desc: str = "decoding images"
+) -> tuple[torch.Tensor, list[int], list[tuple[Path, str]]]:
+    """Decode ``files`` into one ``uint8 (M, 3, size, size)`` tensor (progress bar if many).
 
-    Raises:
-        UserError: On the first file that cannot be decoded (named in the message).
+    Returns:
+        The images of the M files that could be read, their positions in ``files``, and the
+        files that could not be read with the reason.
     """
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     view = out.numpy()
+    kept: list[int] = []
+    skipped: list[tuple[Path, str]] = []
     quiet = len(files) <= PROGRESS_MIN_FILES
     disable = True if quiet else None  # None: tqdm shows the bar only on a terminal
     with tqdm(total=len(files), desc=desc, unit="img", file=sys.stderr, disable=disable) as bar:
-        for i, array in enumerate(_decode_all(files, size, load_square)):
-            view[i] = array
+        for i, array in enumerate(_decode_all(files, size, try_load_square)):
+            if isinstance(array, str):
+                skipped.append((files[i], array))
+            else:
+                view[len(kept)] = array
+                kept.append(i)
             bar.update(1)
-    return out
+    return out[: len(kept)], kept, skipped
+
+
+def _report_skipped(folder: Path, total: int, skipped: list[tuple[Path, str]], shown: int = 3) -> None:
+    """One warning line: how many files or folders were skipped, and the first few with the reason."""
+    first = "; ".join(f"{path}: {reason}" for path, reason in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    print(f"nnclr: warning: {folder}: skipped {len(skipped)} unreadable file(s) or folder(s) "
+          f"({total} image files found): {first}{more}", file=sys.stderr)
 
 
 def load_folder(root: Path, split: str, image_size: int | None, name: str) -> ImageDataset:
@@ -185,10 +219,19 @@ def load_folder(root: Path, split: str, image_size: int | None, name: str) -> Im
 
     Raises:
         UserError: For a missing path, a file instead of a folder, no images, an unknown split
-            or an unreadable image.
+            or no readable image.
     """
     size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     folder = split_folder(root, split)
-    files, labels, classes = scan_folder(folder)
-    images = decode_files(files, size, desc=f"decoding {folder}")
-    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), classes, name)
+    unreadable: list[tuple[Path, str]] = []
+    files, labels, classes = scan_folder(folder, unreadable)
+    images, kept, skipped = decode_files(files, size, desc=f"decoding {folder}")
+    if not kept:
+        path, reason = skipped[0]
+        raise UserError(
+            f"none of the {len(files)} image files in {folder} could be read (first: {path}: {reason}); "
+            "check that they are images and readable"
+        )
+    if unreadable or skipped:
+        _report_skipped(folder, len(files), unreadable + skipped)
+    return ImageDataset(images, torch.tensor([labels[i] for i in kept], dtype=torch.int64), classes, name)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from nnclr import __version__, distributed
 from nnclr.config import to_dict
-from nnclr.data.decode import IMAGE_EXTENSIONS, load_square
+from nnclr.data.decode import IMAGE_EXTENSIONS, try_load_square
 from nnclr.data.folder import _images_below
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained, precision_name
@@ -117,22 +117,12 @@ def folder_entries(folder: Path) -> tuple[list[Entry], list[str]]:
 # ---------------------------------------------------------------- embedding
 
 
-def _try_load(path: Path, size: int) -> np.ndarray | str:
-    """A decoded uint8 (3, S, S) array, or the reason the file cannot be read."""
-    try:
-        return load_square(path, size)
-    except UserError as error:
-        text = str(error)
-        start, end = text.find("("), text.rfind(")")
-        return text[start + 1 : end] if 0 <= start < end else text
-
-
 def _decoded_chunks(files: list[Path], size: int, batch: int) -> Iterator[list[np.ndarray | str]]:
     """Decode ``files`` in chunks of ``batch`` on a thread pool, one chunk ahead of the caller."""
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
         pending = None
         for start in range(0, len(files), batch):
-            future = [pool.submit(_try_load, f, size) for f in files[start : start + batch]]
+            future = [pool.submit(try_load_square, f, size) for f in files[start : start + batch]]
             if pending is not None:
                 yield [f.result() for f in pending]
             pending = future

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from nnclr import runfiles
 from nnclr.errors import UserError
+from nnclr.runfiles import tmp_path
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -83,13 +85,9 @@ class Embeddings:
 # ---------------------------------------------------------------- files
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _write_tmp(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Write ``path``'s temporary sibling through ``write(file)``, flushed to disk; returns it."""
-    tmp = _tmp(path)
+    tmp = tmp_path(path)
     with open(tmp, "wb") as file:
         write(file)
         file.flush()
@@ -98,8 +96,12 @@ def _write_tmp(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
 
 
 def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file beside it, then rename it."""
-    os.replace(_write_tmp(path, write), path)
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then rename it.
+
+    Raises:
+        UserError: The disk is full or read-only (``path`` is left as it was).
+    """
+    runfiles.write_atomic(path, write, what="the file")
 
 
 def vectors_hash(vectors: np.ndarray) -> str:

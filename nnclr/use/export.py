@@ -23,7 +23,7 @@ import contextlib
 import copy
 import io
 import json
-import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from nnclr import __version__
 from nnclr.config import to_dict
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained
+from nnclr.runfiles import write_atomic
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 PROJECTOR_PREFIX = "projector."
@@ -100,29 +101,23 @@ def _module(pretrained: Pretrained, with_projector: bool) -> ExportedEncoder:
     return module.to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
 
 
-def _tmp(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp")
-
-
-def _publish(out: Path) -> None:
-    """Rename the finished temporary file to ``out``, with the permissions a new file gets (umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(_tmp(out), 0o666 & ~umask)
-    os.replace(_tmp(out), out)
+def _write(out: Path, data: bytes, fmt: str) -> None:
+    """Write the finished file in one go (:func:`nnclr.runfiles.write_atomic`): a full or read-only disk is a
+    one-line error and leaves nothing behind (the writers of TorchScript and ONNX abort or hide the reason when
+    they write to such a disk themselves, so they write to memory first)."""
+    write_atomic(out, lambda file: file.write(data), what=f"the {fmt} export", kept=f"nothing was written to {out}")
 
 
 def export_safetensors(pretrained: Pretrained, out: Path, with_projector: bool = False) -> None:
     """Write the backbone's state_dict (and the projector's, prefixed) with metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     module = _module(pretrained, with_projector)
     tensors = {k: v.detach().contiguous() for k, v in module.encoder.state_dict().items()}
     if module.projector is not None:
         projector = module.projector.state_dict()
         tensors.update({PROJECTOR_PREFIX + k: v.detach().contiguous() for k, v in projector.items()})
-    save_file(tensors, str(_tmp(out)), metadata=metadata(pretrained, with_projector))
-    _publish(out)
+    _write(out, save(tensors, metadata=metadata(pretrained, with_projector)), "safetensors")
 
 
 def _example(pretrained: Pretrained, batch: int = 2) -> torch.Tensor:
@@ -138,8 +133,9 @@ def export_torchscript(pretrained: Pretrained, out: Path, with_projector: bool =
         warnings.filterwarnings("ignore", message=".*deprecated.*")
         traced = torch.jit.trace(module, _example(pretrained), check_trace=False)
         extra = {"preprocessing.json": json.dumps(metadata(pretrained, with_projector))}
-        torch.jit.save(traced, str(_tmp(out)), _extra_files=extra)
-    _publish(out)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files=extra)
+    _write(out, buffer.getvalue(), "torchscript")
 
 
 def export_onnx(pretrained: Pretrained, out: Path, with_projector: bool = False) -> None:
@@ -152,18 +148,18 @@ def export_onnx(pretrained: Pretrained, out: Path, with_projector: bool = False)
     module = _module(pretrained, with_projector)
     outputs = ["h", "z"] if with_projector else ["h"]
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (_example(pretrained),), str(_tmp(out)), input_names=["images"], output_names=outputs,
+            module, (_example(pretrained),), f"{folder}/model.onnx", input_names=["images"], output_names=outputs,
             dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
         )
-    model = onnx.load(str(_tmp(out)))
+        model = onnx.load(f"{folder}/model.onnx")
     for key, value in metadata(pretrained, with_projector).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(model, str(_tmp(out)))
-    _publish(out)
+    _write(out, model.SerializeToString(), "onnx")
 
 
 def export(pretrained: Pretrained, out: str | Path, fmt: str, with_projector: bool = False) -> Path:

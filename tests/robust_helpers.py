@@ -1,0 +1,94 @@
+"""Helpers of the robustness tests: a tiny data set, a tiny run's config, a small filesystem.
+
+The run is the one of ``test_train.py`` (tiny heads, batch 32) on 256 random 16x16 images with a
+64-image test split, so that a whole run, kNN before and after included, takes about two seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import TINY
+
+from nnclr.config import Config, load_config
+
+
+def tiny_npz(folder: Path) -> Path:
+    """``train.npz`` (256 images) and ``test.npz`` (64) of random 16x16 images in 4 classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 64)):
+        images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", images=images, labels=rng.integers(0, 4, n))
+    return folder
+
+
+def run_overrides(data: Path, *overrides: str) -> list[str]:
+    """``--set`` overrides of a tiny run on :func:`tiny_npz` data: 8 steps per epoch, 2 epochs."""
+    return [*TINY, f"data.name=npz:{data}", "data.image_size=16", "data.test_split=test", "train.epochs=2",
+            "train.threads=1", "train.report=false", *overrides]
+
+
+def tiny_config(data: Path, run_dir: Path, *overrides: str) -> Config:
+    return load_config(None, [*run_overrides(data, *overrides), f"train.run_dir={run_dir}"])
+
+
+def metrics_without_timing(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl`` without the wall-clock field (the only one a rerun may change)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("images_per_s", None)
+    return records
+
+
+class SmallFilesystem:
+    """A tmpfs of a few megabytes mounted at ``path``: filled up or made read-only on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self, leave: int = 0) -> None:
+        """Take all free space but ``leave`` bytes (rounded to the 4 KiB pages tmpfs counts in)."""
+        stats = os.statvfs(self.path)
+        free = stats.f_bavail * stats.f_frsize
+        with open(self.filler, "ab") as file:
+            file.truncate(0)
+            file.write(b"\0" * max(0, free - leave))
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def read_only(self, on: bool = True) -> None:
+        """Make the folder read-only (a read-only bind mount over it: files already open stay writable,
+        as on a disk remounted read-only under a running process) or writable again."""
+        if on:
+            subprocess.run(["mount", "--bind", str(self.path), str(self.path)], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(self.path)], check=True)
+        else:
+            subprocess.run(["umount", str(self.path)], check=True)
+
+
+@contextmanager
+def small_filesystem(path: Path, megabytes: int = 40) -> Iterator[SmallFilesystem]:
+    """Mount a tmpfs at ``path`` (needs root, as CI has); skips where mounting is not allowed."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield SmallFilesystem(path)
+    finally:
+        while subprocess.run(["umount", "-l", str(path)], capture_output=True).returncode == 0:
+            pass  # the tmpfs and any read-only bind mount over it
