@@ -134,6 +134,7 @@ def build_run(config: Config, device: torch.device | None = None) -> Run:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     network = _distribute(model, config.model.sync_bn, device)
+    network = torch.compile(network) if t.compile else network  # shares model's parameters
     support = selector = None
     if m.name != "simclr":
         support = SupportSet(m.support_size, config.model.proj_dim).to(device)
