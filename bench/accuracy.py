@@ -44,17 +44,18 @@ def time_to_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"budget": args.budget, "backbone": args.backbone}
     with Worker(OurLoop, overrides, threads=args.threads) as ours:
         load = load_average()
-        results["nnclr"] = ours.call("train_for", args.budget) | {"load": (load, load_average())}
-        results["nnclr"]["knn"] = ours.call("knn")
+        results["nnclr"] = ours.call("train_for", args.budget, args.calibration_steps) | {
+            "load": (load, load_average())}
+        results["nnclr"]["knn"] = ours.call("knn", "auto", args.knn_images)
         if args.save:
             ours.call("save", str(args.save))
     if args.lightly:
-        support, batch = defaults.method.support_size, defaults.optim.batch_size
+        support, batch = args.support or defaults.method.support_size, args.batch or defaults.optim.batch_size
         with Worker(LightlyLoop, args.data, args.backbone, batch, support, args.loader_workers,
                     threads=args.threads) as lightly:
             load = load_average()
             results["lightly"] = lightly.call("train_for", args.budget) | {"load": (load, load_average())}
-            results["lightly"]["knn"] = lightly.call("knn")
+            results["lightly"]["knn"] = lightly.call("knn", "auto", args.knn_images)
     return results
 
 
@@ -68,7 +69,7 @@ def precision_check(args: argparse.Namespace) -> dict[str, Any]:
             with Worker(OurLoop, overrides, threads=args.threads) as worker:
                 total = worker.call("planned_steps")
                 timing = worker.call("steps", total)
-                runs[precision][seed] = timing | {"knn": worker.call("knn", "fp32"), "steps": total}
+                runs[precision][seed] = timing | {"knn": worker.call("knn", "fp32", args.knn_images), "steps": total}
     mean = {p: statistics.mean(r["knn"]["top1"] for r in by_seed.values()) for p, by_seed in runs.items()}
     return {"runs": runs, "mean_top1": mean, "difference": mean["bf16"] - mean["fp32"],
             "epochs": args.precision_epochs, "backbone": args.backbone}
@@ -103,11 +104,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", type=int, default=physical_cores(), help="lightly's DataLoader workers")
     parser.add_argument("--save", type=Path, default=None, help="where to save our trained model (time to accuracy)")
     parser.add_argument("--set", nargs="*", default=[], help="more config overrides for our runs")
-    parser.add_argument("--smoke", action="store_true", help="tiny: demo data, a 2-second budget, 1 seed, 1 step")
+    parser.add_argument("--calibration-steps", type=int, default=6, help="steps timed to fit our schedule")
+    parser.add_argument("--knn-images", type=int, default=0, help="evaluate on the first N images only (0 = all)")
+    parser.add_argument("--smoke", action="store_true", help="tiny: demo data, batch 32, a 1-second budget, 1 step")
     args = parser.parse_args(argv)
+    args.batch = args.support = 0  # ours: the defaults (or --set); lightly's loop takes the same
     if args.smoke:
-        args.data, args.budget, args.seeds, args.loader_workers = "demo", 2.0, [0], 1
-        args.precision_epochs = 1 / 13  # one step of batch 256 on the demo's 3,500 images
+        args.data, args.budget, args.seeds, args.loader_workers = "demo", 1.0, [0], 1
+        args.batch, args.support, args.calibration_steps, args.knn_images = 32, 64, 1, 128
+        args.set = [*args.set, "optim.batch_size=32", "method.support_size=64", "method.num_prototypes=8"]
+        args.precision_epochs = 1 / 109  # one step of batch 32 on the demo's 3,500 images
     if args.lightly and not lightly_available():
         print("lightly is not installed (pip install -r bench/requirements.txt): time to accuracy of ours only")
         args.lightly = False

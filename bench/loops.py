@@ -57,9 +57,12 @@ def load_split(data: str, split: str) -> ImageDataset:
 
 
 def knn(backbone: nn.Module, train: ImageDataset, test: ImageDataset, mean: Any, std: Any,
-        precision: str = "auto") -> dict[str, float]:
+        precision: str = "auto", limit: int = 0) -> dict[str, float]:
     """Weighted-kNN top-1/top-5 (k=20, T=0.07, nnclr's defaults) of ``backbone``'s features, on the CPU in
-    ``precision`` (``auto``: bf16 where fast), train split as the memory, test split as queries."""
+    ``precision`` (``auto``: bf16 where fast), train split as the memory, test split as queries
+    (only their first ``limit`` images when > 0: a smoke test)."""
+    if limit:
+        train, test = (ImageDataset(d.images[:limit], d.labels[:limit]) for d in (train, test))
     device = torch.device("cpu")
     extract = dict(image_size=train.images.shape[-1], mean=mean, std=std, device=device,
                    dtype=resolve_dtype(precision, device), channels_last=True)
@@ -121,16 +124,16 @@ class OurLoop:
         """Run ``n`` training steps; seconds, CPU seconds and images (samples; each gives 2 views)."""
         return _timed(self._one_step, self.config.optim.batch_size, n)
 
-    def train_for(self, seconds: float) -> dict[str, Any]:
+    def train_for(self, seconds: float, calibration_steps: int = CALIBRATION_STEPS) -> dict[str, Any]:
         """Pretrain for ``seconds`` of wall clock with the schedule fitted to it.
 
-        The learning-rate schedule needs the run's length in advance: ``CALIBRATION_STEPS`` steps
+        The learning-rate schedule needs the run's length in advance: ``calibration_steps`` steps
         (after one warm-up step, not counted in the budget) give the step rate, the run is rebuilt
         from scratch with ``train.epochs`` set to what 97% of the budget holds at that rate, and it
         trains until the schedule ends or the budget is spent.
         """
         self._one_step()
-        rate = CALIBRATION_STEPS / self.steps(CALIBRATION_STEPS)["seconds"]
+        rate = calibration_steps / self.steps(calibration_steps)["seconds"]
         total = max(1, math.floor(0.97 * seconds * rate))
         epochs = total / self.run.steps_per_epoch
         self._build([*self.overrides, f"train.epochs={epochs!r}"])
@@ -141,12 +144,13 @@ class OurLoop:
                 "epochs": self.step / self.run.steps_per_epoch, "loss": loss,
                 "images": self.step * self.config.optim.batch_size}
 
-    def knn(self, precision: str = "auto") -> dict[str, float]:
+    def knn(self, precision: str = "auto", limit: int = 0) -> dict[str, float]:
         """kNN accuracy of the backbone (:func:`knn`) on the config's train and test splits."""
         d = self.config.data
         train = self.run.train_set
         test = self.run.test_set or load_dataset(d.name, d.test_split or "test", root=d.root, download=False)
-        return knn(self.run.model.backbone, train, test, *normalization_for(d.name), precision=precision)
+        return knn(self.run.model.backbone, train, test, *normalization_for(d.name), precision=precision,
+                   limit=limit)
 
     def save(self, path: str) -> None:
         """The model and its config (``torch.load(weights_only=True)``), for the support-set lookup benchmark."""
@@ -249,10 +253,10 @@ class LightlyLoop:
         """Train for ``seconds`` of wall clock (epochs of the example's loader, constant learning rate)."""
         return self._batches(None, seconds)
 
-    def knn(self, precision: str = "auto") -> dict[str, float]:
+    def knn(self, precision: str = "auto", limit: int = 0) -> dict[str, float]:
         """kNN accuracy (:func:`knn`) with the normalisation lightly trained with (ImageNet's)."""
         return knn(self.model.backbone, self.train_set, load_split(self.data, "test"), *IMAGENET_NORMALIZE,
-                   precision=precision)
+                   precision=precision, limit=limit)
 
 
 def lightly_available() -> bool:
