@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import measure  # noqa: E402  (puts this checkout's nnclr on sys.path)
 
 import nnclr  # noqa: E402
 from nnclr.checkpoint import save_checkpoint  # noqa: E402
@@ -137,26 +138,6 @@ def _faiss_cases(
         "  faiss IVF build + recall": (build, 0.0, "s"),
         "  faiss IVF search": (lambda: index.search(queries, 10), 0.0, "s"),
     }
-
-
-def measure(
-    timed: dict[str, tuple[Callable[[], object], float, str]], repeats: int, threads: int, warm_up: bool = True
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Rates (work/s) or seconds of every case, ``repeats`` times, interleaved, after one warm-up call each;
-    and per case the same from CPU time (``process_time / threads``): what an idle machine would give."""
-    for fn, _, _ in timed.values() if warm_up else ():
-        fn()
-    values: dict[str, list[float]] = {name: [] for name in timed}
-    cpu: dict[str, list[float]] = {name: [] for name in timed}
-    for _ in range(repeats):
-        for name, (fn, work, unit) in timed.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            seconds, cpu_seconds = time.perf_counter() - start, (time.process_time() - start_cpu) / threads
-            values[name].append(seconds if unit == "s" else work / seconds)
-            cpu[name].append(cpu_seconds if unit == "s" else work / cpu_seconds)
-    best_cpu = {name: (min(v) if timed[name][2] == "s" else max(v)) for name, v in cpu.items()}
-    return values, best_cpu
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import platform
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from nnclr.errors import UserError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+SYSFS_CPU = Path("/sys/devices/system/cpu")  # cpuN/topology/{physical_package_id,core_id}
+CGROUP = Path("/sys/fs/cgroup")  # v2 cpu.max, v1 cpu/cpu.cfs_{quota,period}_us
 
 
 @lru_cache(maxsize=1)
@@ -80,10 +84,61 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on: the CPUs of its affinity mask with SMT siblings
+    counted once (Linux sysfs topology), capped by a cgroup CPU quota (containers); at least 1.
+
+    PyTorch's own default counts every core of the machine, so in a container limited to 2 CPUs
+    of a 64-core host it starts 64 threads, which then wait for each other.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = SYSFS_CPU / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    quota = _cgroup_cpu_limit()
+    return max(1, min(len(cores), quota) if quota else len(cores))
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """CPUs allowed by the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), rounded up; None if unlimited."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (CGROUP / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((CGROUP / period_file).read_text().strip())
+            quota, period = fields[0], fields[1]
+        except (OSError, IndexError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    return None
+
+
+def default_threads() -> int:
+    """The CPU threads of ``train.threads=0``: this process's share of the physical cores.
+
+    ``OMP_NUM_THREADS`` wins when set (``torchrun`` sets it to 1 for several processes per
+    machine); else the physical cores (:func:`physical_cores`) divided among the processes
+    ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``).
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, physical_cores() // max(1, local))
+
+
 def set_threads(threads: int) -> None:
-    """Use ``threads`` CPU threads (0 keeps PyTorch's default, one per physical core)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
+    """Use ``threads`` CPU threads; 0 = :func:`default_threads` (one per physical core)."""
+    torch.set_num_threads(threads if threads > 0 else default_threads())
 
 
 def hardware_info(

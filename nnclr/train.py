@@ -140,6 +140,7 @@ def build_run(config: Config, device: torch.device | None = None) -> Run:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     network = _distribute(model, config.model.sync_bn, device)
+    network = torch.compile(network) if t.compile else network  # shares model's parameters
     support = selector = None
     if m.name == "deepcluster":  # no support set: the pseudo-labels of the training set are the targets
         selector = PseudoLabels(num_samples=len(train_set), num_clusters=m.num_clusters, iters=m.kmeans_iters)
