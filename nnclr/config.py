@@ -71,7 +71,10 @@ class MethodConfig:
     support_size: int = 1024  # support set Q (the paper: 98,304 for ImageNet)
     topk: int = 1  # 1 = the nearest neighbour; k > 1 samples one of the k nearest
     exclude_self: bool = True  # never use the sample's own older copy as its neighbour
-    instance_warmup_epochs: float = 0.0  # use the sample's other view as positive this long first
+    # Short-run schedule (nnclr, kmclr): loss = w * NT-Xent(z1, z2) + (1 - w) * NNCLR loss, with w falling
+    # linearly from instance_weight to 0 over the first instance_decay share of the run; 0 = the paper.
+    instance_weight: float = 1.0
+    instance_decay: float = 1.0
     num_prototypes: int = 400  # kmclr: K
     recluster_every: int = 100  # kmclr: steps between k-means re-clusterings
     kmeans_iters: int = 10  # kmclr, deepcluster: Lloyd iterations per (re-)clustering
@@ -144,7 +147,7 @@ POSITIVE = (
     "method.num_clusters",
 )
 NON_NEGATIVE = (
-    "model.pred_hidden_dim", "method.instance_warmup_epochs", "optim.final_lr",
+    "model.pred_hidden_dim", "optim.final_lr",
     "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "train.max_steps",
     "train.threads", "train.knn_every_epochs",
 )
@@ -257,6 +260,9 @@ def validate(config: Config) -> Config:
         raise UserError(
             f"config key augment.crop_min_scale={config.augment.crop_min_scale} must be in (0, 1]"
         )
+    for key in ("method.instance_weight", "method.instance_decay"):
+        if not 0 <= flat[key] <= 1:
+            raise UserError(f"config key {key}={flat[key]!r} must be in [0, 1]")
     if config.method.name == "kmclr" and config.method.num_prototypes > config.method.support_size:
         raise UserError(
             f"config key method.num_prototypes={config.method.num_prototypes} must be <= "

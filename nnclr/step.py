@@ -5,8 +5,12 @@ NNCLR (Dwibedi et al., ICCV 2021, Eq. 2, symmetrised as in Sec. 3.2)::
     L = 1/2 * [ nnclr_loss(NN(z1, Q), p2) + nnclr_loss(NN(z2, Q), p1) ]
 
 with ``NN`` the selector's positive (the nearest support-set entry for NNCLR, the nearest k-means
-prototype for KMCLR, the sample's own ``z`` during an instance warm-up). SimCLR (Chen et al.,
-2020) uses NT-Xent on ``(z1, z2)`` with 2N-2 negatives and no predictor. DeepCluster (Caron et al.,
+prototype for KMCLR). SimCLR (Chen et al., 2020) uses NT-Xent on ``(z1, z2)`` with 2N-2 negatives
+and no predictor. For short runs NNCLR and KMCLR can mix in SimCLR's loss, whose positive is good
+from the first step while the support set's neighbours are still near-random::
+
+    L_w = w * NT-Xent(z1, z2) + (1 - w) * L,   w = instance_weight(config.method, step, schedule_steps)
+ DeepCluster (Caron et al.,
 ECCV 2018) classifies both views into the samples' k-means pseudo-labels (``nnclr.deepcluster``).
 
 Both views go through the network in one forward pass, so batch-norm sees both views as one
@@ -20,11 +24,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nnclr.config import MethodConfig
 from nnclr.deepcluster import pseudo_label_loss
 from nnclr.losses import at_least_fp32, nnclr_loss, nt_xent
 from nnclr.model import ContrastiveModel
-from nnclr.selectors import InstanceSelector
 from nnclr.support import SupportSet
+
+
+def instance_weight(method: MethodConfig, step: int, schedule_steps: int) -> float:
+    """w at 0-based ``step``: ``method.instance_weight`` falling linearly to 0 at step
+    ``method.instance_decay * schedule_steps``; always 0 for SimCLR and DeepCluster.
+
+    >>> instance_weight(MethodConfig(instance_weight=1.0, instance_decay=0.5), 25, 100)
+    0.5
+    """
+    if method.name not in ("nnclr", "kmclr") or method.instance_weight == 0 or method.instance_decay == 0:
+        return 0.0
+    return method.instance_weight * max(0.0, 1.0 - step / (method.instance_decay * schedule_steps))
 
 
 @dataclass
@@ -53,7 +69,7 @@ def contrastive_step(
     labels: torch.Tensor,
     indices: torch.Tensor,
     step: int,
-    instance_positive: bool = False,
+    instance_weight: float = 0.0,
 ) -> StepOutput:
     """Forward both views (2B, 3, H, W) -> loss and diagnostics; no optimiser, no enqueue.
 
@@ -64,7 +80,8 @@ def contrastive_step(
         method: ``nnclr`` | ``kmclr`` | ``simclr`` | ``deepcluster``.
         selector: picks positives from ``support`` (unused for SimCLR); for DeepCluster the
             :class:`~nnclr.deepcluster.PseudoLabels` of the epoch (and ``support`` is None).
-        instance_positive: use the sample's own z as positive (NNCLR/KMCLR warm-up).
+        instance_weight: w in [0, 1], the share of SimCLR's NT-Xent on (z1, z2) in an NNCLR/KMCLR
+            loss (0 = the paper's loss alone; the neighbour diagnostics are computed either way).
     """
     _, z, p = model(views)
     z = F.normalize(at_least_fp32(z), dim=1)  # (2B, D)
@@ -77,14 +94,17 @@ def contrastive_step(
         return StepOutput(loss, z1.detach(), diagnostics)
     p1, p2 = at_least_fp32(p).chunk(2)  # (B, D) each
     assert support is not None and selector is not None
-    choose = InstanceSelector() if instance_positive else selector
-    s1 = choose(z1, support, indices=indices, step=step)
-    s2 = choose(z2, support, indices=indices, step=step)
+    s1 = selector(z1, support, indices=indices, step=step)  # type: ignore[operator]
+    s2 = selector(z2, support, indices=indices, step=step)  # type: ignore[operator]
     loss = 0.5 * (
         nnclr_loss(s1.positives, p2, temperature=temperature)
         + nnclr_loss(s2.positives, p1, temperature=temperature)
     )
-    diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item()}
-    if not instance_positive:  # the neighbour diagnostics, computed before this step's enqueue
-        diagnostics |= support.diagnostics(s1.rows, s1.similarity, labels=labels, indices=indices, step=step)
+    if instance_weight > 0:
+        loss = instance_weight * nt_xent(z1, z2, temperature=temperature) + (1 - instance_weight) * loss
+    diagnostics: dict[str, float] = {
+        "positive_similarity": s1.similarity.float().mean().item(), "instance_weight": instance_weight,
+    }
+    # the neighbour diagnostics, computed before this step's enqueue
+    diagnostics |= support.diagnostics(s1.rows, s1.similarity, labels=labels, indices=indices, step=step)
     return StepOutput(loss, z1.detach(), diagnostics)

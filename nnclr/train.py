@@ -51,7 +51,7 @@ from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 from nnclr.runfiles import append_line, write_text_atomic
 from nnclr.selectors import build_selector
-from nnclr.step import contrastive_step
+from nnclr.step import contrastive_step, instance_weight
 from nnclr.support import SupportSet
 from nnclr.tensorboard_log import LOG_DIR as TENSORBOARD_DIR
 from nnclr.tensorboard_log import TensorBoardLog
@@ -76,7 +76,6 @@ class Run:
     lr_schedule: torch.Tensor  # (total_steps,)
     steps_per_epoch: int
     total_steps: int  # where the run stops (train.max_steps or the end of the schedule)
-    warmup_instance_steps: int
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
     lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
@@ -169,7 +168,6 @@ def build_run(config: Config, device: torch.device | None = None) -> Run:
         selector=selector,
         optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
         total_steps=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps,
-        warmup_instance_steps=round(m.instance_warmup_epochs * steps_per_epoch),
     )
 
 
@@ -406,11 +404,12 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
     for group in run.optimizer.param_groups:
         group["lr"] = float(run.lr_schedule[min(step, len(run.lr_schedule) - 1)]) * group.get("lr_scale", 1.0)
     saved = nonfinite.save_buffers(run.model) if config.train.nonfinite == "skip" else []
+    weight = instance_weight(config.method, step, len(run.lr_schedule))
     with runtime.autocast(run.device, run.dtype):
         out = contrastive_step(
             run.network, views, method=config.method.name, temperature=config.method.temperature,
             support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
-            instance_positive=step < run.warmup_instance_steps,
+            instance_weight=weight,
         )
     loss, diagnostics = _global_mean(out.loss.detach(), out.diagnostics)
     run.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,84 @@
+"""The short-run instance schedule: w(step) and the mixed loss w * NT-Xent + (1 - w) * NNCLR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnclr.config import MethodConfig, load_config
+from nnclr.errors import UserError
+from nnclr.losses import nnclr_loss, nt_xent
+from nnclr.selectors import build_selector
+from nnclr.step import contrastive_step, instance_weight
+from nnclr.support import SupportSet
+
+
+class _Linear(torch.nn.Module):
+    """(2B, F) -> (h, z, p): z = W x, p = V z; enough to check which tensors get gradients."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+        self.pred = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.proj(x)
+        return x, z, self.pred(z)
+
+
+def test_weight_falls_linearly_to_zero_over_the_decay_share() -> None:
+    method = MethodConfig(name="nnclr", instance_weight=0.8, instance_decay=0.5)
+    weights = [instance_weight(method, step, 100) for step in range(100)]
+    assert weights[0] == pytest.approx(0.8)
+    assert weights[25] == pytest.approx(0.4)
+    assert all(w == 0 for w in weights[50:])
+    assert all(a > b for a, b in zip(weights[:50], weights[1:50]))
+
+
+@pytest.mark.parametrize("method", [
+    MethodConfig(name="simclr"), MethodConfig(name="deepcluster"),
+    MethodConfig(name="nnclr", instance_weight=0.0), MethodConfig(name="kmclr", instance_decay=0.0),
+])
+def test_weight_is_zero_where_there_is_no_instance_term(method: MethodConfig) -> None:
+    assert instance_weight(method, 0, 10) == 0.0
+
+
+def test_published_recipes_use_the_papers_loss_and_the_demo_mixes() -> None:
+    assert load_config().method.instance_weight == 1.0
+    assert load_config("configs/cifar10_nnclr.yaml").method.instance_weight == 0.0
+    assert load_config("configs/imagenet_nnclr_paper.yaml").method.instance_weight == 0.0
+
+
+@pytest.mark.parametrize("key", ["method.instance_weight", "method.instance_decay"])
+def test_weight_and_decay_outside_unit_interval_are_config_errors(key: str) -> None:
+    with pytest.raises(UserError, match=key):
+        load_config(overrides=[f"{key}=1.5"])
+
+
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_mixed_loss_is_the_weighted_sum_of_nt_xent_and_nnclr(w: float) -> None:
+    torch.manual_seed(0)
+    model, b, dim = _Linear(), 6, 8
+    views = torch.randn(2 * b, dim)
+    support = SupportSet(32, dim)
+    support.enqueue(F.normalize(torch.randn(32, dim), dim=1), None, torch.arange(100, 132), step=0)
+    selector = build_selector("nn")
+    out = contrastive_step(
+        model, views, method="nnclr", temperature=0.1, support=support, selector=selector,
+        labels=torch.full((b,), -1), indices=torch.arange(b), step=1, instance_weight=w,
+    )
+    _, z, p = model(views)
+    z1, z2 = F.normalize(z, dim=1).chunk(2)
+    p1, p2 = p.chunk(2)
+    nn1 = selector(z1, support, indices=torch.arange(b), step=1).positives
+    nn2 = selector(z2, support, indices=torch.arange(b), step=1).positives
+    nnclr = 0.5 * (nnclr_loss(nn1, p2, temperature=0.1) + nnclr_loss(nn2, p1, temperature=0.1))
+    expected = w * nt_xent(z1, z2, temperature=0.1) + (1 - w) * nnclr
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.diagnostics["instance_weight"] == w
+    assert "nn_label_agreement" in out.diagnostics or "support_fill" in out.diagnostics
+    out.loss.backward()
+    # the predictor is trained only by the NNCLR term: at w = 1 it gets no gradient
+    grad = model.pred.weight.grad
+    assert (grad is None or grad.abs().max() == 0) if w == 1.0 else grad.abs().max() > 0
