@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="one tiny iteration of each script (the test suite)")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
-    if args.smoke:
-        Worker.start_method = "fork"  # starts at once (the memory figures then include the parent's)
+    # Workers always come from the fork server, also in --smoke (the test suite): a plain fork of a
+    # process that has run OpenMP-parallel torch ops deadlocks the child in its first parallel op.
     command = "python bench/run.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     start, load = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory() as tmp:
