@@ -96,14 +96,16 @@ class Evaluation:
         }
 
 
-def result_path(run_dir: Path, protocol: str, data: str) -> Path:
-    """``<run_dir>/eval/<protocol>-<safe data name>.json``."""
-    return run_dir / "eval" / f"{protocol}-{safe_name(data)}.json"
+def result_path(run_dir: Path, protocol: str, data: str, mode: str | None = None) -> Path:
+    """``<run_dir>/eval/<protocol>-<safe data name>.json``; the paper linear probe is ``linear-paper-<data>.json``
+    (so that it does not replace the fast probe's result)."""
+    name = f"{protocol}-paper" if protocol == "linear" and mode == "paper" else protocol
+    return run_dir / "eval" / f"{name}-{safe_name(data)}.json"
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
     """Write ``record`` as JSON (atomically) and return its path."""
-    path = result_path(run_dir, record["protocol"], record["data"])
+    path = result_path(run_dir, record["protocol"], record["data"], record["settings"].get("mode"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
