@@ -4,7 +4,7 @@ A record (read by ``nnclr report``) has the top-level keys ``protocol``, ``data`
 ``splits`` (sizes), ``top1``/``top5`` (percent, or null), ``metrics`` (extra numbers),
 ``wall_time_s``, ``checkpoint``, ``checkpoint_hash``, ``step`` and ``config``.
 
-Protocols (see docs/evaluation.md for the exact settings):
+Protocols (README.md, section Evaluation, gives the exact settings and measured results):
 
 * ``knn``: weighted kNN on cached features (:mod:`nnclr.evaluate.knn`), optionally a (k, T) sweep.
 * ``linear``: linear probe, ``fast`` on cached features or ``paper`` on augmented images
