@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``args`` chose, descending nested subcommands (``nnclr eval knn``)."""
+    while True:
+        nested = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if nested is None or getattr(args, nested.dest, None) not in nested.choices:
+            return parser
+        parser = nested.choices[getattr(args, nested.dest)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnclr`` console script."""
     # Pillow warns about damaged metadata ("Truncated File Read", "Corrupt EXIF data") in two
@@ -55,9 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # reported by the subcommand's parser, which lists its own flags
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # reported by the innermost subcommand's parser (``nnclr eval knn``), which lists its own flags
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     command = importlib.import_module(f"nnclr.commands.{args.command}")
     try:
         return command.run(args)

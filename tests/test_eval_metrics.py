@@ -1,18 +1,21 @@
-"""The evaluation maths on features made up in the test: kNN, linear probe, retrieval, label subsets."""
+"""The evaluation maths on data made up in the test: kNN, linear probes, retrieval, label subsets, fine-tuning."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from nnclr.backbones import build_backbone
 from nnclr.errors import UserError
 from nnclr.evaluate.knn import knn_accuracy, knn_sweep
-from nnclr.evaluate.linear import fast_linear_probe, fit_logistic, standardise
+from nnclr.evaluate.linear import fast_linear_probe, fit_logistic, paper_linear_probe, standardise, state_snapshot
+from nnclr.evaluate.linear import unchanged as backbone_unchanged
 from nnclr.evaluate.retrieval import retrieval_metrics
-from nnclr.evaluate.semi import balanced_subset, read_subset, write_subset
+from nnclr.evaluate.semi import balanced_subset, finetune, read_subset, write_subset
 
 
 @pytest.fixture(autouse=True)
@@ -147,3 +150,80 @@ def test_subset_files_with_names_bad_indices_or_unlabelled_images_are_user_error
             read_subset(tmp_path / name, 4, labels)
     (tmp_path / "ok.txt").write_text("# SimCLR-style list\n3\n0\n\n")
     assert read_subset(tmp_path / "ok.txt", 4, labels).tolist() == [0, 3]
+
+
+def colour_images(n: int, seed: int = 0, side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (n, 3, side, side) whose class (4, balanced) is their colour, plus noise; labels (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.tensor([[220, 40, 40], [40, 200, 60], [50, 60, 220], [200, 200, 200]])
+    labels = torch.arange(n) % 4
+    images = palette[labels][:, :, None, None] + torch.randint(-60, 61, (n, 3, side, side), generator=g)
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+def tiny_encoder(seed: int = 0) -> torch.nn.Module:
+    """A conv + batch-norm encoder (B, 3, H, W) -> (B, 16) whose running statistics are not the defaults."""
+    torch.manual_seed(seed)
+    encoder = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+    )
+    with torch.no_grad():
+        encoder(torch.randn(8, 3, 8, 8) * 3 + 1)  # train mode: running statistics move off (0, 1)
+    return encoder.eval()
+
+
+EVAL_KWARGS = {"num_classes": 4, "num_features": 16, "size": 8, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+               "device": torch.device("cpu")}
+
+
+def test_semi_finetune_trains_batch_norm_and_stays_finite_where_frozen_statistics_diverged() -> None:
+    """With the pretrained batch-norm statistics frozen (the old behaviour) this fine-tune of the small
+    CNN reached a NaN loss in epoch 10 of 15; with batch norm in training mode (as SimCLR fine-tunes)
+    it learns the colours."""
+    torch.manual_seed(0)
+    encoder, num_features = build_backbone("small_cnn")
+    with torch.no_grad():
+        encoder(torch.randn(8, 3, 8, 8) * 3 + 1)  # train mode: running statistics move off (0, 1)
+    encoder.eval()
+    before = state_snapshot(encoder)
+    x, y = colour_images(256)
+    test_x, test_y = colour_images(64, seed=1)
+    result = finetune(encoder, x, y, test_x, test_y, epochs=15, batch_size=256, lr=1.0,
+                      **(EVAL_KWARGS | {"num_features": num_features}))
+    assert all(math.isfinite(v) for v in result.extra["epoch_losses"]) and len(result.extra["epoch_losses"]) == 15
+    assert result.top1 > 90.0, result
+    assert backbone_unchanged(encoder, before)  # a copy was fine-tuned
+
+
+def test_semi_finetune_that_diverges_is_a_user_error() -> None:
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+    torch.nn.init.constant_(encoder[1].weight, float("nan"))
+    x, y = colour_images(16)
+    with pytest.raises(UserError, match="diverged.*lower --lr"):
+        finetune(encoder, x, y, x, y, epochs=1, **EVAL_KWARGS)
+
+
+def test_paper_linear_probe_leaves_the_backbone_bit_identical_and_notices_when_it_is_not() -> None:
+    encoder = tiny_encoder()
+    before = state_snapshot(encoder)
+    x, y = colour_images(128)
+    result = paper_linear_probe(encoder, x, y, x[:32], y[:32], epochs=3, batch_size=64, lr=1.0, **EVAL_KWARGS)
+    assert backbone_unchanged(encoder, before) and result.extra["backbone_bit_identical"] is True
+    assert not encoder.training and all(p.requires_grad for p in encoder.parameters())  # restored as it was
+
+    class Drifting(torch.nn.Module):
+        """A backbone that changes a buffer on every forward pass, frozen or not."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_encoder()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.inner(images)
+
+    with pytest.raises(RuntimeError, match="backbone changed"):
+        paper_linear_probe(Drifting(), x, y, x[:32], y[:32], epochs=1, batch_size=64, **EVAL_KWARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 PROTOCOL_HELP = {
@@ -16,14 +17,23 @@ PROTOCOL_HELP = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_whole = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
@@ -60,6 +70,8 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--test-split", default="test", help="test split (default test)")
         sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
         sub.add_argument("--seed", type=int, default=0, help="seed of validation splits, subsets, SGD (default 0)")
+        sub.add_argument("--threads", type=_whole, default=0,
+                         help="CPU threads (default 0: one per physical core, as train.threads)")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("knn", "all"):
             sub.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
@@ -99,7 +111,8 @@ def _extra(record: dict[str, Any]) -> str:
         if settings["mode"] == "fast":
             return f"fast, l2={metrics['l2']:g}" + (f", from {settings['pretrain_data']}"
                                                     if "pretrain_data" in settings else "")
-        return f"paper, {settings['epochs']} epochs, backbone bit-identical"
+        same = "bit-identical" if metrics.get("backbone_bit_identical") else "CHANGED"
+        return f"paper, {settings['epochs']} epochs, backbone {same}"
     if record["protocol"] == "semi":
         return "; ".join(f"{name}: {v['top1']:.2f} ({v['labelled_images']} labels)"
                          for name, v in metrics["subsets"].items())
@@ -123,9 +136,11 @@ def print_table(records: list[dict[str, Any]]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the encoder, run the protocol(s), write their JSON and print a table."""
     import nnclr
+    from nnclr import runtime
     from nnclr.errors import UserError
     from nnclr.evaluate import protocols
 
+    runtime.set_threads(args.threads)
     pretrained = nnclr.load(args.checkpoint, device=args.device)
     progress = False if args.no_progress else None
     evaluation = protocols.Evaluation(

@@ -4,7 +4,7 @@ A record (read by ``nnclr report``) has the top-level keys ``protocol``, ``data`
 ``splits`` (sizes), ``top1``/``top5`` (percent, or null), ``metrics`` (extra numbers),
 ``wall_time_s``, ``checkpoint``, ``checkpoint_hash``, ``step`` and ``config``.
 
-Protocols (see docs/evaluation.md for the exact settings):
+Protocols (README.md, section Evaluation, gives the exact settings and measured results):
 
 * ``knn``: weighted kNN on cached features (:mod:`nnclr.evaluate.knn`), optionally a (k, T) sweep.
 * ``linear``: linear probe, ``fast`` on cached features or ``paper`` on augmented images
@@ -96,14 +96,16 @@ class Evaluation:
         }
 
 
-def result_path(run_dir: Path, protocol: str, data: str) -> Path:
-    """``<run_dir>/eval/<protocol>-<safe data name>.json``."""
-    return run_dir / "eval" / f"{protocol}-{safe_name(data)}.json"
+def result_path(run_dir: Path, protocol: str, data: str, mode: str | None = None) -> Path:
+    """``<run_dir>/eval/<protocol>-<safe data name>.json``; the paper linear probe is ``linear-paper-<data>.json``
+    (so that it does not replace the fast probe's result)."""
+    name = f"{protocol}-paper" if protocol == "linear" and mode == "paper" else protocol
+    return run_dir / "eval" / f"{name}-{safe_name(data)}.json"
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
     """Write ``record`` as JSON (atomically) and return its path."""
-    path = result_path(run_dir, record["protocol"], record["data"])
+    path = result_path(run_dir, record["protocol"], record["data"], record["settings"].get("mode"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -256,10 +258,11 @@ def semi_supervised(
     test_known = test_set.labels >= 0
     pretrained = evaluation.pretrained
     num_classes = num_classes_of(train_set.labels, test_set.labels)
-    subsets: list[tuple[str, float | None, torch.Tensor, Path]] = []
+    subsets: list[tuple[str, float, torch.Tensor, Path]] = []
     if subset_file is not None:
         indices = semi.read_subset(Path(subset_file), len(train_set), train_set.labels)
-        subsets.append((Path(subset_file).stem, None, indices, Path(subset_file)))
+        fraction = len(indices) / int((train_set.labels >= 0).sum())  # for the default epochs, and the record
+        subsets.append((Path(subset_file).stem, fraction, indices, Path(subset_file)))
     else:
         for fraction in fractions:
             indices = semi.balanced_subset(train_set.labels, fraction, seed)
@@ -274,7 +277,7 @@ def semi_supervised(
             subsets.append((semi.fraction_name(fraction), fraction, indices, path))
     per_subset = {}
     for name, fraction, indices, path in subsets:
-        run_epochs = epochs if epochs is not None else semi.default_epochs(fraction if fraction is not None else 0.01)
+        run_epochs = epochs if epochs is not None else semi.default_epochs(fraction)
         echo(f"semi {name}: fine-tuning on {len(indices)} labelled images for {run_epochs} epochs", file=sys.stderr)
         result = semi.finetune(
             pretrained.encoder, train_set.images[indices], train_set.labels[indices], test_set.images[test_known],
@@ -283,14 +286,17 @@ def semi_supervised(
             dtype=pretrained.dtype, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
             progress=evaluation.progress,
         )
-        per_subset[name] = {"fraction": fraction, "labelled_images": len(indices), "subset_file": str(path),
+        per_subset[name] = {"fraction": round(fraction, 6), "labelled_images": len(indices), "subset_file": str(path),
                             "epochs": run_epochs, "top1": result.top1, "top5": result.top5,
-                            "final_loss": result.extra["final_loss"]}
-    settings = {"fractions": [f for _, f, _, _ in subsets], "subset_file": str(subset_file) if subset_file else None,
+                            "batch_size": result.extra["batch_size"], "final_loss": result.extra["final_loss"],
+                            "epoch_losses": result.extra["epoch_losses"]}
+    settings = {"fractions": [round(f, 6) for _, f, _, _ in subsets],
+                "subset_file": str(subset_file) if subset_file else None,
                 "seed": seed, "epochs": epochs if epochs is not None else "60 for <=1%, 30 above (SimCLR)",
                 "batch_size": batch_size, "lr": lr, "optimizer": "SGD, Nesterov momentum 0.9, no weight decay",
                 "schedule": "cosine, per step", "augmentation": "random resized crop (0.08-1) + horizontal flip",
-                "batch_norm": "statistics frozen (eval mode), affine parameters trained",
+                "batch_norm": "training mode while fine-tuning; running statistics then recomputed over the "
+                              "labelled images (precise BN); eval mode on test",
                 "train_split": evaluation.train_split, "test_split": evaluation.test_split}
     first = next(iter(per_subset.values()))
     splits = {"train": len(train_set), "test": int(test_known.sum()),
