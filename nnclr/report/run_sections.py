@@ -18,14 +18,15 @@ from nnclr.report.data import RunData
 
 KEY_SETTINGS = (
     "data.name", "data.image_size", "augment.recipe", "model.backbone", "model.proj_dim", "method.name",
-    "method.temperature", "method.support_size", "method.num_prototypes", "method.num_clusters", "optim.name",
-    "optim.lr",
-    "optim.batch_size", "optim.weight_decay", "train.epochs", "train.max_steps", "train.precision", "train.seed",
+    "method.temperature", "method.support_size", "method.instance_weight", "method.num_prototypes",
+    "method.num_clusters", "optim.name", "optim.lr", "optim.batch_size",
+    "optim.weight_decay", "train.epochs", "train.max_steps", "train.precision", "train.seed",
 )
-NOT_FOR = {"simclr": ("method.support_size", "method.num_prototypes", "method.num_clusters"),
+NOT_FOR = {"simclr": ("method.support_size", "method.instance_weight", "method.num_prototypes", "method.num_clusters"),
            "nnclr": ("method.num_prototypes", "method.num_clusters"),
            "kmclr": ("method.num_clusters",),
-           "deepcluster": ("method.temperature", "method.support_size", "method.num_prototypes")}
+           "deepcluster": ("method.temperature", "method.support_size", "method.instance_weight",
+                           "method.num_prototypes")}
 FINAL_TRAIN_KEYS = (("loss", "loss"), ("nn_label_agreement", "neighbour label agreement"),
                     ("positive_similarity", "cosine of z with its positive"), ("support_fill", "support-set fill"),
                     ("pseudo_label_accuracy", "classifier accuracy on the pseudo-labels"))
@@ -184,7 +185,10 @@ def _eval_lines(e: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
                 for name, sub in subsets.items() if isinstance(sub, dict)]
     settings = e.get("settings") if isinstance(e.get("settings"), dict) else {}
     shown = {k: v for k, v in settings.items() if k in ("k", "temperature", "mode") and not isinstance(v, dict)}
-    shown |= {k: v for k, v in flatten(metrics).items() if _number(v) and not k.startswith("default.")}
+    # Top-level numbers and a sweep's best; per-grid-point tables (validation_top1 by l2, the kNN grid)
+    # stay in the JSON, they would crowd the row.
+    shown |= {k: v for k, v in flatten(metrics).items()
+              if _number(v) and ("." not in k or k.startswith("best."))}
     details = ", ".join(f"{H.esc(k)} {H.fmt(v, 3) if isinstance(v, float) else H.fmt(v)}"
                         for k, v in list(shown.items())[:MAX_DETAILS])
     return [(protocol, e.get("top1"), e.get("top5"), details)]
