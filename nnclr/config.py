@@ -8,7 +8,7 @@ config is saved in the run directory and in every checkpoint.
 Defaults are the NNCLR paper's where the paper gives one (Dwibedi et al., ICCV 2021, Sec. 4.1:
 projection MLP [2048, 2048, d=256], prediction MLP [4096, d], temperature 0.1, LARS with
 lr 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs, cosine decay, BYOL augmentations).
-The data, backbone, support-set size and run length default to the shipped demo, so that
+The data, backbone, support-set size, learning rate (0.6) and run length default to the shipped demo, so that
 ``nnclr pretrain`` with no arguments is a three-minute CPU run.
 """
 
@@ -86,7 +86,10 @@ class OptimConfig:
     """Optimiser and learning-rate schedule (linear warm-up then cosine, precomputed per step)."""
 
     name: str = "lars"  # lars | sgd | adamw
-    lr: float = 0.3  # base learning rate; the used one is lr x batch_size / 256 when lr_scaling=linear
+    # Base learning rate; the used one is lr x batch_size / 256 when lr_scaling=linear. The paper's is 0.3
+    # (the recipes in configs/ set it); the 20-epoch demo learns more at 0.6: kNN gain +11.3 vs +9.4
+    # (mean of seeds 0/1/2, README "Short runs").
+    lr: float = 0.6
     lr_scaling: str = "linear"  # linear | none
     final_lr: float = 0.0  # the cosine ends here (absolute, after scaling)
     momentum: float = 0.9
