@@ -37,7 +37,7 @@ import accuracy  # noqa: E402
 import eval_speed  # noqa: E402
 import lookup  # noqa: E402
 import throughput  # noqa: E402
-from common import REPO, Worker, load_average, machine, spread  # noqa: E402
+from common import REPO, load_average, machine, spread  # noqa: E402
 
 PARTS = ("throughput", "accuracy", "lookup", "eval")
 QUICK = {  # a few minutes in all on 2 idle cores
