@@ -1,0 +1,199 @@
+"""The NNCLR paper's claims at CPU scale (issue 9): one command per table, raw JSON and RESULTS.md.
+
+Each row of a table is a set of ``--set`` overrides for ``nnclr pretrain``; every row is trained for the
+same number of epochs (the budget: equal images seen, the wall time each row took is reported beside
+it) once per seed, then evaluated with the weighted kNN that ``nnclr pretrain`` prints (k=20, T=0.07,
+test split) and the fast linear probe (``nnclr eval linear``). Mean and standard deviation over seeds.
+
+Tables (Dwibedi et al., ICCV 2021):
+
+- ``methods``: NNCLR vs SimCLR vs KMCLR vs DeepCluster (paper Table 1 / Sec. 4.2 against the others);
+- ``crops``: random crops only against the full BYOL recipe, the relative drop of each method (paper
+  Table 6 and Fig. 4: 2.1% for NNCLR on ImageNet);
+- ``support``: support-set size and top-1 against top-k neighbours (paper Table 7 and Fig. 5);
+- ``prototypes``: KMCLR's number of prototypes and the storage each needs against NNCLR's support set.
+
+Usage (from the repository root; experiments are not part of the installed package)::
+
+    python experiments/run.py --table methods --data npz:../shared/data/cifar10 --epochs 2 --seeds 0 1 2
+    python experiments/run.py --table all --smoke      # a few steps on tiny data (the test suite)
+
+Raw results: ``experiments/results/<table>.json`` (one record per run); the table is written into
+``RESULTS.md`` between markers, so that tables from separate commands sit side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of a table: a label and the ``--set`` overrides that make it."""
+
+    label: str
+    overrides: tuple[str, ...]
+    group: str = ""  # rows of one group are compared with each other (crops: per method)
+
+
+METHODS = ("nnclr", "simclr", "kmclr", "deepcluster")
+
+TABLES: dict[str, tuple[Row, ...]] = {
+    "methods": tuple(Row(m, (f"method.name={m}",)) for m in METHODS),
+    "crops": tuple(
+        Row(f"{m}, {recipe}", (f"method.name={m}", f"augment.recipe={recipe}"), group=m)
+        for m in METHODS for recipe in ("byol", "crops")
+    ),
+    "support": tuple(Row(f"support {q:,}, top-1", ("method.name=nnclr", f"method.support_size={q}"))
+                     for q in (1024, 4096, 16384, 65536))
+    + (Row("support 16,384, top-5 (sampled)", ("method.name=nnclr", "method.support_size=16384", "method.topk=5")),),
+    "prototypes": tuple(Row(f"kmclr, {k} prototypes", ("method.name=kmclr", f"method.num_prototypes={k}"))
+                        for k in (50, 200, 400))
+    + (Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),),
+}
+
+SMOKE = ("model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32", "optim.batch_size=16",
+         "method.support_size=64", "method.num_prototypes=8", "method.num_clusters=8", "data.image_size=16",
+         "train.max_steps=2", "train.checkpoint_every=1000")
+
+
+def storage(overrides: tuple[str, ...], proj_dim: int) -> str:
+    """What the positives are looked up in: K prototypes or Q support entries, each a d-vector (fp32)."""
+    values = dict(o.split("=", 1) for o in overrides)
+    method = values.get("method.name", "nnclr")
+    if method == "kmclr":
+        count, what = int(values.get("method.num_prototypes", 400)), "prototypes"
+    elif method == "nnclr":
+        count, what = int(values.get("method.support_size", 1024)), "support entries"
+    else:
+        return "-"
+    return f"{count:,} {what} x {proj_dim} = {count * proj_dim * 4 / 2**20:.2f} MiB"
+
+
+def nnclr(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user runs it; a failure stops the experiment with the CLI's own message."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
+    command = [sys.executable, "-m", "nnclr", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"experiment failed: {shlex.join(command)}\n{result.stderr.strip()}")
+    return result
+
+
+def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
+    """Pretrain one row with one seed, then the fast linear probe; the record of RESULTS.md's row."""
+    overrides = [*row.overrides, f"data.name={args.data}", f"train.epochs={args.epochs}", f"train.seed={seed}",
+                 f"train.threads={args.threads}", "train.report=false", *args.set]
+    if args.smoke:
+        overrides += SMOKE
+    pretrain = ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
+    start = time.perf_counter()
+    nnclr(*pretrain)
+    wall = time.perf_counter() - start
+    results = json.loads((run_dir / "results.json").read_text())
+    linear = ["eval", "linear", "--checkpoint", str(run_dir), "--threads", str(args.threads)]
+    nnclr(*linear)
+    probe = json.loads(next((run_dir / "eval").glob("linear-*.json")).read_text())
+    config = probe.get("config", {})
+    return {"row": row.label, "group": row.group, "seed": seed, "overrides": overrides,
+            "commands": ["nnclr " + shlex.join(pretrain), "nnclr " + shlex.join(linear)],
+            "knn_before": results["knn_before"]["top1"], "knn_after": results["knn_after"]["top1"],
+            "linear": probe["top1"], "wall_time_s": wall, "images_per_second": results["images_per_second"],
+            "storage": storage(row.overrides, int(config.get("model", {}).get("proj_dim", 256)))}
+
+
+def mean_std(values: list[float]) -> str:
+    """'m ± s' over seeds (sample standard deviation; '± -' for one seed)."""
+    spread = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "-"
+    return f"{statistics.mean(values):.1f} ± {spread}"
+
+
+def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> str:
+    """The table of one experiment with its machine, versions, budget, wall time and exact commands."""
+    import torch
+
+    rows = list(dict.fromkeys(r["row"] for r in records))
+    lines = [f"<!-- table {name} -->", f"### {name}", "",
+             f"Data `{args.data}`, {args.epochs} epochs per run (every row sees the same images), seeds "
+             f"{' '.join(map(str, args.seeds))}; kNN: k=20, T=0.07 on the test split; linear: `nnclr eval linear` "
+             f"(fast mode). Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+             f"{args.threads or 'all'} threads; torch {torch.__version__}, Python {platform.python_version()}. "
+             f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| row | kNN top-1 before | kNN top-1 after | linear top-1 | wall time per run (s) | looked up in |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    after: dict[str, float] = {}
+    for label in rows:
+        rs = [r for r in records if r["row"] == label]
+        after[label] = statistics.mean(r["knn_after"] for r in rs)
+        lines.append(f"| {label} | {mean_std([r['knn_before'] for r in rs])} | {mean_std([r['knn_after'] for r in rs])}"
+                     f" | {mean_std([r['linear'] for r in rs])} | {statistics.mean(r['wall_time_s'] for r in rs):.0f}"
+                     f" | {rs[0]['storage']} |")
+    groups = list(dict.fromkeys(r["group"] for r in records if r["group"]))
+    if groups:
+        lines += ["", "Relative drop of the kNN top-1 from the full recipe to random crops only:", ""]
+        for g in groups:
+            full, crops = (after[f"{g}, {recipe}"] for recipe in ("byol", "crops"))
+            lines.append(f"- {g}: {full:.1f} -> {crops:.1f} ({100 * (full - crops) / full:.1f}% relative drop)")
+    example = records[0]["commands"]
+    lines += ["", "Commands of one run (the others differ in their `--set` values):", "", "```",
+              *example, "```", f"<!-- end table {name} -->"]
+    return "\n".join(lines)
+
+
+def write_results_md(path: Path, name: str, block: str) -> None:
+    """Replace table ``name`` in RESULTS.md (between its markers) or append it."""
+    text = path.read_text() if path.exists() else (
+        "# Results\n\nThe paper's claims at CPU scale, written by `experiments/run.py` (see its docstring).\n")
+    begin, end = f"<!-- table {name} -->", f"<!-- end table {name} -->"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--table", choices=(*TABLES, "all"), required=True)
+    parser.add_argument("--data", default="npz:" + str(REPO.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--epochs", type=float, default=2.0, help="the budget of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=0, help="0 = every physical core")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
+    parser.add_argument("--runs", type=Path, default=REPO / "experiments" / "runs")
+    parser.add_argument("--results", type=Path, default=REPO / "RESULTS.md")
+    parser.add_argument("--json-dir", type=Path, default=REPO / "experiments" / "results")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny models, 2 steps per run, the first two rows of each table (the test suite)")
+    args = parser.parse_args(argv)
+    names = list(TABLES) if args.table == "all" else [args.table]
+    args.json_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        records = []
+        rows = TABLES[name][:2] if args.smoke else TABLES[name]  # smoke: two rows (crops: one method's pair)
+        for row in rows:
+            for seed in args.seeds:
+                slug = "".join(c if c.isalnum() else "-" for c in row.label)
+                record = run_one(row, seed, args, args.runs / name / f"{slug}-s{seed}")
+                records.append(record)
+                print(f"{name}: {row.label} seed {seed}: kNN {record['knn_before']:.1f} -> {record['knn_after']:.1f},"
+                      f" linear {record['linear']:.1f} ({record['wall_time_s']:.0f} s)", flush=True)
+        (args.json_dir / f"{name}.json").write_text(json.dumps(records, indent=1))
+        write_results_md(args.results, name, table_markdown(name, records, args))
+        print(f"wrote {args.json_dir / (name + '.json')} and the {name} table in {args.results}")
+
+
+if __name__ == "__main__":
+    main()
