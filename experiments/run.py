@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # nnclr from this checkout, as the runs below use it
+
+from nnclr.config import METHODS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,6 @@ class Row:
     overrides: tuple[str, ...]
     group: str = ""  # rows of one group are compared with each other (crops: per method)
 
-
-METHODS = ("nnclr", "simclr", "kmclr", "deepcluster")
 
 TABLES: dict[str, tuple[Row, ...]] = {
     "methods": tuple(Row(m, (f"method.name={m}",)) for m in METHODS),
@@ -69,17 +70,17 @@ SMOKE = ("model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim
          "train.max_steps=2", "train.checkpoint_every=1000")
 
 
-def storage(overrides: tuple[str, ...], proj_dim: int) -> str:
-    """What the positives are looked up in: K prototypes or Q support entries, each a d-vector (fp32)."""
-    values = dict(o.split("=", 1) for o in overrides)
-    method = values.get("method.name", "nnclr")
-    if method == "kmclr":
-        count, what = int(values.get("method.num_prototypes", 400)), "prototypes"
-    elif method == "nnclr":
-        count, what = int(values.get("method.support_size", 1024)), "support entries"
+def storage(config: dict) -> str:
+    """What the positives are looked up in, from a run's resolved config: K prototypes or Q support entries,
+    each a d-vector (fp32)."""
+    method, d = config["method"], config["model"]["proj_dim"]
+    if method["name"] == "kmclr":
+        count, what = method["num_prototypes"], "prototypes"
+    elif method["name"] == "nnclr":
+        count, what = method["support_size"], "support entries"
     else:
         return "-"
-    return f"{count:,} {what} x {proj_dim} = {count * proj_dim * 4 / 2**20:.2f} MiB"
+    return f"{count:,} {what} x {d} = {count * d * 4 / 2**20:.2f} MiB"
 
 
 def nnclr(*args: str) -> subprocess.CompletedProcess[str]:
@@ -106,12 +107,11 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path) -> dic
     linear = ["eval", "linear", "--checkpoint", str(run_dir), "--threads", str(args.threads)]
     nnclr(*linear)
     probe = json.loads(next((run_dir / "eval").glob("linear-*.json")).read_text())
-    config = probe.get("config", {})
     return {"row": row.label, "group": row.group, "seed": seed, "overrides": overrides,
             "commands": ["nnclr " + shlex.join(pretrain), "nnclr " + shlex.join(linear)],
             "knn_before": results["knn_before"]["top1"], "knn_after": results["knn_after"]["top1"],
             "linear": probe["top1"], "wall_time_s": wall, "images_per_second": results["images_per_second"],
-            "storage": storage(row.overrides, int(config.get("model", {}).get("proj_dim", 256)))}
+            "storage": storage(probe["config"])}
 
 
 def mean_std(values: list[float]) -> str:
