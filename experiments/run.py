@@ -66,7 +66,7 @@ TABLES: dict[str, tuple[Row, ...]] = {
 }
 
 SMOKE = ("model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32", "optim.batch_size=16",
-         "method.support_size=64", "method.num_prototypes=8", "method.num_clusters=8", "data.image_size=16",
+         "method.support_size=256", "method.num_prototypes=8", "method.num_clusters=8", "data.image_size=16",
          "train.max_steps=2", "train.checkpoint_every=1000")
 
 
@@ -95,10 +95,10 @@ def nnclr(*args: str) -> subprocess.CompletedProcess[str]:
 
 def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path) -> dict:
     """Pretrain one row with one seed, then the fast linear probe; the record of RESULTS.md's row."""
-    overrides = [*row.overrides, f"data.name={args.data}", f"train.epochs={args.epochs}", f"train.seed={seed}",
-                 f"train.threads={args.threads}", "train.report=false", *args.set]
-    if args.smoke:
-        overrides += SMOKE
+    # Smoke sizes first, so that a row's own setting (e.g. its number of prototypes) is what runs.
+    overrides = [*(SMOKE if args.smoke else ()), *row.overrides, f"data.name={args.data}",
+                 f"train.epochs={args.epochs}", f"train.seed={seed}", f"train.threads={args.threads}",
+                 "train.report=false", *args.set]
     pretrain = ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
     start = time.perf_counter()
     nnclr(*pretrain)
