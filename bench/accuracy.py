@@ -115,7 +115,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.set = [*args.set, "optim.batch_size=32", "method.support_size=64", "method.num_prototypes=8"]
         args.precision_epochs = 1 / 109  # one step of batch 32 on the demo's 3,500 images
     if args.lightly and not lightly_available():
-        print("lightly is not installed (pip install -r bench/requirements.txt): time to accuracy of ours only")
+        print("lightly is not installed (pip install --no-deps -r bench/requirements.txt): "
+              "time to accuracy of ours only")
         args.lightly = False
     return args
 

@@ -260,7 +260,7 @@ class LightlyLoop:
 
 
 def lightly_available() -> bool:
-    """Whether lightly's NNCLR modules import (``pip install -r bench/requirements.txt``)."""
+    """Whether lightly's NNCLR modules import (``pip install --no-deps -r bench/requirements.txt``)."""
     try:
         import lightly.loss  # noqa: F401
         import lightly.models.modules  # noqa: F401

@@ -126,7 +126,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.data, args.backbones, args.batch, args.support = "demo", ["small_cnn"], 32, 512
         args.rounds, args.steps, args.loader_workers = 1, 1, 1
     if args.lightly and not lightly_available():
-        print("lightly is not installed (pip install -r bench/requirements.txt): only our loops are measured")
+        print("lightly is not installed (pip install --no-deps -r bench/requirements.txt): only our loops are measured")
         args.lightly = False
     from loops import data_overrides
 

@@ -2,7 +2,7 @@
 
 The numbers are not checked (tiny sizes, a shared machine); what is checked is that every script
 ran and that the file holds each section with a row per alternative. lightly's side runs only where
-lightly is installed (``pip install -r bench/requirements.txt``); its checks skip otherwise.
+lightly is installed (``pip install --no-deps -r bench/requirements.txt``); its checks skip otherwise.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_our_side_of_every_benchmark(report: str) -> None:
 
 def test_lightly_side(report: str) -> None:
     if not _module("loops").lightly_available():
-        pytest.skip("lightly is not installed (pip install -r bench/requirements.txt): our side only")
+        pytest.skip("lightly is not installed (pip install --no-deps -r bench/requirements.txt): our side only")
     throughput = {(row[0], row[1]): row for row in _rows(report, "End-to-end pretraining throughput and peak memory")}
     assert NUMBER.search(throughput["small_cnn", "lightly nnclr"][2])
     assert "loader worker" in throughput["small_cnn", "lightly nnclr"][4]
