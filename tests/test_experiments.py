@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from robust_helpers import tiny_npz
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("methods", "crops", "support", "prototypes")
+TABLES = ("methods", "crops", "support", "prototypes", "budget")
 
 
 def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
@@ -41,6 +43,28 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
     prototypes = json.loads((json_dir / "prototypes.json").read_text())
     assert prototypes[0]["storage"].startswith("50 prototypes x 16")
 
+
+def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(tmp_path: Path) -> None:
+    data = tiny_npz(tmp_path / "data")
+    results, json_dir = tmp_path / "RESULTS.md", tmp_path / "json"
+    command = [sys.executable, str(REPO / "experiments" / "run.py"), "--table", "budget", "--smoke", "--seeds", "0",
+               "--threads", "1", "--budget", "7", "--data", f"npz:{data}", "--runs", str(tmp_path / "runs"),
+               "--results", str(results), "--json-dir", str(json_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    records = json.loads((json_dir / "budget.json").read_text())
+    assert [r["row"] for r in records] == ["nnclr", "simclr"]
+    for r in records:
+        calibration_dir = tmp_path / "runs" / "budget" / f"{r['row']}-calibration"
+        calibration = json.loads((calibration_dir / "results.json").read_text())
+        images = len(np.load(data / "train.npz")["labels"])
+        # the epochs are what 7 s hold at the calibration run's training rate, and the run used them
+        assert r["epochs"] == pytest.approx(7 * calibration["images_per_second"] / images)
+        assert f"train.epochs={r['epochs']!r}" in r["commands"][0]
+        assert r["train_time_s"] > 0
+    assert "a budget of 7 s of training per run" in results.read_text()
+    bad = subprocess.run([*command[:2], "--table", "budget", "--budget", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--budget must be" in bad.stderr
 
 
 def test_a_table_written_again_replaces_its_block(tmp_path: Path) -> None:
