@@ -12,7 +12,7 @@ Parts, in this order (each is a script of its own in ``bench/``; ``--parts`` pic
 Usage::
 
     pip install --no-deps -r bench/requirements.txt   # lightly, for the comparison (no torch change)
-    python bench/run.py                      # everything, ~50 minutes on 2 cores -> BENCHMARKS.md
+    python bench/run.py                      # everything, 43 minutes on 2 idle cores -> BENCHMARKS.md
     python bench/run.py --quick              # the same with short settings, a few minutes
     python bench/run.py --parts lookup eval  # some parts
 
