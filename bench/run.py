@@ -40,7 +40,7 @@ import throughput  # noqa: E402
 from common import REPO, load_average, machine, spread  # noqa: E402
 
 PARTS = ("throughput", "accuracy", "lookup", "eval")
-QUICK = {  # ~6 minutes on 2 cores (estimated from its parts): NNCLR and lightly only, a 30 s budget, kNN on 10,000
+QUICK = {  # 4.5 minutes on 2 idle cores (measured 2026-12-04): NNCLR and lightly only, a 30 s budget, kNN on 10,000
     "throughput": ["--rounds", "2", "--steps", "2", "--methods", "nnclr"],
     "accuracy": ["--budget", "30", "--precision-epochs", "0.1", "--seeds", "0", "--knn-images", "10000"],
     "lookup": ["--repeats", "3", "--queries", "2560"],
