@@ -110,24 +110,20 @@ def overrides_for(row: Row, seed: int, epochs: float, args: argparse.Namespace) 
             f"train.seed={seed}", f"train.threads={args.threads}", "train.report=false", *args.set]
 
 
-def calibrate(row: Row, args: argparse.Namespace, run_dir: Path) -> dict:
-    """The epochs of ``args.budget`` seconds of training for ``row``: a run of ``args.calibration_steps``
-    steps gives the training rate (images/s, measured by ``nnclr pretrain`` over its steps only)."""
-    from nnclr.data import load_dataset
-
-    steps = 2 if args.smoke else args.calibration_steps
+def calibrate(row: Row, args: argparse.Namespace, run_dir: Path, images: int) -> tuple[float, float]:
+    """Images/s and the epochs of ``args.budget`` seconds of training for ``row`` (``images`` training
+    images): a run of ``args.calibration_steps`` steps gives the rate, measured by ``nnclr pretrain``
+    over its steps only."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: a finished one would only resume
-    overrides = [*overrides_for(row, 0, 1.0, args), f"train.max_steps={steps}"]
+    overrides = [*overrides_for(row, 0, 1.0, args), f"train.max_steps={args.calibration_steps}"]
     nnclr("pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides)
     rate = json.loads((run_dir / "results.json").read_text())["images_per_second"]
-    images = len(load_dataset(args.data, "train", download=False))
-    return {"images_per_second": rate, "epochs": args.budget * rate / images, "steps": steps}
+    return rate, args.budget * rate / images
 
 
-def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path, epochs: float | None = None) -> dict:
-    """Pretrain one row with one seed for ``epochs`` (default ``--epochs``), then the fast linear probe;
-    the record of RESULTS.md's row."""
-    overrides = overrides_for(row, seed, args.epochs if epochs is None else epochs, args)
+def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_dir: Path) -> dict:
+    """Pretrain one row with one seed for ``epochs``, then the fast linear probe; the record of RESULTS.md's row."""
+    overrides = overrides_for(row, seed, epochs, args)
     pretrain = ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
     start = time.perf_counter()
     nnclr(*pretrain)
@@ -140,7 +136,7 @@ def run_one(row: Row, seed: int, args: argparse.Namespace, run_dir: Path, epochs
             "commands": ["nnclr " + shlex.join(pretrain), "nnclr " + shlex.join(linear)],
             "knn_before": results["knn_before"]["top1"], "knn_after": results["knn_after"]["top1"],
             "linear": probe["top1"], "wall_time_s": wall, "train_time_s": results["wall_time"],
-            "epochs": args.epochs if epochs is None else epochs, "images_per_second": results["images_per_second"],
+            "epochs": epochs, "images_per_second": results["images_per_second"],
             "storage": storage(probe["config"])}
 
 
@@ -226,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.budget < 0 or args.calibration_steps < 1:
         parser.error("--budget must be >= 0 and --calibration-steps >= 1")
+    if args.smoke:
+        args.calibration_steps = 2
+    if args.budget:
+        from nnclr.data import load_dataset
+
+        images = len(load_dataset(args.data, "train", download=False))
     names = list(TABLES) if args.table == "all" else [args.table]
     args.json_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -233,13 +235,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = TABLES[name][:2] if args.smoke else TABLES[name]  # smoke: two rows (crops: one method's pair)
         for row in rows:
             slug = "".join(c if c.isalnum() else "-" for c in row.label)
-            fitted = calibrate(row, args, args.runs / name / f"{slug}-calibration") if args.budget else None
-            if fitted:
-                print(f"{name}: {row.label}: {fitted['images_per_second']:.0f} images/s over {fitted['steps']} steps"
-                      f" -> {fitted['epochs']:.2f} epochs in {args.budget:g} s", flush=True)
+            epochs = args.epochs
+            if args.budget:
+                rate, epochs = calibrate(row, args, args.runs / name / f"{slug}-calibration", images)
+                print(f"{name}: {row.label}: {rate:.0f} images/s over {args.calibration_steps} steps"
+                      f" -> {epochs:.2f} epochs in {args.budget:g} s", flush=True)
             for seed in args.seeds:
-                record = run_one(row, seed, args, args.runs / name / f"{slug}-s{seed}",
-                                 fitted["epochs"] if fitted else None)
+                record = run_one(row, seed, epochs, args, args.runs / name / f"{slug}-s{seed}")
                 records.append(record)
                 print(f"{name}: {row.label} seed {seed}: kNN {record['knn_before']:.1f} -> {record['knn_after']:.1f},"
                       f" linear {record['linear']:.1f} ({record['wall_time_s']:.0f} s)", flush=True)
