@@ -13,7 +13,7 @@ import pytest
 from robust_helpers import tiny_npz
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("methods", "crops", "support", "prototypes", "budget")
+TABLES = ("methods", "crops", "support", "prototypes", "budget", "recipe")
 
 
 def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
@@ -79,3 +79,29 @@ def test_a_table_written_again_replaces_its_block(tmp_path: Path) -> None:
     text = results.read_text()
     assert text.count("<!-- table methods -->") == 1 and "second" in text and "first" not in text
     assert text.index("second") < text.index("crops")  # in place, not moved to the end
+
+
+def test_rows_runs_the_rows_named_afresh_keeps_the_others_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    data = tiny_npz(tmp_path / "data")
+    json_dir, runs = tmp_path / "json", tmp_path / "runs"
+    command = [sys.executable, str(REPO / "experiments" / "run.py"), "--table", "methods", "--smoke", "--seeds", "0",
+               "--threads", "1", "--data", f"npz:{data}", "--runs", str(runs), "--results", str(tmp_path / "R.md"),
+               "--json-dir", str(json_dir), "--rows", "simclr"]
+    for attempt in range(2):  # the second run finds the first one's finished run dir and must not resume it
+        if attempt:
+            (runs / "methods" / "simclr-s0" / "left-from-before").touch()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        records = json.loads((json_dir / "methods.json").read_text())
+        assert [r["row"] for r in records] == ["simclr"] and records[0]["train_time_s"] > 0
+    assert not (runs / "methods" / "simclr-s0" / "left-from-before").exists()
+    done = subprocess.run([*command[:-1], "nnclr"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    records = json.loads((json_dir / "methods.json").read_text())
+    assert [r["row"] for r in records] == ["nnclr", "simclr"]  # the simclr record kept, in the table's order
+    assert "| nnclr |" in (tmp_path / "R.md").read_text() and "| simclr |" in (tmp_path / "R.md").read_text()
+    unknown = subprocess.run([*command[:-1], "no such row"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "--rows: no row 'no such row' in table 'methods'" in unknown.stderr
+    assert "'nnclr', 'simclr'" in unknown.stderr
+    every = subprocess.run([*command[:2], "--table", "all", "--rows", "nnclr"], capture_output=True, text=True)
+    assert every.returncode == 2 and "--rows needs one --table" in every.stderr
