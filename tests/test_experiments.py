@@ -67,11 +67,33 @@ def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(tmp_path: Path) -> None
     assert bad.returncode == 2 and "--budget must be" in bad.stderr
 
 
-def test_a_table_written_again_replaces_its_block(tmp_path: Path) -> None:
+def _run_module():
+    """experiments/run.py imported as a module (it is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("experiments_run", REPO / "experiments" / "run.py")
     run = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = run  # dataclasses look their module up
     spec.loader.exec_module(run)
+    return run
+
+
+def test_every_row_of_every_table_is_a_valid_config() -> None:
+    # the smoke run trains two rows per table; the others' overrides are checked here, without training
+    from nnclr.config import load_config, parse_override
+
+    run = _run_module()
+    assert set(run.TABLES) == set(TABLES)
+    for name, rows in run.TABLES.items():
+        assert len({row.label for row in rows}) == len(rows), name  # --rows finds rows by label
+        for row in rows:
+            config = load_config(overrides=list(row.overrides))
+            for override in row.overrides:  # each setting is in the config the run gets
+                key, value = parse_override(override)
+                section, name = key.split(".")
+                assert getattr(getattr(config, section), name) == value, (name, override)
+
+
+def test_a_table_written_again_replaces_its_block(tmp_path: Path) -> None:
+    run = _run_module()
     results = tmp_path / "RESULTS.md"
     run.write_results_md(results, "methods", "<!-- table methods -->\nfirst\n<!-- end table methods -->")
     run.write_results_md(results, "crops", "<!-- table crops -->\ncrops\n<!-- end table crops -->")
