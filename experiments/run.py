@@ -149,6 +149,18 @@ def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_di
             "storage": storage(probe["config"])}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows: tables from machines
+    that differ several times in speed must say which one they come from."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mean_std(values: list[float]) -> str:
     """'m ± s' over seeds (sample standard deviation; '± -' for one seed)."""
     spread = f"{statistics.stdev(values):.1f}" if len(values) > 1 else "-"
@@ -174,7 +186,7 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
     lines = [f"<!-- table {name} -->", f"### {name}", "",
              f"Data `{args.data}`, {budget}, seeds "
              f"{' '.join(map(str, args.seeds))}; kNN: k=20, T=0.07 on the test split; linear: `nnclr eval linear` "
-             f"(fast mode). Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+             f"(fast mode). Machine: {cpu_name()}, {os.cpu_count()} CPUs, "
              f"{args.threads or 'all'} threads; torch {torch.__version__}, Python {platform.python_version()}. "
              f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| row | kNN top-1 before | kNN top-1 after | linear top-1 | training per run (s) | wall time per run (s) "
