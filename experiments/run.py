@@ -118,24 +118,29 @@ def overrides_for(row: Row, seed: int, epochs: float, args: argparse.Namespace) 
             f"train.seed={seed}", f"train.threads={args.threads}", "train.report=false", *args.set]
 
 
+def fresh_pretrain(run_dir: Path, overrides: list[str]) -> list[str]:
+    """``nnclr pretrain`` in an emptied ``run_dir`` (a finished run left there would only resume, in no time);
+    its arguments, for the table's commands."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    pretrain = ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
+    nnclr(*pretrain)
+    return pretrain
+
+
 def calibrate(row: Row, args: argparse.Namespace, run_dir: Path, images: int) -> tuple[float, float]:
     """Images/s and the epochs of ``args.budget`` seconds of training for ``row`` (``images`` training
     images): a run of ``args.calibration_steps`` steps gives the rate, measured by ``nnclr pretrain``
     over its steps only."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: a finished one would only resume
-    overrides = [*overrides_for(row, 0, 1.0, args), f"train.max_steps={args.calibration_steps}"]
-    nnclr("pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides)
+    fresh_pretrain(run_dir, [*overrides_for(row, 0, 1.0, args), f"train.max_steps={args.calibration_steps}"])
     rate = json.loads((run_dir / "results.json").read_text())["images_per_second"]
     return rate, args.budget * rate / images
 
 
 def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_dir: Path) -> dict:
     """Pretrain one row with one seed for ``epochs``, then the fast linear probe; the record of RESULTS.md's row."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: a finished one would only resume, in no time
     overrides = overrides_for(row, seed, epochs, args)
-    pretrain = ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
     start = time.perf_counter()
-    nnclr(*pretrain)
+    pretrain = fresh_pretrain(run_dir, overrides)
     wall = time.perf_counter() - start
     results = json.loads((run_dir / "results.json").read_text())
     linear = ["eval", "linear", "--checkpoint", str(run_dir), "--threads", str(args.threads)]
@@ -246,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--budget must be >= 0 and --calibration-steps >= 1")
     if args.rows and args.table == "all":
         parser.error("--rows needs one --table")
+    labels = [row.label for row in TABLES.get(args.table, ())]
     for label in args.rows or ():
-        if label not in (labels := [row.label for row in TABLES[args.table]]):
+        if label not in labels:
             parser.error(f"--rows: no row {label!r} in table {args.table!r}; its rows: "
                          + ", ".join(map(repr, labels)))
     if args.smoke:
@@ -277,8 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         json_path = args.json_dir / f"{name}.json"
         if args.rows and json_path.exists():  # keep the other rows' records from an earlier run, in table order
             kept = [r for r in json.loads(json_path.read_text()) if r["row"] not in args.rows]
-            order = [row.label for row in TABLES[name]]
-            records = sorted(kept + records, key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+            place = {label: i for i, label in enumerate(labels)}  # --rows implies one table: labels are its rows
+            records = sorted(kept + records, key=lambda r: place.get(r["row"], len(place)))
         json_path.write_text(json.dumps(records, indent=1))
         write_results_md(args.results, name, table_markdown(name, records, args))
         print(f"wrote {args.json_dir / (name + '.json')} and the {name} table in {args.results}")
