@@ -28,6 +28,56 @@ _C_BLUR = _C_GRAY + 1
 _C_SIGMA = _C_BLUR + 1
 _C_SOLARIZE = _C_SIGMA + 1
 _NUM_DRAWS = _C_SOLARIZE + 1
+CROP_DRAWS = _C_POS_Y + 1  # the leading columns that decide the crop box (attempts' scale, ratio; x, y)
+
+
+def crop_boxes(
+    u: torch.Tensor,
+    height: int | float | torch.Tensor,
+    width: int | float | torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> torch.Tensor:
+    """Random resized crop boxes from uniforms, torchvision's ``RandomResizedCrop.get_params`` rule.
+
+    Up to 10 attempts of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); the first
+    attempt that fits in the image is used, otherwise a central crop of the clamped aspect ratio.
+    Sizes and positions are continuous (no rounding to whole pixels).
+
+    Args:
+        u: (B, CROP_DRAWS) uniforms in [0, 1): 10 scale draws, 10 ratio draws, x and y position.
+        height: Image height H: a number, or a (B,) tensor when the images differ in size (the
+            streaming loader crops each full-size image in its worker).
+        width: Image width W, likewise.
+        scale: Range of the crop area as a fraction of the image area.
+        ratio: Range of the crop aspect ratio (width / height).
+
+    Returns:
+        (B, 4) float32 boxes ``(x0, y0, w, h)`` in input pixels (pixel k spans [k, k + 1]).
+    """
+    height = torch.as_tensor(height, dtype=torch.float32, device=u.device)
+    width = torch.as_tensor(width, dtype=torch.float32, device=u.device)
+    if height.dim() == 1:
+        height, width = height[:, None], width[:, None]  # (B, 1): broadcast over the attempts
+    lo, hi = scale
+    area = (height * width) * (lo + (hi - lo) * u[:, _C_SCALE])  # (B, 10)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, _C_RATIO])  # (B, 10)
+    w_all = torch.sqrt(area * aspect)
+    h_all = torch.sqrt(area / aspect)
+    fits = (w_all <= width) & (h_all <= height)  # (B, 10)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # (B, 1): first True (0 if none)
+    any_fit = fits.any(dim=1)  # (B,)
+    height, width = height.reshape(-1), width.reshape(-1)  # (B,) or (1,)
+    in_ratio = width / height  # fallback: central crop, torchvision's rule
+    fw = torch.where(in_ratio < ratio[0], width, torch.where(in_ratio > ratio[1], height * ratio[1], width))
+    fh = torch.where(in_ratio < ratio[0], width / ratio[0], height)
+    w = torch.where(any_fit, w_all.gather(1, first).squeeze(1), fw)  # (B,)
+    h = torch.where(any_fit, h_all.gather(1, first).squeeze(1), fh)
+    free_x, free_y = width - w, height - h  # >= 0
+    x0 = torch.where(any_fit, u[:, _C_POS_X] * free_x, free_x / 2)
+    y0 = torch.where(any_fit, u[:, _C_POS_Y] * free_y, free_y / 2)
+    return torch.stack([x0, y0, w, h], dim=1)
 
 
 def sample_view_params(
@@ -66,28 +116,7 @@ def sample_view_params(
         device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(batch, _NUM_DRAWS, generator=generator, device=device)  # (B, D) in [0, 1)
 
-    # Random resized crop: candidate (area, ratio) pairs, first one that fits wins.
-    lo, hi = recipe.crop_scale
-    area = (height * width) * (lo + (hi - lo) * u[:, _C_SCALE])  # (B, 10)
-    log_lo, log_hi = math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1])
-    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, _C_RATIO])  # (B, 10)
-    w_all = torch.sqrt(area * ratio)
-    h_all = torch.sqrt(area / ratio)
-    fits = (w_all <= width) & (h_all <= height)  # (B, 10)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # (B, 1): first True (0 if none)
-    any_fit = fits.any(dim=1)  # (B,)
-    in_ratio = width / height  # fallback: central crop, torchvision's rule
-    if in_ratio < recipe.crop_ratio[0]:
-        fw, fh = float(width), width / recipe.crop_ratio[0]
-    elif in_ratio > recipe.crop_ratio[1]:
-        fw, fh = height * recipe.crop_ratio[1], float(height)
-    else:
-        fw, fh = float(width), float(height)
-    w = torch.where(any_fit, w_all.gather(1, first).squeeze(1), fw)  # (B,)
-    h = torch.where(any_fit, h_all.gather(1, first).squeeze(1), fh)
-    free_x, free_y = width - w, height - h  # >= 0
-    x0 = torch.where(any_fit, u[:, _C_POS_X] * free_x, free_x / 2)
-    y0 = torch.where(any_fit, u[:, _C_POS_Y] * free_y, free_y / 2)
+    x0, y0, w, h = crop_boxes(u[:, :CROP_DRAWS], height, width, recipe.crop_scale, recipe.crop_ratio).unbind(1)
 
     def factor(col: torch.Tensor, strength: float) -> torch.Tensor:
         low = max(0.0, 1.0 - strength)
