@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -50,6 +49,7 @@ from nnclr.evaluate.knn import KnnResult, knn_accuracy
 from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 from nnclr.runfiles import append_line, write_text_atomic
+from nnclr.seeding import AUGMENT, CLUSTER, ORDER, derive_seed
 from nnclr.selectors import build_selector
 from nnclr.step import contrastive_step, instance_weight
 from nnclr.support import SupportSet
@@ -100,11 +100,6 @@ def default_run_dir(config: Config) -> Path:
     """``runs/<method>-<data>``, with the data name made safe for a path."""
     data = "".join(c if c.isalnum() or c in "-_." else "-" for c in config.data.name).strip("-")
     return Path("runs") / f"{config.method.name}-{data}"
-
-
-def _seed(*parts: int) -> int:
-    """An independent 63-bit seed for each (seed, stream, counter)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 def build_run(config: Config, device: torch.device | None = None) -> Run:
@@ -264,7 +259,7 @@ def _recluster(run: Run, epoch: int, step: int, log: Log) -> None:
         return
     encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
     z = _extract_in_shards(encoder, run.train_set.images, _extract_options(run))  # (N, D) L2-normalised
-    generator = torch.Generator().manual_seed(_seed(run.config.train.seed, 3, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, CLUSTER, epoch))
     stats = run.selector.recluster(z, epoch=epoch, generator=generator, true_labels=run.train_set.labels)
     reset_classifier(run.model.classifier, run.optimizer, generator)
     log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
@@ -382,7 +377,7 @@ def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_seed(run.config.train.seed, 1, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, ORDER, epoch))
     if isinstance(run.selector, PseudoLabels):  # DeepCluster: uniform over the pseudo-labels
         return run.selector.epoch_order(generator)
     return torch.randperm(len(run.train_set), generator=generator)
@@ -392,7 +387,7 @@ def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[st
     """One optimisation step; returns the loss and the NN diagnostics."""
     config = run.config
     images, labels, indices = _batch(run, step, order)
-    generator = torch.Generator(device=run.device).manual_seed(_seed(config.train.seed, 2, step))
+    generator = torch.Generator(device=run.device).manual_seed(derive_seed(config.train.seed, AUGMENT, step))
     # Views' parameters are drawn for the global batch and sliced, so that W processes see the
     # same views as one process would.
     params = run.augment.sample_params(config.optim.batch_size, *images.shape[2:], generator, run.device)
