@@ -11,8 +11,11 @@ Layout rules:
 * With no class subfolders, the images directly in the folder are loaded unlabelled
   (labels ``-1``, ``classes == []``).
 * Hidden files and folders (name starting with ``.``) are skipped. Order is deterministic:
-  sorted relative paths.
+  by class, then sorted relative paths.
 
+The files are listed by :func:`nnclr.data.index.load_index` (in parallel, cached on disk), so this
+in-memory loader and the streaming one see the same files in the same order; only regular files
+are listed (a FIFO, a socket, a dangling symlink is reported as unreadable, never opened).
 Every file is decoded as described in :mod:`nnclr.data.decode` and kept in memory as
 ``uint8 (N, 3, S, S)``. A file that cannot be read (truncated, corrupt, not an image, no
 permission, a symlink loop) and a folder that cannot be listed are skipped, counted and the first
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,40 +35,24 @@ import torch
 from tqdm import tqdm
 
 from nnclr.data.dataset import ImageDataset
-from nnclr.data.decode import IMAGE_EXTENSIONS, is_image_file, try_load_square
+from nnclr.data.decode import is_image_file, try_load_square
+from nnclr.data.index import PROGRESS_MIN_FILES, _cpus, load_index
 from nnclr.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 64
-PROGRESS_MIN_FILES = 200
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # Pillow releases the GIL while decoding JPEG and resizing: 2 threads decoded 240 640x480 JPEGs
 # 1.7x faster than 1 on 2 cores (PNG: no gain, no loss).
 _THREADS = min(4, _cpus())
-_EXTENSIONS = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
 _TEST_NAMES = ("test", "val")
-
-
-def _visible_subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _images_directly_in(path: Path) -> list[Path]:
-    """Image files in ``path`` itself; broken symlinks and symlink loops too, to be reported as unreadable."""
-    return sorted(p for p in path.iterdir() if not p.is_dir() and is_image_file(p))
 
 
 def _images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
     """All image files at any depth below ``path``, sorted; symlinked folders followed once.
 
-    Folders that cannot be listed are added to ``unreadable`` with the reason.
+    For :mod:`nnclr.use.embed` (any depth, no classes); the ``folder:`` source uses
+    :func:`nnclr.data.index.load_index`. Folders that cannot be listed are added to ``unreadable`` with the reason.
     """
     seen: set[str] = set()
     found: list[Path] = []
@@ -119,42 +105,20 @@ def split_folder(root: Path, split: str) -> Path:
 def scan_folder(
     path: Path, unreadable: list[tuple[Path, str]] | None = None
 ) -> tuple[list[Path], list[int], list[str]]:
-    """List the images under ``path`` with their labels and the class names.
+    """List the images under ``path`` with their labels and the class names (:func:`load_index`).
 
     Returns:
         ``(files, labels, classes)``; labels are ``-1`` and classes ``[]`` when unlabelled.
-        Subfolders that cannot be listed are added to ``unreadable``.
+        Subfolders that cannot be listed and entries that are not regular files are added to
+        ``unreadable``.
 
     Raises:
         UserError: If there are no images, or ``path`` itself cannot be listed.
     """
-    classes: list[str] = []
-    files: list[Path] = []
-    labels: list[int] = []
-    try:
-        subdirs, loose = _visible_subdirs(path), _images_directly_in(path)
-    except OSError as error:
-        raise UserError(f"cannot list {path} ({error.strerror}); check its permissions") from None
-    for sub in subdirs:
-        below = _images_below(sub, unreadable)
-        if below:
-            files.extend(below)
-            labels.extend([len(classes)] * len(below))
-            classes.append(sub.name)
-    if classes and loose:
-        warnings.warn(
-            f"{path}: ignoring {len(loose)} image(s) lying next to the class subfolders "
-            f"(e.g. {loose[0].name}); move them into a class subfolder to use them",
-            stacklevel=3,
-        )
-    elif loose:
-        files, labels = loose, [-1] * len(loose)
-    if not files:
-        raise UserError(
-            f"no images found in {path} (extensions: {_EXTENSIONS}); put images in it, "
-            "or one subfolder of images per class"
-        )
-    return files, labels, classes
+    index, bad = load_index(path)
+    if unreadable is not None:
+        unreadable.extend(bad)
+    return index.paths(), index.labels.tolist(), index.classes
 
 
 def _decode_all(

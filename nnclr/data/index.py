@@ -1,0 +1,728 @@
+"""An index of the image files of a folder, built once in parallel and cached on disk.
+
+:func:`load_index` lists a split folder (see :mod:`nnclr.data.folder` for ``train/``, ``test/``)
+under the layout rules of the ``folder:`` source:
+
+* Every subfolder of the folder that holds images (at any depth below it) is a class: sorted
+  names give labels ``0..C-1``, as in torchvision's ``ImageFolder``. Images lying directly in the
+  folder next to class subfolders are ignored, with a warning.
+* With no class subfolders, the images directly in the folder are indexed unlabelled
+  (labels ``-1``, ``classes == []``).
+* Hidden files and folders (name starting with ``.``) are skipped; symlinked folders are
+  followed, each real folder once per class (symlink loops are cut). Where one real folder is
+  reached by several paths, the shallowest path wins, then the first in sorted order.
+* Order: by class, then by relative posix path (for unlabelled folders: by path).
+* Only regular files (after following symlinks) are indexed, with their size and ``st_mtime_ns``
+  from one ``stat``; no file is opened. FIFOs, sockets, devices, dangling symlinks and symlink
+  loops with an image name, and folders that cannot be listed, are returned as unreadable with
+  the reason.
+
+Folders are listed on a thread pool (``stat`` releases the GIL; network file systems gain most),
+one depth level at a time so the result does not depend on which thread finishes first. A tqdm
+bar on stderr counts the files found once there are more than ``PROGRESS_MIN_FILES`` (shown only
+on a terminal).
+
+The cache, ``index_cache_dir()/<sha256 of the real path and the format version>.npz``, holds the
+index, the folders listed with their ``st_mtime_ns`` and inode, and the unreadable entries. It is
+reused when every folder has the same mtime (no file added, removed or renamed), every indexed
+file the same size and mtime (none modified in place: one ``stat`` each, in parallel) and every
+unreadable entry the same reason; otherwise the folder is listed again and the cache overwritten.
+A folder modified less than ``RACY_NS`` before the listing started is not trusted (a change in
+the same file-system clock tick would leave its mtime unchanged). A cache file that cannot be
+read or written is ignored (one warning line for large folders).
+
+Measured with ``python bench/index_startup.py`` (100,000 hard-linked JPEGs in 1,000 class
+folders, page cache warm, 2 cores of an AMD EPYC, median of 3): a fresh :func:`build_index`
+BUILD_S, :func:`load_index` with a valid cache LOAD_S (RATIO_X faster); the cached load is
+dominated by the one ``stat`` per file that proves no file changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import stat
+import sys
+import time
+import warnings
+import zipfile
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnclr.data.decode import IMAGE_EXTENSIONS, is_image_file
+from nnclr.errors import UserError
+
+PROGRESS_MIN_FILES = 200
+FORMAT_VERSION = 1
+RACY_NS = 2_000_000_000  # 2 s: the coarsest common mtime resolution (FAT); ext4, xfs, NFS are finer
+EXTENSIONS = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_THREADS = min(8, 4 * _cpus())
+
+
+# ---------------------------------------------------------------------------- packed strings
+
+
+def _pack(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pack strings into one buffer: ``uint8 (B,)`` of the ``os.fsencode`` bytes and ``int64 (n + 1,)`` offsets."""
+    encoded = [os.fsencode(s) for s in strings]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def _unpack(buffer: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The strings :func:`_pack` packed."""
+    raw, ends = buffer.tobytes(), offsets.tolist()
+    return [os.fsdecode(raw[a:b]) for a, b in zip(ends, ends[1:])]
+
+
+def _check_packed(buffer: np.ndarray, offsets: np.ndarray, what: str) -> None:
+    if buffer.dtype != np.uint8 or offsets.dtype != np.int64 or buffer.ndim != 1 or offsets.ndim != 1:
+        raise ValueError(f"{what}: expected uint8 (B,) and int64 (n + 1,) arrays")
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(buffer) or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{what}: offsets do not index the buffer")
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+@dataclass(eq=False, repr=False)
+class FileIndex:
+    """The image files of one split folder, their labels, sizes and mtimes.
+
+    The relative paths are stored packed (``_names``: ``uint8 (B,)`` UTF-8 bytes, ``_offsets``:
+    ``int64 (N + 1,)``), not as ``N`` Python strings: a million paths cost tens of MB, and forked
+    ``DataLoader`` workers share those pages (no reference count is written into them).
+
+    Attributes:
+        root: The split folder listed, as given (not resolved).
+        labels: ``int64 (N,)`` class of each file, ``-1`` when unlabelled.
+        classes: Class names (``[]`` when unlabelled).
+        sizes: ``int64 (N,)`` file sizes in bytes.
+        mtimes: ``int64 (N,)`` ``st_mtime_ns`` of each file.
+    """
+
+    root: Path
+    labels: np.ndarray
+    classes: list[str]
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    _names: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    _offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.classes = list(self.classes)
+        for name in ("labels", "sizes", "mtimes"):
+            array = np.asarray(getattr(self, name))
+            if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+                raise ValueError(f"{name}: expected a 1-D integer array")
+            setattr(self, name, np.ascontiguousarray(array, dtype=np.int64))
+        _check_packed(self._names, self._offsets, "paths")
+        n = len(self._offsets) - 1
+        if not len(self.labels) == len(self.sizes) == len(self.mtimes) == n:
+            counts = f"{len(self.labels)} labels, {len(self.sizes)} sizes, {len(self.mtimes)} mtimes"
+            raise ValueError(f"{n} paths but {counts}")
+        low = 0 if self.classes else -1
+        high = len(self.classes) - 1 if self.classes else -1
+        if n and (self.labels.min() < low or self.labels.max() > high):
+            raise ValueError(f"labels outside {low}..{high} for {len(self.classes)} classes")
+
+    @classmethod
+    def from_relpaths(
+        cls,
+        root: Path,
+        relpaths: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        classes: Sequence[str],
+        sizes: Sequence[int] | np.ndarray,
+        mtimes: Sequence[int] | np.ndarray,
+    ) -> FileIndex:
+        """Build an index from posix relative paths (packed here) and the per-file arrays (N,)."""
+        names, offsets = _pack(relpaths)
+        return cls(Path(root), np.asarray(labels), list(classes), np.asarray(sizes), np.asarray(mtimes), names, offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __repr__(self) -> str:
+        return f"FileIndex(root={str(self.root)!r}, files={len(self)}, classes={len(self.classes)})"
+
+    def relpath(self, i: int) -> str:
+        """The posix path of file ``i`` relative to :attr:`root`."""
+        i = range(len(self))[i]  # negative indices as for a list; IndexError past the end
+        return os.fsdecode(self._names[self._offsets[i] : self._offsets[i + 1]].tobytes())
+
+    def relpaths(self) -> list[str]:
+        """All relative paths (N Python strings: for small folders and comparisons)."""
+        return _unpack(self._names, self._offsets)
+
+    def path(self, i: int) -> str:
+        """``os.path.join(str(root), relpath(i))``."""
+        return os.path.join(str(self.root), self.relpath(i))
+
+    def paths(self) -> list[Path]:
+        """All files as ``root / relpath`` (N ``Path`` objects: for small folders)."""
+        return [self.root / rel for rel in self.relpaths()]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The index as named arrays (what :meth:`save` writes)."""
+        root, root_offsets = _pack([str(self.root)])
+        classes, class_offsets = _pack(self.classes)
+        return {
+            "format": np.array([FORMAT_VERSION], dtype=np.int64),
+            "root": root, "root_offsets": root_offsets,
+            "paths": self._names, "path_offsets": self._offsets,
+            "classes": classes, "class_offsets": class_offsets,
+            "labels": self.labels, "sizes": self.sizes, "mtimes": self.mtimes,
+        }  # fmt: skip
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict[str, np.ndarray]) -> FileIndex:
+        """The index :meth:`_arrays` described.
+
+        Raises:
+            KeyError, ValueError: A missing array, another format version, inconsistent arrays.
+        """
+        version = arrays["format"].tolist()
+        if version != [FORMAT_VERSION]:
+            raise ValueError(f"format version {version}, expected {FORMAT_VERSION}")
+        for key in ("root", "classes"):
+            _check_packed(arrays[key], arrays[key.rstrip("s") + "_offsets"], key)
+        roots = _unpack(arrays["root"], arrays["root_offsets"])
+        if len(roots) != 1:
+            raise ValueError("expected one root")
+        classes = _unpack(arrays["classes"], arrays["class_offsets"])
+        return cls(Path(roots[0]), arrays["labels"], classes, arrays["sizes"], arrays["mtimes"],
+                   arrays["paths"], arrays["path_offsets"])  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) over the relative paths, labels, classes, sizes and mtimes (not the root)."""
+        digest = hashlib.sha256(b"nnclr.FileIndex")
+        classes, class_offsets = _pack(self.classes)
+        for array in (self._names, self._offsets, self.labels, classes, class_offsets, self.sizes, self.mtimes):
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            digest.update(len(data).to_bytes(8, "little") + data)
+        return digest.hexdigest()
+
+    def changes_from(self, old: FileIndex) -> str | None:
+        """What changed from ``old`` to this index, in one line; ``None`` when nothing did.
+
+        Example: ``"2 files added (e.g. cats/x.jpg), 1 removed (e.g. dogs/y.jpg), 3 modified
+        (e.g. cats/z.jpg: size 100 -> 120 bytes)"``; class names added or removed come first.
+        """
+        if self.fingerprint() == old.fingerprint():
+            return None
+        parts = _class_changes(old.classes, self.classes) + _file_changes(old, self)
+        return ", ".join(parts) or "same files, classes, sizes and mtimes, but other labels or order"
+
+    def save(self, path: Path) -> None:
+        """Write the index to ``path`` (.npz, no pickle), atomically; never through a symlink it did not create.
+
+        Raises:
+            OSError: If the file cannot be written (no temporary file is left behind).
+        """
+        _write_npz(Path(path), self._arrays())
+
+    @classmethod
+    def load(cls, path: Path) -> FileIndex:
+        """Read an index :meth:`save` wrote.
+
+        Raises:
+            UserError: One line, if the file is missing, unreadable, corrupt or of another format.
+        """
+        arrays = _read_npz(Path(path))
+        try:
+            return cls._from_arrays(arrays)
+        except (KeyError, ValueError) as error:
+            raise UserError(f"{path}: not a valid file index ({_one_line(error)}); delete it to rebuild it") from None
+
+
+def _some(names: Sequence[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _class_changes(old: list[str], new: list[str]) -> list[str]:
+    """``["1 class added (emu)", "2 classes removed (cat, dog)"]``, or ``[]``."""
+    parts = []
+    for verb, names in (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new)))):
+        if names:
+            parts.append(f"{len(names)} {'class' if len(names) == 1 else 'classes'} {verb} ({_some(names)})")
+    return parts
+
+
+def _modification(rel: str, size: tuple[int, int], mtime: tuple[int, int]) -> str:
+    if size[0] != size[1]:
+        return f"{rel}: size {size[0]} -> {size[1]} bytes"
+    return f"{rel}: same size, mtime {(mtime[1] - mtime[0]) / 1e9:+.6g} s"
+
+
+def _file_changes(old: FileIndex, new: FileIndex) -> list[str]:
+    """``["2 files added (e.g. a/x.jpg)", "1 removed (e.g. ...)", "3 modified (e.g. ...)"]``, or ``[]``."""
+    old_rel, new_rel = old.relpaths(), new.relpaths()
+    old_at = {rel: i for i, rel in enumerate(old_rel)}
+    new_at = set(new_rel)
+    added = [rel for rel in new_rel if rel not in old_at]
+    removed = [rel for rel in old_rel if rel not in new_at]
+    common = [(i, old_at[rel]) for i, rel in enumerate(new_rel) if rel in old_at]
+    pairs = np.array(common, dtype=np.int64).reshape(-1, 2)
+    n, o = pairs[:, 0], pairs[:, 1]
+    changed = np.flatnonzero((new.sizes[n] != old.sizes[o]) | (new.mtimes[n] != old.mtimes[o]))
+    parts = []
+    if added:
+        parts.append(f"{len(added)} added (e.g. {added[0]})")
+    if removed:
+        parts.append(f"{len(removed)} removed (e.g. {removed[0]})")
+    if len(changed):
+        i, j = n[changed[0]], o[changed[0]]
+        example = _modification(new_rel[i], (old.sizes[j], new.sizes[i]), (old.mtimes[j], new.mtimes[i]))
+        parts.append(f"{len(changed)} modified (e.g. {example})")
+    if parts:
+        count = parts[0].split(" ", 1)
+        parts[0] = f"{count[0]} {'file' if count[0] == '1' else 'files'} {count[1]}"
+    return parts
+
+
+# ---------------------------------------------------------------------------- .npz files
+
+
+def _one_line(error: BaseException) -> str:
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
+def _tmp_path(path: Path, attempt: int) -> Path:
+    """The temporary file :func:`_write_npz` tries at ``attempt`` (next to ``path``, for ``os.replace``)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{attempt}.tmp")
+
+
+def _create_tmp(path: Path, attempts: int = 8) -> tuple[int, Path]:
+    """Create a new temporary file next to ``path``; an existing entry (a planted symlink) is never opened."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for attempt in range(attempts):
+        tmp = _tmp_path(path, attempt)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{_tmp_path(path, 0)} and {attempts - 1} more temporary names exist")
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` as .npz through a temporary file and ``os.replace``."""
+    fd, tmp = _create_tmp(path)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, without pickle.
+
+    Raises:
+        UserError: One line, if the file is missing, unreadable or not an .npz archive.
+    """
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path}: cannot read this file index ({_one_line(error)}); delete it to rebuild it") from None
+
+
+# ---------------------------------------------------------------------------- listing
+
+
+@functools.lru_cache(maxsize=1024)
+def _image_suffix(suffix: str) -> bool:
+    return is_image_file(Path("f" + suffix))
+
+
+def _is_image_name(name: str) -> bool:
+    """:func:`is_image_file` of a file name, memoised on its extension (4x faster than a ``Path`` each)."""
+    return not name.startswith(".") and _image_suffix(os.path.splitext(name)[1])
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory"}  # fmt: skip
+
+
+def _not_regular(mode: int) -> str:
+    return f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')})"
+
+
+@dataclass
+class _Listing:
+    """What listing one folder found (paths relative to the split folder, posix)."""
+
+    files: list[tuple[str, int, int]] = field(default_factory=list)  # (relpath, size, mtime_ns)
+    subdirs: list[tuple[str, tuple[int, int], int]] = field(default_factory=list)  # (relpath, (dev, ino), mtime_ns)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (relpath, reason)
+
+
+@dataclass
+class _Dir:
+    """A folder to list: its relative path, its top-level class folder (-1: the split folder), identity, mtime."""
+
+    rel: str
+    top: int
+    key: tuple[int, int]
+    mtime_ns: int
+
+
+def _add_entry(listing: _Listing, entry: os.DirEntry, rel: str) -> None:
+    """Sort one directory entry into ``listing``: one ``stat`` (following symlinks) for folders and image names."""
+    name = entry.name
+    if name.startswith("."):
+        return
+    is_dir = entry.is_dir()  # follows symlinks; False for dangling symlinks and loops
+    if not is_dir and not _is_image_name(name):
+        return
+    try:
+        st = entry.stat()
+    except OSError as error:  # vanished, dangling symlink, symlink loop
+        listing.bad.append((rel, _one_line(error)))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        listing.subdirs.append((rel, (st.st_dev, st.st_ino), st.st_mtime_ns))
+    elif not _is_image_name(name):
+        return
+    elif stat.S_ISREG(st.st_mode):
+        listing.files.append((rel, st.st_size, st.st_mtime_ns))
+    else:
+        listing.bad.append((rel, _not_regular(st.st_mode)))
+
+
+def _list_dir(folder: str, rel: str) -> _Listing | str:
+    """List ``folder/rel``; the reason as text if it cannot be listed."""
+    listing = _Listing()
+    try:
+        with os.scandir(os.path.join(folder, rel) if rel else folder) as entries:
+            for entry in entries:
+                _add_entry(listing, entry, f"{rel}/{entry.name}" if rel else entry.name)
+    except OSError as error:
+        return _one_line(error)
+    return listing
+
+
+class _Progress:
+    """Counts files on a tqdm bar (stderr) created once the count passes ``PROGRESS_MIN_FILES``.
+
+    ``show``: ``True`` always, ``False`` never, ``None`` past the threshold and only on a terminal.
+    """
+
+    def __init__(self, desc: str, show: bool | None) -> None:
+        self.desc, self.show, self.count, self.bar = desc, show, 0, None
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.show or (self.show is None and self.count > PROGRESS_MIN_FILES):
+            self.bar = tqdm(desc=self.desc, unit="file", file=sys.stderr, initial=self.count,
+                            disable=None if self.show is None else False)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _walk(
+    folder: str, tops: list[_Dir], pool: Executor, progress: _Progress
+) -> tuple[list[_Dir], dict[int, list[tuple[str, int, int]]], list[tuple[str, str]]]:
+    """List the ``tops`` folders and everything below them, one depth level at a time on ``pool``.
+
+    A real folder (device, inode) is listed once per top-level folder: the first of its paths in
+    (depth, sorted path) order is kept, later ones (symlinked twice, symlink loops) are cut.
+
+    Returns:
+        The folders listed, the ``(relpath, size, mtime_ns)`` of the files below each top-level
+        folder (by its ``top``), and the ``(relpath, reason)`` of the unreadable entries.
+    """
+    seen = {(d.top, d.key) for d in tops}
+    listed: list[_Dir] = []
+    files: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
+    bad: list[tuple[str, str]] = []
+    level = tops
+    while level:
+        below: list[_Dir] = []
+        for d, listing in zip(level, pool.map(functools.partial(_list_dir, folder), [d.rel for d in level])):
+            if isinstance(listing, str):
+                bad.append((d.rel, listing))
+                continue
+            listed.append(d)
+            files[d.top].extend(listing.files)
+            bad.extend(listing.bad)
+            progress.update(len(listing.files))
+            for rel, key, mtime in sorted(listing.subdirs):
+                if (d.top, key) not in seen:
+                    seen.add((d.top, key))
+                    below.append(_Dir(rel, d.top, key, mtime))
+        level = below
+    return listed, files, bad
+
+
+@dataclass
+class _Scan:
+    """One listing of a split folder: the index, and what :func:`load_index` needs to trust it later."""
+
+    index: FileIndex
+    unreadable: list[tuple[str, str]]  # (relpath, reason)
+    ignored: list[str]  # loose images next to class folders
+    dirs: list[_Dir]  # the folders listed, with the mtime they had before being listed
+    started_ns: int  # time.time_ns() before listing
+
+
+def _list_root(folder: str) -> tuple[_Dir, _Listing]:
+    """Stat and list the split folder itself.
+
+    Raises:
+        UserError: If it cannot be listed.
+    """
+    try:
+        st = os.stat(folder)
+        listing = _list_dir(folder, "")
+        if isinstance(listing, str):
+            raise OSError(0, listing)
+    except OSError as error:
+        raise UserError(f"cannot list {folder} ({_one_line(error)}); check its permissions") from None
+    return _Dir("", -1, (st.st_dev, st.st_ino), st.st_mtime_ns), listing
+
+
+def _scan(folder: Path, pool: Executor, show: bool | None) -> _Scan:
+    """List ``folder`` under the layout rules of the module docstring.
+
+    Raises:
+        UserError: If ``folder`` cannot be listed or holds no image.
+    """
+    started = time.time_ns()
+    where = str(folder)
+    root, top = _list_root(where)
+    tops = [_Dir(rel, i, key, mtime) for i, (rel, key, mtime) in enumerate(sorted(top.subdirs))]
+    progress = _Progress(f"indexing {folder}", show)
+    try:
+        progress.update(len(top.files))
+        listed, by_top, bad = _walk(where, tops, pool, progress)
+    finally:
+        progress.close()
+    classes = [d.rel for d in tops if by_top[d.top]]
+    groups = [sorted(by_top[d.top]) for d in tops if by_top[d.top]]
+    ignored = sorted(rel for rel, *_ in top.files + top.bad) if classes else []
+    if not classes:
+        groups, bad = [sorted(top.files)], top.bad + bad
+    rows = [row for group in groups for row in group]
+    if not rows:
+        raise UserError(
+            f"no images found in {folder} (extensions: {EXTENSIONS}); put images in it, "
+            "or one subfolder of images per class"
+        )
+    if classes:
+        labels = np.repeat(np.arange(len(groups), dtype=np.int64), [len(group) for group in groups])
+    else:
+        labels = np.full(len(rows), -1, dtype=np.int64)
+    index = FileIndex.from_relpaths(folder, [r[0] for r in rows], labels, classes,
+                                    [r[1] for r in rows], [r[2] for r in rows])  # fmt: skip
+    return _Scan(index, sorted(bad), ignored, [root, *listed], started)
+
+
+def _finish(folder: Path, scan: _Scan) -> tuple[FileIndex, list[tuple[Path, str]]]:
+    """Warn about ignored loose images; the index rooted at ``folder`` as given, and the unreadable entries."""
+    if scan.ignored:
+        warnings.warn(
+            f"{folder}: ignoring {len(scan.ignored)} image(s) lying next to the class subfolders "
+            f"(e.g. {scan.ignored[0]}); move them into a class subfolder to use them",
+            stacklevel=3,
+        )
+    scan.index.root = Path(folder)
+    return scan.index, [(Path(folder, rel) if rel else Path(folder), reason) for rel, reason in scan.unreadable]
+
+
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="nnclr-index")
+
+
+def build_index(folder: Path, *, progress: bool | None = None) -> tuple[FileIndex, list[tuple[Path, str]]]:
+    """List the image files of a split folder (no cache; see the module docstring for the rules).
+
+    Args:
+        folder: The split folder (:func:`nnclr.data.folder.split_folder` picks it).
+        progress: Show a bar: ``True`` always, ``False`` never, ``None`` for large folders on a terminal.
+
+    Returns:
+        The index, and ``(path, reason)`` of the folders that could not be listed and the entries
+        with an image name that are not readable regular files.
+
+    Raises:
+        UserError: If ``folder`` cannot be listed or holds no image.
+    """
+    with _pool() as pool:
+        return _finish(Path(folder), _scan(Path(folder), pool, progress))
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+def index_cache_dir() -> Path:
+    """``$NNCLR_CACHE_DIR/index`` if that variable is set, else ``~/.cache/nnclr/index``."""
+    base = os.environ.get("NNCLR_CACHE_DIR")
+    return Path(base).expanduser() / "index" if base else Path.home() / ".cache" / "nnclr" / "index"
+
+
+def _cache_path(folder: Path) -> Path:
+    key = f"{os.path.realpath(folder)}\0{FORMAT_VERSION}"
+    return index_cache_dir() / f"{hashlib.sha256(os.fsencode(key)).hexdigest()}.npz"
+
+
+def _cache_arrays(folder: Path, scan: _Scan) -> dict[str, np.ndarray]:
+    """The index plus what proves it still valid, as named arrays."""
+    arrays = scan.index._arrays()
+    for key, strings in (("real", [os.path.realpath(folder)]), ("dirs", [d.rel for d in scan.dirs]),
+                         ("bad", [r for r, _ in scan.unreadable]), ("reasons", [r for _, r in scan.unreadable]),
+                         ("ignored", scan.ignored)):  # fmt: skip
+        arrays[key], arrays[f"{key}_offsets"] = _pack(strings)
+    arrays["dir_mtimes"] = np.array([d.mtime_ns for d in scan.dirs], dtype=np.int64)
+    arrays["dir_inos"] = np.array([d.key[1] for d in scan.dirs], dtype=np.int64)
+    arrays["started_ns"] = np.array([scan.started_ns], dtype=np.int64)
+    return arrays
+
+
+def _read_cache(path: Path, folder: Path) -> _Scan | None:
+    """The cached listing of ``folder`` (``None`` if there is none).
+
+    Raises:
+        UserError: If the cache file is unreadable, corrupt or for another folder.
+    """
+    if not os.path.lexists(path):
+        return None
+    arrays = _read_npz(path)
+    try:
+        index = FileIndex._from_arrays(arrays)
+        text = {}
+        for key in ("real", "dirs", "bad", "reasons", "ignored"):
+            _check_packed(arrays[key], arrays[f"{key}_offsets"], key)
+            text[key] = _unpack(arrays[key], arrays[f"{key}_offsets"])
+        if text["real"] != [os.path.realpath(folder)]:
+            raise ValueError(f"made for {text['real']}")
+        stats = zip(text["dirs"], arrays["dir_mtimes"].tolist(), arrays["dir_inos"].tolist(), strict=True)
+        dirs = [_Dir(rel, -1, (0, ino), mtime) for rel, mtime, ino in stats]
+        unreadable = list(zip(text["bad"], text["reasons"], strict=True))
+        return _Scan(index, unreadable, text["ignored"], dirs, int(arrays["started_ns"][0]))
+    except (KeyError, ValueError, IndexError) as error:
+        raise UserError(f"{path}: not a valid file index cache ({_one_line(error)})") from None
+
+
+def _stat_all(folder: str, names: np.ndarray, offsets: np.ndarray, pool: Executor, progress: _Progress) -> np.ndarray:
+    """``int64 (n, 4)``: file type (``S_IFMT``), size, ``st_mtime_ns``, inode of each ``folder/name``; -1 if missing."""
+    prefix, raw, ends = os.fsencode(folder) + b"/", names.tobytes(), offsets.tolist()
+    out = np.full((len(ends) - 1, 4), -1, dtype=np.int64)
+
+    def run(lo: int, hi: int) -> int:
+        for i in range(lo, hi):
+            try:
+                st = os.stat(prefix + raw[ends[i] : ends[i + 1]])
+            except OSError:
+                continue
+            out[i] = (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino)
+        return hi - lo
+
+    step = max(256, len(out) // (8 * _THREADS) + 1)
+    starts = range(0, len(out), step)
+    for done in pool.map(run, starts, [min(s + step, len(out)) for s in starts]):
+        progress.update(done)
+    return out
+
+
+def _unreadable_reason(folder: str, rel: str) -> str | None:
+    """Why ``folder/rel`` is not a listable folder or a regular file, as :func:`_scan` words it; ``None`` if it is."""
+    path = os.path.join(folder, rel) if rel else folder
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        return _one_line(error)
+    if stat.S_ISDIR(st.st_mode):
+        listing = _list_dir(path, "")
+        return listing if isinstance(listing, str) else None
+    return None if stat.S_ISREG(st.st_mode) else _not_regular(st.st_mode)
+
+
+def _still_valid(folder: Path, scan: _Scan, pool: Executor, show: bool | None) -> bool:
+    """Whether no folder, file or unreadable entry of ``scan`` changed since it was listed."""
+    mtimes = np.array([d.mtime_ns for d in scan.dirs], dtype=np.int64)
+    if not len(mtimes) or mtimes.max() >= scan.started_ns - RACY_NS:
+        return False  # a folder changed just before the listing: a later change may keep its mtime
+    where = str(folder)
+    progress = _Progress(f"checking the index of {folder}", show)
+    try:
+        dirs = _stat_all(where, *_pack([d.rel for d in scan.dirs]), pool, progress)
+        if not (np.all(dirs[:, 0] == stat.S_IFDIR) and np.array_equal(dirs[:, 2], mtimes)
+                and np.array_equal(dirs[:, 3], [d.key[1] for d in scan.dirs])):  # fmt: skip
+            return False
+        files = _stat_all(where, scan.index._names, scan.index._offsets, pool, progress)
+    finally:
+        progress.close()
+    index = scan.index
+    if not (np.all(files[:, 0] == stat.S_IFREG) and np.array_equal(files[:, 1], index.sizes)
+            and np.array_equal(files[:, 2], index.mtimes)):  # fmt: skip
+        return False
+    return all(_unreadable_reason(where, rel) == reason for rel, reason in scan.unreadable)
+
+
+def load_index(
+    folder: Path, *, cache: bool = True, progress: bool | None = None
+) -> tuple[FileIndex, list[tuple[Path, str]]]:
+    """:func:`build_index`, reusing the cached index of ``folder`` while it is still valid.
+
+    Args:
+        folder: The split folder.
+        cache: Read and write the cache in :func:`index_cache_dir`; ``False``: always build.
+        progress: As for :func:`build_index`.
+
+    Returns:
+        As :func:`build_index`.
+
+    Raises:
+        UserError: If ``folder`` cannot be listed or holds no image. A cache that cannot be read
+            or written is not an error (one warning line on stderr, for large folders).
+    """
+    if not cache:
+        return build_index(folder, progress=progress)
+    folder, path = Path(folder), _cache_path(folder)
+    problem = None
+    with _pool() as pool:
+        try:
+            scan = _read_cache(path, folder)
+        except UserError as error:
+            scan, problem = None, f"ignoring the file index cache: {error}"
+        if scan is None or not _still_valid(folder, scan, pool, progress):
+            scan = _scan(folder, pool, progress)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _write_npz(path, _cache_arrays(folder, scan))
+            except OSError as error:
+                problem = f"cannot write the file index cache {path} ({_one_line(error)}); indexing again next time"
+    if problem and len(scan.index) >= PROGRESS_MIN_FILES:
+        print(f"nnclr: warning: {folder}: {problem}", file=sys.stderr)
+    return _finish(folder, scan)
