@@ -10,8 +10,10 @@ full image (continuous, torchvision ``RandomResizedCrop``'s rule); it is rounded
 (:func:`pixel_box`: ``round`` each of x0, y0, w, h, then clamped inside the image) and resized to
 ``size x size`` by ``torch.nn.functional.interpolate(..., "bilinear", antialias=True)`` on the
 uint8 tensor: the same computation as ``torchvision.transforms.v2.functional.resized_crop`` of a
-tensor at that box (so the views equal it exactly), and within 1 grey level of Pillow's
-``resize(BILINEAR)``, whose filter PyTorch's antialiased kernel reproduces.
+tensor at that box (so the views equal it exactly), and within 1 grey level of torchvision's
+``RandomResizedCrop`` on a PIL image at that box (Pillow ``crop`` + ``resize(BILINEAR)``, whose filter
+PyTorch's antialiased kernel reproduces). Cropping first means the filter does not read pixels
+beyond the box (Pillow's ``resize(box=...)`` on the whole image would, a few levels at the border).
 
 Colours are :func:`nnclr.data.decode.to_rgb`'s (grayscale, palette, 16-bit, alpha composited on
 black, CMYK all become 8-bit RGB); the EXIF orientation is not applied (as ``decode.py``).
@@ -57,6 +59,11 @@ from PIL import Image
 
 from nnclr.augment.params import CROP_DRAWS, crop_boxes
 from nnclr.data.decode import to_rgb, try_load_square
+
+try:  # deprecated in torchvision 0.29 in favour of TorchCodec (not a dependency): Pillow when it is gone
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - older/newer torchvision without image ops
+    decode_jpeg = None
 
 _DRAFT_SCALES = (8, 4, 2)  # what libjpeg's DCT scaling offers (Pillow's draft), largest first
 _TORCHVISION_JPEG_MODES = frozenset({"RGB", "L", "CMYK"})  # decode_jpeg(mode=RGB) == Pillow + to_rgb (tests)
@@ -157,8 +164,6 @@ def _pillow_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def _torchvision_jpeg(data: bytes | bytearray | memoryview) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: no warning, ~10 us
     try:
         return decode_jpeg(encoded, mode=ImageReadMode.RGB)  # (3, H, W), channels-last storage
@@ -234,7 +239,7 @@ def decode_views(
         else:
             scale = 1
         pixels = _pillow_tensor(image)
-    elif image.format == "JPEG" and image.mode in _TORCHVISION_JPEG_MODES:
+    elif image.format == "JPEG" and image.mode in _TORCHVISION_JPEG_MODES and decode_jpeg is not None:
         pixels = _torchvision_jpeg(data)
     else:
         pixels = _pillow_tensor(image)
