@@ -203,8 +203,8 @@ class FileIndex:
         version = arrays["format"].tolist()
         if version != [FORMAT_VERSION]:
             raise ValueError(f"format version {version}, expected {FORMAT_VERSION}")
-        for key in ("root", "classes"):
-            _check_packed(arrays[key], arrays[key.rstrip("s") + "_offsets"], key)
+        _check_packed(arrays["root"], arrays["root_offsets"], "root")
+        _check_packed(arrays["classes"], arrays["class_offsets"], "classes")
         roots = _unpack(arrays["root"], arrays["root_offsets"])
         if len(roots) != 1:
             raise ValueError("expected one root")
@@ -398,13 +398,13 @@ def _add_entry(listing: _Listing, entry: os.DirEntry, rel: str) -> None:
     name = entry.name
     if name.startswith("."):
         return
-    is_dir = entry.is_dir()  # follows symlinks; False for dangling symlinks and loops
-    if not is_dir and not _is_image_name(name):
-        return
     try:
+        if not entry.is_dir() and not _is_image_name(name):  # is_dir follows symlinks; raises for a loop
+            return
         st = entry.stat()
     except OSError as error:  # vanished, dangling symlink, symlink loop
-        listing.bad.append((rel, _one_line(error)))
+        if _is_image_name(name):
+            listing.bad.append((rel, _one_line(error)))
         return
     if stat.S_ISDIR(st.st_mode):
         listing.subdirs.append((rel, (st.st_dev, st.st_ino), st.st_mtime_ns))
