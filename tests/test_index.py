@@ -469,3 +469,22 @@ def test_progress_bar_only_when_asked_or_large_on_a_terminal(tmp_path: Path, cap
         warnings.simplefilter("error")
         load_index(tmp_path / "data", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_any_damaged_byte_or_truncation_is_a_user_error(tmp_path: Path) -> None:
+    rels = [f"c{i % 3}/f{i}.png" for i in range(40)]
+    index = FileIndex.from_relpaths(Path("r"), rels, [i % 3 for i in range(40)], ["c0", "c1", "c2"], [1] * 40, [2] * 40)
+    path = tmp_path / "index.npz"
+    index.save(path)
+    data, rng = path.read_bytes(), np.random.default_rng(0)
+    damaged = [data[:cut] for cut in range(0, len(data), 61)]
+    for _ in range(400):
+        flipped = bytearray(data)
+        flipped[rng.integers(len(data))] = rng.integers(256)
+        damaged.append(bytes(flipped))
+    for content in damaged:
+        path.write_bytes(content)
+        try:
+            FileIndex.load(path)
+        except UserError as error:
+            assert "\n" not in str(error)

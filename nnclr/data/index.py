@@ -50,6 +50,7 @@ import sys
 import time
 import warnings
 import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -340,6 +341,10 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+# What np.load raises on a damaged .npz (RuntimeError covers zipfile's NotImplementedError for odd flags).
+_CORRUPT = (OSError, ValueError, EOFError, KeyError, OverflowError, RuntimeError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an .npz file, without pickle.
 
@@ -352,7 +357,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             raise ValueError("not an .npz archive")
         with npz:
             return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+    except _CORRUPT as error:
         raise UserError(f"{path}: cannot read this file index ({_one_line(error)}); delete it to rebuild it") from None
 
 
