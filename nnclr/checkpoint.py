@@ -29,7 +29,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 RESUMABLE_CHANGES = (
     "train.run_dir", "train.threads", "train.log_every", "train.device", "train.max_steps", "train.report",
-    "train.nonfinite", "train.compile",
+    "train.nonfinite", "train.compile", "data.workers", "data.prefetch", "data.memory_gb",
 )
 
 

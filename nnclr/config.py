@@ -38,6 +38,12 @@ class DataConfig:
     download: bool = True  # cifar10/cifar100/stl10: download (with checksums) if absent
     train_split: str = "train"
     test_split: str = "test"  # used by the kNN monitor; "" for none (e.g. unlabelled folders)
+    # folder: sources: memory decodes every image once (centred square) and holds it; stream reads each batch
+    # from disk in loader workers (random resized crops of the full image); auto streams when memory would not fit
+    loader: str = "auto"  # auto | memory | stream
+    memory_gb: float = 0.0  # loader=auto: budget for the decoded images of all processes on this machine; 0 = half its RAM
+    workers: int = -1  # stream: loader worker processes per training process; -1 = a default for the device and cores
+    prefetch: int = 2  # stream: batches each worker prepares ahead
 
 
 @dataclass
@@ -135,6 +141,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": METHODS,
     "augment.recipe": ("byol", "simclr", "crops"),
+    "data.loader": ("auto", "memory", "stream"),
     "model.sync_bn": ("heads", "all", "none"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "none"),
@@ -142,7 +149,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nonfinite": ("stop", "skip"),
 }
 POSITIVE = (
-    "data.image_size", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
+    "data.image_size", "data.prefetch", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
     "method.temperature", "method.support_size", "method.topk", "method.num_prototypes",
     "method.recluster_every", "method.kmeans_iters", "optim.lr", "optim.batch_size",
     "train.epochs", "train.checkpoint_every", "train.log_every", "train.knn_k",
@@ -150,7 +157,7 @@ POSITIVE = (
     "method.num_clusters",
 )
 NON_NEGATIVE = (
-    "model.pred_hidden_dim", "optim.final_lr",
+    "data.memory_gb", "model.pred_hidden_dim", "optim.final_lr",
     "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "train.max_steps",
     "train.threads", "train.knn_every_epochs",
 )
@@ -263,6 +270,8 @@ def validate(config: Config) -> Config:
         raise UserError(
             f"config key augment.crop_min_scale={config.augment.crop_min_scale} must be in (0, 1]"
         )
+    if config.data.workers < -1:
+        raise UserError(f"config key data.workers={config.data.workers} must be >= 0, or -1 for the default")
     for key in ("method.instance_weight", "method.instance_decay"):
         if not 0 <= flat[key] <= 1:
             raise UserError(f"config key {key}={flat[key]!r} must be in [0, 1]")

@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +42,11 @@ from nnclr.checkpoint import (
     written_by,
 )
 from nnclr.config import Config, dump_yaml, to_dict
-from nnclr.data import ImageDataset, load_dataset
+from nnclr.data import ImageDataset
+from nnclr.data.index import FileIndex
+from nnclr.data.lazy import FolderImages
+from nnclr.data.loaders import LoaderChoice, load_training_data
+from nnclr.data.stream import StreamBatch, StreamFeed, default_workers
 from nnclr.deepcluster import PseudoLabels, classifier_without_lars, reset_classifier
 from nnclr.errors import Interrupted, UserError
 from nnclr.evaluate.features import extract_features
@@ -55,6 +60,9 @@ from nnclr.step import contrastive_step, instance_weight
 from nnclr.support import SupportSet
 from nnclr.tensorboard_log import LOG_DIR as TENSORBOARD_DIR
 from nnclr.tensorboard_log import TensorBoardLog
+
+DATA_INDEX = "data-index.npz"  # the files of a folder: training split when the run started
+SHOWN_UNREADABLE = 10  # unreadable files named in the output; the rest are counted in metrics.jsonl
 
 
 @dataclass
@@ -76,9 +84,12 @@ class Run:
     lr_schedule: torch.Tensor  # (total_steps,)
     steps_per_epoch: int
     total_steps: int  # where the run stops (train.max_steps or the end of the schedule)
+    loader: LoaderChoice = LoaderChoice("memory", "")
+    feed: StreamFeed | None = None  # the streaming loader's workers (data.loader chose stream)
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
     lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
+    unreadable_files: int = 0  # files the streaming loader could not read (this session), replaced by the next
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
     consecutive_skips: int = 0
 
@@ -102,20 +113,19 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.method.name}-{data}"
 
 
-def build_run(config: Config, device: torch.device | None = None) -> Run:
+def build_run(config: Config, device: torch.device | None = None, loader: str | None = None) -> Run:
     """Load data, build model, support set, selector, optimiser and schedule.
 
     ``device`` defaults to ``train.device``; under torchrun, :func:`pretrain` passes this rank's.
+    ``loader`` (``memory`` or ``stream``) overrides ``data.loader``: a resumed run keeps its own.
     """
     t, d, o, m = config.train, config.data, config.optim, config.method
     runtime.tune_allocator()
     runtime.set_threads(t.threads)
     device = device if device is not None else runtime.resolve_device(t.device)
     dtype = runtime.resolve_dtype(t.precision, device)
-    train_set = load_dataset(d.name, d.train_split, root=d.root, image_size=d.image_size, download=d.download)
-    test_set = None
-    if d.test_split and train_set.has_labels:
-        test_set = load_dataset(d.name, d.test_split, root=d.root, image_size=d.image_size, download=d.download)
+    data = load_training_data(d, loader)
+    train_set, test_set = data.train_set, data.test_set
     if o.batch_size > len(train_set):
         raise UserError(
             f"optim.batch_size={o.batch_size} is larger than the data set ({len(train_set)} images "
@@ -157,7 +167,16 @@ def build_run(config: Config, device: torch.device | None = None) -> Run:
         config.augment.recipe, d.image_size, mean=mean, std=std,
         crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur,
     )
+    feed = None
+    if data.choice.loader == "stream":
+        feed = StreamFeed(
+            train_set.index, size=d.image_size, crops=tuple((v.crop_scale, v.crop_ratio) for v in augment.views),
+            seed=t.seed, batch_size=o.batch_size, steps_per_epoch=steps_per_epoch,
+            rows=distributed.local_slice(o.batch_size),
+            workers=d.workers if d.workers >= 0 else default_workers(device), prefetch=d.prefetch, device=device,
+        )
     return Run(
+        loader=data.choice, feed=feed,
         config=config, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
         dtype=dtype, train_set=train_set, test_set=test_set, model=model, network=network, support=support,
         selector=selector,
@@ -204,6 +223,7 @@ def _state(run: Run, step: int) -> dict[str, Any]:
         "selector": selector,
         "optimizer": run.optimizer.state_dict(),
         "knn_before": run.knn_before,
+        "loader": run.loader.loader,
         "skipped_steps": run.skipped_steps,
         "consecutive_skips": run.consecutive_skips,
     }
@@ -265,11 +285,16 @@ def _recluster(run: Run, epoch: int, step: int, log: Log) -> None:
     log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
 
 
-def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor, extract: dict[str, Any]) -> torch.Tensor:
-    """Features (N, F) of all images on every rank; each rank extracts its shard (no duplicates)."""
+def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor | FolderImages, extract: dict[str, Any]
+                       ) -> torch.Tensor:
+    """Features (N, F) of all images on every rank; each rank extracts its shard (no duplicates).
+
+    A folder that is not in memory (:class:`FolderImages`) is decoded one batch at a time.
+    """
     n = images.shape[0]
     part = distributed.shard(n)
-    local = extract_features(backbone, images[part.start : part.stop], **extract)
+    mine = images[part.start : part.stop] if isinstance(images, torch.Tensor) else images.rows(part.start, part.stop)
+    local = extract_features(backbone, mine, **extract)
     return distributed.gather_in_order(local, n)
 
 
@@ -383,17 +408,32 @@ def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
     return torch.randperm(len(run.train_set), generator=generator)
 
 
-def train_step(run: Run, step: int, order: torch.Tensor) -> tuple[float, dict[str, float]]:
-    """One optimisation step; returns the loss and the NN diagnostics."""
+def train_step(
+    run: Run, step: int, order: torch.Tensor | None = None, streamed: StreamBatch | None = None
+) -> tuple[float, dict[str, float]]:
+    """One optimisation step; returns the loss and the NN diagnostics.
+
+    The batch is the step's slice of ``order`` from the in-memory set, or ``streamed``: the crops the
+    streaming loader's workers cut (then only flip, colour, blur and solarize are applied here).
+    """
     config = run.config
-    images, labels, indices = _batch(run, step, order)
+    if streamed is None:
+        images, labels, indices = _batch(run, step, order)
+        height, width = images.shape[2:]
+    else:
+        move = dict(device=run.device, non_blocking=run.device.type == "cuda")
+        images, labels, indices = (t.to(**move) for t in (streamed.views, streamed.labels, streamed.indices))
+        height = width = config.data.image_size
     generator = torch.Generator(device=run.device).manual_seed(derive_seed(config.train.seed, AUGMENT, step))
     # Views' parameters are drawn for the global batch and sliced, so that W processes see the
     # same views as one process would.
-    params = run.augment.sample_params(config.optim.batch_size, *images.shape[2:], generator, run.device)
+    params = run.augment.sample_params(config.optim.batch_size, height, width, generator, run.device)
     local = distributed.local_slice(config.optim.batch_size)
     params = [{key: value[local] for key, value in view.items()} for view in params]
-    views = torch.cat(run.augment.apply_params(images, params))  # (2b, 3, S, S)
+    if streamed is None:
+        views = torch.cat(run.augment.apply_params(images, params))  # (2b, 3, S, S)
+    else:
+        views = torch.cat(run.augment.apply_to_crops(images, params))
     if config.train.channels_last:
         views = views.contiguous(memory_format=torch.channels_last)
     for group in run.optimizer.param_groups:
@@ -459,24 +499,32 @@ def _global_mean(loss: torch.Tensor, diagnostics: dict[str, float]) -> tuple[flo
     return means[0], dict(zip(keys, means[1:]))
 
 
-def pretrain(config: Config, *, fresh: bool = False, progress: bool = True, echo: Any = print) -> RunResult:
+def pretrain(
+    config: Config, *, fresh: bool = False, progress: bool = True, echo: Any = print,
+    accept_data_changes: bool = False,
+) -> RunResult:
     """Pretrain (or resume) the run ``config`` describes; returns kNN before/after and timings.
 
     Under torchrun every process calls this: the process group is made from the environment
     (and destroyed at the end), and only rank 0 writes files, prints and shows progress.
+    A ``folder:`` source that changed since the run started is refused on resume unless
+    ``accept_data_changes`` (then the run goes on with the folder as it is now).
     """
     with distributed.process_group(runtime.resolve_device(config.train.device)) as device:
         main = distributed.is_main()
         return _pretrain(config, device, fresh=fresh, progress=progress and main,
-                         echo=echo if main else _silent)
+                         echo=echo if main else _silent, accept_data_changes=accept_data_changes)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
+def _resume_state(run: Run, path: Path, fresh: bool, accept_changes: bool, echo: Any) -> dict[str, Any] | None:
     """Rank 0 clears (``fresh``) or reads the checkpoint and sends it to every rank.
+
+    Before that it compares a ``folder:`` source's files with those the run started on
+    (:func:`_check_folder`).
 
     Sending rank 0's copy (rather than every rank reading the file) needs no shared file system
     across machines and cannot race with rank 0 deleting or rewriting the file.
@@ -486,9 +534,10 @@ def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
         try:
             run.lock = runlock.acquire(run.run_dir)  # before --fresh deletes anything
             if fresh:
-                for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json"):
+                for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json", DATA_INDEX):
                     (run.run_dir / name).unlink(missing_ok=True)
                 shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
+            _check_folder(run, path.is_file(), accept_changes, echo)
             if path.is_file():  # one process loads onto its device; several share a CPU copy
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
         except UserError as error:
@@ -504,6 +553,28 @@ def _resume_state(run: Run, path: Path, fresh: bool) -> dict[str, Any] | None:
     return state
 
 
+def _check_folder(run: Run, resuming: bool, accept_changes: bool, echo: Any) -> None:
+    """Keep the index of a ``folder:`` training split in the run directory; on resume, refuse a changed folder.
+
+    Sample ``i`` of a resumed run must be the file it was before the interruption, so files added,
+    removed or modified since the run started make the resumed run a different one.
+    """
+    index, saved = run.train_set.index, run.run_dir / DATA_INDEX
+    if index is None:
+        return
+    if resuming and saved.is_file():
+        change = index.changes_from(FileIndex.load(saved))
+        if change is None:
+            return
+        if not accept_changes:
+            raise UserError(
+                f"{run.config.data.name} changed since this run started: {change}; restore it, pass "
+                "--accept-data-changes to go on with the folder as it is now, or start over with --fresh"
+            )
+        echo(f"data: going on with the changed folder ({change})")
+    index.save(saved)
+
+
 def _to_device(tree: Any, device: torch.device) -> Any:
     if isinstance(tree, torch.Tensor):
         return tree.to(device)
@@ -514,13 +585,24 @@ def _to_device(tree: Any, device: torch.device) -> Any:
     return tree
 
 
-def _pretrain(config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any) -> RunResult:
+def _pretrain(
+    config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any, accept_data_changes: bool
+) -> RunResult:
     run = build_run(config, device)
+    if run.loader.reason:
+        echo(run.loader.reason)
     path = run.run_dir / CHECKPOINT_NAME
     main = distributed.is_main()
     log: Log = _NoLog()
     try:
-        state = _resume_state(run, path, fresh)
+        state = _resume_state(run, path, fresh, accept_data_changes, echo)
+        saved_loader = state.get("loader", "memory") if state is not None else run.loader.loader
+        if saved_loader != run.loader.loader:  # data.loader=auto may choose otherwise on another machine
+            echo(f"data: resuming with the loader this run started with ({saved_loader}), not {run.loader.loader}")
+            lock, run.lock = run.lock, None
+            _close_feed(run)
+            run = build_run(config, device, loader=saved_loader)
+            run.lock = lock
         start = _restore(run, state) if state is not None else 0
         del state
         if main:
@@ -531,8 +613,14 @@ def _pretrain(config: Config, device: torch.device, *, fresh: bool, progress: bo
         return _train(run, log, start, progress=progress, echo=echo)
     finally:
         log.close()
+        _close_feed(run)
         if run.lock is not None:
             run.lock.release()
+
+
+def _close_feed(run: Run) -> None:
+    if run.feed is not None:
+        run.feed.close()
 
 
 def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunResult:
@@ -549,7 +637,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
     knn_every = round(config.train.knn_every_epochs * run.steps_per_epoch)
     knn_every = max(1, knn_every) if config.train.knn_every_epochs else 0
     bar = tqdm(total=run.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    step, order, epoch = start, None, -1
+    step, order, epoch, batches = start, None, -1, iter(())
     report_every = 0 if progress else max(1, (run.total_steps - start) // 10)  # lines instead of a bar
     with stop_requests() as stop:
         stopping = False
@@ -559,7 +647,10 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                 if isinstance(run.selector, PseudoLabels):
                     _recluster(run, epoch, step, log)
                 order = _epoch_order(run, epoch)
-            loss, diagnostics = train_step(run, step, order)
+                if run.feed is not None:
+                    batches = run.feed.epoch(order, step, min((epoch + 1) * run.steps_per_epoch, run.total_steps))
+            streamed = _next_streamed(run, batches, step) if run.feed is not None else None
+            loss, diagnostics = train_step(run, step, order, streamed)
             step += 1
             stopping = _any_rank(bool(stop[0]), run.device)  # every rank stops after the same step
             images_seen += config.optim.batch_size
@@ -599,6 +690,20 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
     return _finish(run, log, step, start, train_time, images_seen)
 
 
+def _next_streamed(run: Run, batches: Iterator[StreamBatch], step: int) -> StreamBatch:
+    """The streaming loader's batch of ``step``; files it could not read are counted and the first ones named."""
+    streamed = next(batches)
+    if streamed.step != step:  # the sampler yields the steps in order: this would be a bug, not a user error
+        raise RuntimeError(f"the streaming loader gave step {streamed.step}'s batch at step {step}")
+    for path, reason in streamed.skipped:
+        run.unreadable_files += 1
+        if run.unreadable_files <= SHOWN_UNREADABLE:
+            more = "" if run.unreadable_files < SHOWN_UNREADABLE else " (further ones are only counted)"
+            print(f"nnclr: warning: step {step}: skipped {path}: {reason}; the next file of the folder took its "
+                  f"place{more}", file=sys.stderr)
+    return streamed
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is True on any rank (a Ctrl-C/SIGTERM may reach the ranks at different steps)."""
     if distributed.world_size() == 1:
@@ -616,6 +721,10 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
     }
     if run.config.train.nonfinite == "skip":
         record["skipped_steps"] = run.skipped_steps
+    if run.feed is not None:  # every rank reads its own files: the count is the sum over ranks
+        count = torch.tensor([run.unreadable_files], dtype=torch.float64, device=run.device)
+        record["unreadable_files"] = int(distributed.all_reduce_sum(count).item()) if distributed.world_size() > 1 \
+            else run.unreadable_files
     for key in dict.fromkeys(key for _, diagnostics in window for key in diagnostics):
         values = [d[key] for _, d in window if key in d and math.isfinite(d[key])]
         record[key] = sum(values) / len(values) if values else None

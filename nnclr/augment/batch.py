@@ -128,6 +128,34 @@ class BatchAugment(torch.nn.Module):
                 )
         return views
 
+    def apply_to_crops(self, crops: torch.Tensor, params: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Both views from crops already cut and resized to S x S (the streaming loader's workers).
+
+        Args:
+            crops: uint8 (2, B, 3, S, S): view v's random resized crop of each sample in ``crops[v]``.
+            params: Both views' parameters from :meth:`sample_params`; their ``box`` is ignored.
+
+        Returns:
+            [view1, view2], each (B, 3, S, S) float32 normalised: flip, colour jitter, grayscale,
+            blur and solarize as in :meth:`apply_params`.
+        """
+        if crops.dim() != 5 or crops.shape[0] != len(self.views) or tuple(crops.shape[-2:]) != (self.size, self.size):
+            raise ValueError(f"expected uint8 crops (2, B, 3, {self.size}, {self.size}), got {tuple(crops.shape)}")
+        mean, std = _stats(self.mean, crops.device), _stats(self.std, crops.device)
+        batch = crops.shape[1]
+        chunk = self.chunk_size(crops[0]) if crops.device.type == "cpu" else batch
+        views = []
+        for images, p, v in zip(crops, params, self.views):
+            _check_images(images)
+            out = images.new_empty((batch, 3, self.size, self.size), dtype=torch.float32)
+            for start in range(0, batch, chunk):  # slices as in apply_params: temporaries stay in cache
+                part = slice(start, start + chunk)
+                x = images[part].to(torch.float32).mul_(1.0 / 255)  # (b, 3, S, S) in [0, 1]
+                sliced = {k: t[part] for k, t in p.items() if k != "box"}
+                out[part] = apply_view(x, sliced, v, self.size, mean, std)
+            views.append(out)
+        return views
+
     # On CPU, batches whose (B, 3, S, S) float tensors exceed this many elements are processed
     # in slices of the batch (same values: parameters are drawn for the whole batch first), to
     # keep the temporaries in cache: 1.3-1.8x faster at B=256, 96x96; no slicing at 32x32.

@@ -287,7 +287,8 @@ def apply_view(
 
     Args:
         images: (B, 3, H, W) float32 in [0, 1].
-        params: From :func:`sample_view_params` with the same recipe.
+        params: From :func:`sample_view_params` with the same recipe; ``box=None`` when the images
+            are already the view's crops at S x S (then only the flip applies of the warp).
         recipe: The view's recipe; operations with probability 0 are skipped entirely.
         size: Output side S.
         mean: (1, 3, 1, 1) per-channel mean.
@@ -296,7 +297,10 @@ def apply_view(
     Returns:
         (B, 3, S, S) float32, normalised.
     """
-    x = _crop_flip(images, params["box"], params["flip"], size)  # (B, 3, S, S)
+    if params.get("box") is None:  # already cropped to S x S (the streaming loader's workers): flip only
+        x = torch.where(params["flip"].view(-1, 1, 1, 1), images.flip(-1), images)
+    else:
+        x = _crop_flip(images, params["box"], params["flip"], size)  # (B, 3, S, S)
     if recipe.jitter_p > 0:
         x = _color_jitter(x, params, recipe)
     if recipe.gray_p > 0:

@@ -1,4 +1,4 @@
-"""``nnclr pretrain [--config FILE.yaml] [--set KEY=VALUE ...] [--run-dir DIR] [--fresh]``."""
+"""``nnclr pretrain [--config FILE.yaml] [--set KEY=VALUE ...] [--run-dir DIR] [--fresh] [--accept-data-changes]``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def add_parser(commands: Any) -> None:
     )
     pretrain.add_argument("--run-dir", metavar="DIR", help="where checkpoints and metrics go (train.run_dir)")
     pretrain.add_argument("--fresh", action="store_true", help="start over instead of resuming the run directory")
+    pretrain.add_argument(
+        "--accept-data-changes", action="store_true",
+        help="resume although files of the folder: training data were added, removed or modified since the run started",
+    )
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         f"batch {config.optim.batch_size}, {config.train.epochs:g} epochs",
         flush=True,
     )
-    result = pretrain(config, fresh=args.fresh, progress=not args.no_progress and sys.stderr.isatty())
+    result = pretrain(config, fresh=args.fresh, progress=not args.no_progress and sys.stderr.isatty(),
+                      accept_data_changes=args.accept_data_changes)
     if result.resumed_from >= result.steps:
         echo(f"this run was already complete ({result.steps} steps); --fresh starts it over")
     else:

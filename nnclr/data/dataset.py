@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from nnclr.data.index import FileIndex
 
 
 class ImageDataset(Dataset):
     """In-memory images. Every item is ``(image, label, index)``.
 
     Attributes:
-        images: ``uint8`` tensor ``(N, 3, H, W)``, contiguous, RGB.
+        images: ``uint8`` tensor ``(N, 3, H, W)``, contiguous, RGB; or, for a folder that is not held
+            in memory, a :class:`nnclr.data.lazy.FolderImages` that decodes the slices asked for.
         labels: ``int64`` tensor ``(N,)``; ``-1`` where the label is unknown.
         classes: Class names (``classes[label]``); ``[]`` when unlabelled.
         name: Where the images came from, e.g. ``"demo"``, ``"cifar10"``, ``"folder:/path"``.
@@ -39,15 +45,17 @@ class ImageDataset(Dataset):
                 f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         n = images.shape[0]
+        self.in_memory = isinstance(images, torch.Tensor)
         if labels is None:
             labels = torch.full((n,), -1, dtype=torch.int64)
         labels = torch.as_tensor(labels).to(torch.int64)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-        self.images = images.contiguous()
+        self.images = images.contiguous() if self.in_memory else images
         self.labels = labels.contiguous()
         self.classes = list(classes) if classes is not None else []
         self.name = name
+        self.index: FileIndex | None = None  # the files of a folder: source (set by its loader)
 
     def __len__(self) -> int:
         """Return the number of images."""

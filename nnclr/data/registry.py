@@ -6,10 +6,14 @@ import numbers
 import os
 from pathlib import Path
 
+import torch
+
 from nnclr.data import demo_set, torchvision_sets
 from nnclr.data.arrays import load_npz
 from nnclr.data.dataset import ImageDataset
-from nnclr.data.folder import load_folder
+from nnclr.data.folder import DEFAULT_IMAGE_SIZE, load_folder, split_folder
+from nnclr.data.index import load_index
+from nnclr.data.lazy import FolderImages
 from nnclr.data.resize import resize_images
 from nnclr.errors import UserError
 
@@ -60,6 +64,15 @@ def _check_size(image_size: int | None) -> None:
         raise UserError(f"image_size={image_size!r}: must be a positive whole number of pixels")
 
 
+def lazy_folder(root: Path, split: str, image_size: int | None, name: str) -> ImageDataset:
+    """The ``folder:`` source indexed (cached, :func:`nnclr.data.index.load_index`), decoded on demand."""
+    index, _ = load_index(split_folder(root, split))
+    size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+    dataset = ImageDataset(FolderImages(index, size), torch.as_tensor(index.labels), index.classes, name)
+    dataset.index = index
+    return dataset
+
+
 def load_dataset(
     name: str,
     split: str = "train",
@@ -67,8 +80,13 @@ def load_dataset(
     root: str | None = None,
     image_size: int | None = None,
     download: bool = True,
+    lazy: bool = False,
 ) -> ImageDataset:
     """Load a data set into memory as ``uint8 (N, 3, S, S)`` images with labels.
+
+    With ``lazy=True`` a ``folder:`` source is only indexed, not decoded: its ``images`` are a
+    :class:`~nnclr.data.lazy.FolderImages` that decodes the slices asked for (bounded memory for
+    folders of any size). The other sources are arrays and load as usual.
 
     Sources:
 
@@ -92,6 +110,7 @@ def load_dataset(
         image_size: Output side length in pixels; ``None`` keeps the native size (64 for
             folders).
         download: Whether torchvision may download missing CIFAR/STL-10 files.
+        lazy: Index a ``folder:`` source instead of decoding it.
 
     Returns:
         The :class:`ImageDataset`, ``name`` set to the source name as given.
@@ -103,6 +122,8 @@ def load_dataset(
     source, path = parse_name(name)
     _check_size(image_size)
     label = f"{source}:{path}" if path is not None else source
+    if source == "folder" and lazy:
+        return lazy_folder(Path(path).expanduser(), split, image_size, label)
     if source == "folder":
         dataset = load_folder(Path(path).expanduser(), split, image_size, label)
     elif source == "npz":

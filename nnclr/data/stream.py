@@ -1,0 +1,211 @@
+"""Training batches streamed from a folder of any size, decoded in ``DataLoader`` workers.
+
+The NNCLR paper (Dwibedi et al., ICCV 2021, Sec. 4.1) takes BYOL's augmentations (Grill et al.
+2020, Appendix B): each view starts with a random resized crop of the *full* image. Here each
+sample of a step is read from disk once, decoded once, and both views' crops (scale
+``augment.crop_min_scale``..1, aspect 3/4..4/3) are cut from it and resized to S x S in a worker
+(:mod:`nnclr.data.crops`); the rest of the augmentation (flip, colour, grayscale, blur, solarize)
+stays batched on the training device (:class:`nnclr.augment.BatchAugment`).
+
+Exact resume: what a step sees is a function of (seed, epoch, step, sample) only.
+
+* The sampler (main process) yields ``(step, indices, first_row)``: the step's slice of the epoch's
+  permutation (``nnclr.train``'s order, so DeepCluster's pseudo-label order works too), this
+  rank's part of it, and where that part starts in the global batch.
+* The worker draws the crop uniforms of the *global* batch from a CPU generator seeded with
+  ``(seed, CROPS, step)`` and keeps its rows, so one process and W processes cut the same crops,
+  whichever worker decodes the batch and however many workers there are.
+* A file that cannot be read (deleted, truncated, corrupt since it was indexed) is replaced by
+  the next readable file of the index (i + 1, i + 2, ...), cropped with the same uniforms; the
+  other samples of the batch are untouched. The batch reports the files it skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from nnclr.augment.params import CROP_DRAWS
+from nnclr.data.crops import DecodeError, decode_views, read_image_bytes
+from nnclr.data.index import FileIndex
+from nnclr.errors import UserError
+from nnclr.seeding import CROPS, derive_seed
+
+MAX_SUBSTITUTES = 64  # files tried after an unreadable one before the batch is given up
+
+Crop = tuple[tuple[float, float], tuple[float, float]]  # (scale range, aspect-ratio range) of one view
+
+
+@dataclass
+class StreamBatch:
+    """One step's data for this process, as a worker returns it.
+
+    Attributes:
+        step: The training step.
+        views: uint8 (2, b, 3, S, S): both views' random resized crops of each sample.
+        labels: int64 (b,), -1 where unknown.
+        indices: int64 (b,) positions in the file index of the samples used.
+        skipped: ``(relative path, reason)`` of files that could not be read and were replaced.
+    """
+
+    step: int
+    views: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def pin_memory(self) -> StreamBatch:
+        """Called by the DataLoader's pinning thread on CUDA (``pin_memory=True``)."""
+        self.views, self.labels, self.indices = (t.pin_memory() for t in (self.views, self.labels, self.indices))
+        return self
+
+
+class StepSampler(Sampler):
+    """Yields ``(step, indices, first_row)`` for the steps ``[first, end)`` of one epoch.
+
+    ``set_epoch`` replaces the order and the range before each ``iter(loader)``, which keeps
+    persistent workers alive across epochs.
+    """
+
+    def __init__(self, batch_size: int, steps_per_epoch: int, rows: slice) -> None:
+        self.batch_size, self.steps_per_epoch, self.rows = batch_size, steps_per_epoch, rows
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.first = self.end = 0
+
+    def set_epoch(self, order: torch.Tensor, first: int, end: int) -> None:
+        """Use the permutation ``order`` (N,) for the steps ``[first, end)`` (all in one epoch)."""
+        self.order, self.first, self.end = order, first, end
+
+    def __len__(self) -> int:
+        return self.end - self.first
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int]]:
+        b = self.batch_size
+        for step in range(self.first, self.end):
+            position = step % self.steps_per_epoch
+            batch = self.order[position * b : (position + 1) * b]
+            yield step, batch[self.rows].clone(), self.rows.start
+
+
+class CropBatches(Dataset):
+    """Item ``(step, indices, first_row)`` -> :class:`StreamBatch` (decoded in a worker).
+
+    Args:
+        index: The training split's files and labels.
+        size: Output side S.
+        crops: Each view's (scale range, aspect-ratio range).
+        seed: ``train.seed``.
+        batch_size: The global batch B (the crop uniforms are drawn for all of it).
+    """
+
+    def __init__(self, index: FileIndex, size: int, crops: tuple[Crop, Crop], seed: int, batch_size: int) -> None:
+        self.index, self.size, self.crops, self.seed, self.batch_size = index, size, crops, seed, batch_size
+        self.labels = torch.as_tensor(index.labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def uniforms(self, step: int) -> torch.Tensor:
+        """(B, 2, CROP_DRAWS) crop uniforms of the global batch of ``step`` (CPU, float32)."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, CROPS, step))
+        return torch.rand(self.batch_size, len(self.crops), CROP_DRAWS, generator=generator)
+
+    def __getitem__(self, item: tuple[int, torch.Tensor, int]) -> StreamBatch:
+        step, indices, first_row = item
+        u = self.uniforms(step)[first_row : first_row + len(indices)]  # (b, 2, CROP_DRAWS)
+        views = torch.empty((len(self.crops), len(indices), 3, self.size, self.size), dtype=torch.uint8)
+        used = torch.empty(len(indices), dtype=torch.int64)
+        skipped: list[tuple[str, str]] = []
+        for row, i in enumerate(indices.tolist()):
+            used[row] = self._decode_into(views[:, row], i, u[row], skipped)
+        return StreamBatch(step, views, self.labels[used], used, skipped)
+
+    def _decode_into(self, out: torch.Tensor, i: int, u: torch.Tensor, skipped: list[tuple[str, str]]) -> int:
+        """Decode sample ``i`` (or the next readable one) into ``out`` (2, 3, S, S); returns its index."""
+        n = len(self.index)
+        for attempt in range(min(MAX_SUBSTITUTES, n)):
+            j = (i + attempt) % n
+            try:
+                out.copy_(decode_views(read_image_bytes(self.index.path(j)), u, self.crops, self.size))
+                return j
+            except (OSError, DecodeError) as error:
+                reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+                skipped.append((self.index.relpath(j), " ".join(reason.split())))
+        raise UserError(
+            f"{self.index.root}: {min(MAX_SUBSTITUTES, n)} files in a row could not be read, the last "
+            f"{skipped[-1][0]} ({skipped[-1][1]}); check that the folder is still there and readable"
+        )
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # one decode per worker process; the training process owns the cores
+
+
+def default_workers(device: torch.device) -> int:
+    """``data.workers=-1``: worker processes per training process.
+
+    On a GPU decoding is the bottleneck: a worker per spare core of this process's share, up
+    to 8 (about 400-750 images/s each at 224 px, see BENCHMARKS.md). On the CPU the training
+    step needs the cores and one worker keeps ahead of it (decoding a batch costs a few
+    percent of a step).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = max(1, cpus // local)
+    return max(1, min(8, share - 1)) if device.type == "cuda" else 1
+
+
+class StreamFeed:
+    """This process's training batches from disk, one epoch at a time.
+
+    Example:
+        >>> feed = StreamFeed(index, size=224, crops=crops, seed=0, batch_size=256,
+        ...                   steps_per_epoch=len(index) // 256, rows=slice(0, 256), workers=4,
+        ...                   prefetch=2, device=torch.device("cpu"))
+        >>> for batch in feed.epoch(order, first=0, end=10): ...
+    """
+
+    def __init__(
+        self,
+        index: FileIndex,
+        *,
+        size: int,
+        crops: tuple[Crop, Crop],
+        seed: int,
+        batch_size: int,
+        steps_per_epoch: int,
+        rows: slice,
+        workers: int,
+        prefetch: int,
+        device: torch.device,
+    ) -> None:
+        self.sampler = StepSampler(batch_size, steps_per_epoch, rows)
+        self.workers = workers
+        self.loader = DataLoader(
+            CropBatches(index, size, crops, seed, batch_size),
+            sampler=self.sampler, batch_size=None, num_workers=workers,
+            pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
+            persistent_workers=workers > 0, worker_init_fn=_worker_init if workers else None,
+            generator=torch.Generator(),  # never draw the workers' base seed from the global RNG
+        )
+        self._iterator: Iterator[StreamBatch] | None = None
+
+    def epoch(self, order: torch.Tensor, first: int, end: int) -> Iterator[StreamBatch]:
+        """The batches of steps ``[first, end)`` of the epoch whose permutation is ``order`` (N,)."""
+        self.sampler.set_epoch(order, first, end)
+        self._iterator = iter(self.loader)
+        return self._iterator
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
