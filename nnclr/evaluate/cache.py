@@ -23,11 +23,13 @@ import torch
 from tqdm import tqdm
 
 from nnclr.data import ImageDataset
+from nnclr.data.lazy import batch_slices, prefetched
 from nnclr.evaluate.features import extract_features
 from nnclr.pretrained import Pretrained
 
 CACHE_FORMAT = 1
 CHUNK = 4096  # images per progress-bar tick
+BATCH = 512  # images per encoder call (and per decode of a folder read on demand)
 
 
 def safe_name(name: str, limit: int = 60) -> str:
@@ -77,17 +79,23 @@ def cache_path(pretrained: Pretrained, run_dir: Path, data: str, split: str) -> 
 
 
 def extract_split(
-    pretrained: Pretrained, dataset: ImageDataset, *, batch_size: int = 512, progress: bool | None = None
+    pretrained: Pretrained, dataset: ImageDataset, *, batch_size: int | None = None, progress: bool | None = None
 ) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) of ``dataset`` -> L2-normalised float32 features (N, F) on the CPU."""
+    """uint8 images (N, 3, H, W) of ``dataset`` -> L2-normalised float32 features (N, F) on the CPU.
+
+    In-memory images are encoded ``CHUNK`` at a time; a folder's :class:`~nnclr.data.lazy.FolderImages`
+    is decoded ``batch_size`` images at a time (memory bounded by one batch, not the split).
+    """
     if progress is None:
         progress = sys.stderr.isatty()
+    batch_size = batch_size or BATCH
     images = dataset.images
+    # a folder decoded on demand is read one batch at a time, the next decoded while this one is encoded
+    chunk_size = CHUNK if isinstance(images, torch.Tensor) else batch_size
     out = []
     with tqdm(total=len(images), disable=not progress, unit="img", desc=f"features {dataset.name}",
               dynamic_ncols=True, leave=False) as bar:
-        for start in range(0, len(images), CHUNK):
-            chunk = images[start : start + CHUNK]
+        for chunk in prefetched(images, batch_slices(len(images), chunk_size)):
             out.append(extract_features(
                 pretrained.encoder, chunk, image_size=pretrained.image_size, mean=pretrained.mean,
                 std=pretrained.std, device=pretrained.device, dtype=pretrained.dtype, batch_size=batch_size,

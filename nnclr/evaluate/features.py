@@ -1,4 +1,8 @@
-"""Backbone features h of whole in-memory data sets, in eval mode (batch-norm statistics frozen)."""
+"""Backbone features h of a data set, in eval mode (batch-norm statistics frozen), ``batch_size`` images at a time.
+
+``images`` may be an in-memory tensor or a folder decoded on demand (:class:`nnclr.data.lazy.FolderImages`):
+only slices of it are read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnclr.augment import eval_transform
+from nnclr.data.lazy import batch_slices, prefetched
 from nnclr.runtime import autocast
 
 
@@ -33,8 +38,8 @@ def extract_features(
     backbone.eval()
     features = []
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
+    for batch in prefetched(images, batch_slices(images.shape[0], batch_size)):
+        x = batch.to(device, non_blocking=True)
         x = eval_transform(x, image_size, mean=mean, std=std).contiguous(memory_format=memory_format)
         with autocast(device, dtype):
             h = backbone(x)

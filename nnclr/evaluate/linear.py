@@ -30,8 +30,10 @@ from tqdm import tqdm
 
 from nnclr import runtime
 from nnclr.augment import RECIPES, apply_view, eval_transform, sample_view_params
+from nnclr.data.lazy import FolderImages, batch_slices, prefetched
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+EVAL_BATCH = 512  # test images per forward pass (and per decode of a folder read on demand)
 
 
 @dataclass
@@ -165,15 +167,18 @@ def augmented_batch(
 
 @torch.no_grad()
 def evaluate_head(
-    backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, size: int,
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype, batch_size: int = 512,
+    backbone: nn.Module, head: nn.Module, images: torch.Tensor | FolderImages, labels: torch.Tensor, *, size: int,
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype,
+    batch_size: int | None = None,
 ) -> tuple[float, float]:
-    """Top-1/top-5 (percent) of ``head(backbone(x))`` on centre test images (uint8 (M, 3, H, W))."""
+    """Top-1/top-5 (percent) of ``head(backbone(x))`` on centre test images (uint8 (M, 3, H, W)), ``batch_size``
+    (default ``EVAL_BATCH``) at a time."""
+    batch_size = batch_size or EVAL_BATCH
     backbone.eval()
     head.eval()
     logits = []
-    for start in range(0, images.shape[0], batch_size):
-        x = eval_transform(images[start : start + batch_size].to(device), size, mean=mean, std=std)
+    for batch in prefetched(images, batch_slices(images.shape[0], batch_size)):
+        x = eval_transform(batch.to(device), size, mean=mean, std=std)
         with runtime.autocast(device, dtype):
             h = backbone(x)
         logits.append(head(h.float()).float().cpu())
@@ -182,9 +187,9 @@ def evaluate_head(
 
 def paper_linear_probe(
     backbone: nn.Module,
-    train_images: torch.Tensor,
+    train_images: torch.Tensor | FolderImages,
     train_labels: torch.Tensor,
-    test_images: torch.Tensor,
+    test_images: torch.Tensor | FolderImages,
     test_labels: torch.Tensor,
     *,
     num_classes: int,
@@ -206,7 +211,8 @@ def paper_linear_probe(
 
     Args:
         backbone: the encoder f; kept in eval mode and checked bit-identical afterwards.
-        train_images, test_images: uint8 (N, 3, H, W) / (M, 3, H, W).
+        train_images, test_images: uint8 (N, 3, H, W) / (M, 3, H, W): tensors, or folders decoded on demand
+            (:class:`~nnclr.data.lazy.FolderImages`; read one mini-batch at a time, by index).
         train_labels, test_labels: int64 (N,) / (M,), all known.
         lr: learning rate for batch 256, scaled linearly with ``batch_size``.
 
@@ -239,9 +245,9 @@ def paper_linear_probe(
             for _ in range(epochs):
                 head.train()
                 order = torch.randperm(train_images.shape[0], generator=order_generator)
-                for start in range(0, order.shape[0], batch_size):
-                    idx = order[start : start + batch_size]
-                    x = augmented_batch(train_images[idx].to(device), size, mean_t, std_t, generator)
+                batches = [order[start : start + batch_size] for start in range(0, order.shape[0], batch_size)]
+                for idx, images in zip(batches, prefetched(train_images, batches)):
+                    x = augmented_batch(images.to(device), size, mean_t, std_t, generator)
                     with torch.no_grad(), runtime.autocast(device, dtype):
                         h = backbone(x)
                     loss = F.cross_entropy(head(h.float()), train_labels[idx].to(device))

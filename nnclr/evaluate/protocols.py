@@ -30,6 +30,7 @@ import torch
 
 from nnclr.config import to_dict
 from nnclr.data import ImageDataset, load_dataset
+from nnclr.data.lazy import select
 from nnclr.errors import UserError
 from nnclr.evaluate import semi
 from nnclr.evaluate.cache import SplitFeatures, safe_name, split_features
@@ -68,14 +69,19 @@ class Evaluation:
         return self.pretrained.config.data.name
 
     def dataset(self, data: str, split: str) -> ImageDataset:
-        """The images of ``data``/``split`` at the encoder's input size (loaded once per evaluation)."""
+        """The images of ``data``/``split`` at the encoder's input size (loaded once per evaluation).
+
+        A ``folder:`` source is indexed, not decoded (``lazy=True``): its images are a
+        :class:`~nnclr.data.lazy.FolderImages` that every protocol reads in batches, so memory does
+        not grow with the number of images. The other sources are in-memory tensors.
+        """
         key = (data, split)
         if key not in self._images:
             own = data == self.pretrain_data
             config = self.pretrained.config.data
             self._images[key] = load_dataset(
                 data, split, root=config.root if own else None, image_size=self.pretrained.image_size,
-                download=config.download if own else False,
+                download=config.download if own else False, lazy=True,
             )
         return self._images[key]
 
@@ -198,8 +204,8 @@ def linear(
                 raise UserError(f"{data} split {split!r} has no labels; the {protocol} protocol needs labelled images")
         pretrained = evaluation.pretrained
         result = paper_linear_probe(
-            pretrained.encoder, train_set.images[train_known], train_set.labels[train_known],
-            test_set.images[test_known], test_set.labels[test_known],
+            pretrained.encoder, select(train_set.images, train_known), train_set.labels[train_known],
+            select(test_set.images, test_known), test_set.labels[test_known],
             num_classes=num_classes_of(train_set.labels, test_set.labels), num_features=pretrained.feature_dim,
             size=pretrained.image_size, mean=pretrained.mean, std=pretrained.std, device=pretrained.device,
             dtype=pretrained.dtype, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -280,8 +286,9 @@ def semi_supervised(
         run_epochs = epochs if epochs is not None else semi.default_epochs(fraction)
         echo(f"semi {name}: fine-tuning on {len(indices)} labelled images for {run_epochs} epochs", file=sys.stderr)
         result = semi.finetune(
-            pretrained.encoder, train_set.images[indices], train_set.labels[indices], test_set.images[test_known],
-            test_set.labels[test_known], num_classes=num_classes, num_features=pretrained.feature_dim,
+            pretrained.encoder, select(train_set.images, indices), train_set.labels[indices],
+            select(test_set.images, test_known), test_set.labels[test_known], num_classes=num_classes,
+            num_features=pretrained.feature_dim,
             size=pretrained.image_size, mean=pretrained.mean, std=pretrained.std, device=pretrained.device,
             dtype=pretrained.dtype, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
             progress=evaluation.progress,

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from nnclr import runtime
 from nnclr.augment import eval_transform
+from nnclr.data.lazy import FolderImages, batch_slices, prefetched
 from nnclr.errors import UserError
 from nnclr.evaluate.linear import LinearResult, augmented_batch, evaluate_head
 
@@ -107,8 +108,8 @@ def read_subset(path: Path, num_train: int, labels: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def recompute_batchnorm(
-    model: nn.Module, images: torch.Tensor, *, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-    device: torch.device, dtype: torch.dtype, batch_size: int,
+    model: nn.Module, images: torch.Tensor | FolderImages, *, size: int, mean: tuple[float, ...],
+    std: tuple[float, ...], device: torch.device, dtype: torch.dtype, batch_size: int,
 ) -> None:
     """Set every batch norm's running statistics to their average over ``images`` (uint8 (n, 3, H, W)).
 
@@ -122,8 +123,8 @@ def recompute_batchnorm(
         norm.reset_running_stats()
         norm.momentum = None
     model.train()
-    for start in range(0, images.shape[0], batch_size):
-        x = eval_transform(images[start : start + batch_size].to(device), size, mean=mean, std=std)
+    for batch in prefetched(images, batch_slices(images.shape[0], batch_size)):
+        x = eval_transform(batch.to(device), size, mean=mean, std=std)
         with runtime.autocast(device, dtype):
             model(x)
     for norm, momentum in zip(norms, momenta):
@@ -133,9 +134,9 @@ def recompute_batchnorm(
 
 def finetune(
     backbone: nn.Module,
-    train_images: torch.Tensor,
+    train_images: torch.Tensor | FolderImages,
     train_labels: torch.Tensor,
-    test_images: torch.Tensor,
+    test_images: torch.Tensor | FolderImages,
     test_labels: torch.Tensor,
     *,
     num_classes: int,
@@ -157,7 +158,8 @@ def finetune(
     Args:
         backbone: the pretrained encoder f; a deep copy is trained, batch norm in training mode.
         train_images: uint8 (n, 3, H, W), the labelled subset; train_labels (n,).
-        test_images: uint8 (M, 3, H, W); test_labels (M,).
+        test_images: uint8 (M, 3, H, W); test_labels (M,). Either may be a folder decoded on demand
+            (:class:`~nnclr.data.lazy.FolderImages`, read one mini-batch at a time, by index).
         lr: learning rate for batch 256, scaled linearly with the batch size.
 
     Returns:
@@ -193,8 +195,9 @@ def finetune(
         for epoch in range(epochs):
             order = torch.randperm(train_images.shape[0], generator=order_generator)
             losses = []
-            for idx in order.tensor_split(steps_per_epoch):  # near-equal batches: no tiny last batch for batch norm
-                x = augmented_batch(train_images[idx].to(device), size, mean_t, std_t, generator)
+            batches = order.tensor_split(steps_per_epoch)  # near-equal batches: no tiny last batch for batch norm
+            for idx, images in zip(batches, prefetched(train_images, batches)):
+                x = augmented_batch(images.to(device), size, mean_t, std_t, generator)
                 with runtime.autocast(device, dtype):
                     logits = head(model(x).float())
                 loss = F.cross_entropy(logits.float(), train_labels[idx].to(device))

@@ -61,28 +61,62 @@ class PrototypeUsage:
 
 @dataclass
 class Embedded:
-    """A split with its encodings: uint8 images (N, 3, H, W), labels (N,) (-1 unknown), L2-normalised backbone
-    features h (N, F) and projections z (N, D)."""
+    """A split with the encodings of its images, or of a sample of them.
+
+    Attributes:
+        images: the whole split's uint8 images (N, 3, H, W): a tensor or a folder decoded on demand
+            (:class:`~nnclr.data.lazy.FolderImages`); indexed by split index.
+        labels: (M,) labels of the encoded images (-1 unknown).
+        h, z: (M, F) / (M, D) L2-normalised backbone features and projections of the encoded images.
+        rows: (M,) split indices of the encoded images; None: all N, in order (M = N).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     h: torch.Tensor
     z: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def split_index(self, i: int) -> int:
+        """The split index of encoded row ``i``."""
+        return int(i) if self.rows is None else int(self.rows[i])
+
+    @property
+    def sampled(self) -> bool:
+        """True when only a sample of the split was encoded."""
+        return self.rows is not None and len(self.rows) < len(self.images)
+
+
+def sample_rows(n: int, limit: int, seed: int = 0) -> torch.Tensor | None:
+    """A sorted, seeded sample of ``limit`` split indices of ``range(n)``; None (all of them) when ``n <= limit``."""
+    if n <= limit:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 @torch.no_grad()
-def embed(pretrained: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> Embedded:
-    """Encode uint8 images (N, 3, H, W) with the run's encoder and projector (eval mode, CPU fp32 results)."""
+def embed(
+    pretrained: Any, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512,
+    rows: torch.Tensor | None = None,
+) -> Embedded:
+    """Encode uint8 images (N, 3, H, W), or only those at ``rows``, with the run's encoder and projector.
+
+    Eval mode, CPU fp32 results. ``images`` may be a folder decoded on demand: it is read
+    ``batch_size`` images at a time, the next batch decoded while this one is encoded.
+    """
+    from nnclr.data.lazy import batch_slices, prefetched
+
+    n = images.shape[0] if rows is None else len(rows)
+    keys = batch_slices(n, batch_size) if rows is None else [rows[k] for k in batch_slices(n, batch_size)]
     hs, zs = [], []
-    for start in range(0, images.shape[0], batch_size):
-        x = eval_transform(images[start : start + batch_size], pretrained.image_size,
-                           mean=pretrained.mean, std=pretrained.std).to(pretrained.device)
+    for batch in prefetched(images, keys):
+        x = eval_transform(batch, pretrained.image_size, mean=pretrained.mean, std=pretrained.std).to(pretrained.device)
         with runtime.autocast(pretrained.device, pretrained.dtype):
             h = pretrained.encoder(x)
             z = pretrained.projector(h)
         hs.append(F.normalize(h.float(), dim=1).cpu())
         zs.append(F.normalize(z.float(), dim=1).cpu())
-    return Embedded(images, labels, torch.cat(hs), torch.cat(zs))
+    return Embedded(images, labels if rows is None else labels[rows], torch.cat(hs), torch.cat(zs), rows)
 
 
 def pick_queries(labels: torch.Tensor, count: int = 10, seed: int = 0) -> torch.Tensor:
@@ -120,26 +154,33 @@ def galleries(
 ) -> list[GalleryRow]:
     """The gallery rows of the query images ``picks`` (M,): top-``k`` support entries by z, training images by h.
 
+    ``picks`` are rows of ``queries`` (positions among its encoded images); the training neighbours are
+    searched among the encoded training images (a sample when ``train.rows`` is set); support entries
+    are shown as the training image of their split index (decoded just for them).
+
     ``support`` is the checkpoint's support set (embeddings (Q, D), labels, indices, steps (Q,), num_filled), taken
     at ``step``. With ``same_split`` the queries are training images: the query itself is never its own neighbour
     (as NNCLR excludes a sample's own older copy).
     """
-    rows = [GalleryRow(queries.images[i], int(queries.labels[i]), int(i)) for i in picks.tolist()]
+    rows = [GalleryRow(queries.images[queries.split_index(i)], int(queries.labels[i]), queries.split_index(i))
+            for i in picks.tolist()]
     scores = queries.h[picks] @ train.h.T  # (M, N)
     if same_split:
         scores[torch.arange(len(picks)), picks] = -float("inf")
     sims, nearest = _nearest(scores, k)
     for row, sim, idx in zip(rows, sims, nearest):
-        row.train = [Neighbour(train.images[j], int(train.labels[j]), s, f"train #{j}",
-                               _wrong(row.label, int(train.labels[j]))) for s, j in zip(sim, idx)]
+        row.train = [Neighbour(train.images[train.split_index(j)], int(train.labels[j]), s,
+                               f"train #{train.split_index(j)}", _wrong(row.label, int(train.labels[j])))
+                     for s, j in zip(sim, idx)]
     filled = int(support["num_filled"]) if support is not None else 0
     if filled == 0:
         return rows
     bank = support["embeddings"][:filled].float()  # (Q', D)
     bank_samples = support["indices"][:filled]
     scores = queries.z[picks] @ bank.T  # (M, Q')
-    if same_split:
-        scores = scores.masked_fill(bank_samples[None, :] == picks[:, None], -float("inf"))
+    if same_split:  # the support set stores split indices
+        picked = picks if queries.rows is None else queries.rows[picks]
+        scores = scores.masked_fill(bank_samples[None, :] == picked[:, None], -float("inf"))
     sims, nearest = _nearest(scores, k)
     for row, sim, idx in zip(rows, sims, nearest):
         for s, r in zip(sim, idx):

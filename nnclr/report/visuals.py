@@ -5,6 +5,11 @@ downloading). The training split is loaded only for the galleries (``galleries=T
 supplies the support-set entries' images and the training-set neighbours. The map needs only the
 query split: the test split, or the training split when the run has no test split. Whatever cannot
 be computed becomes a sentence in :attr:`RunData.missing` and in its section.
+
+A ``folder:`` data set is indexed, not decoded (``lazy=True``), and a split of more than
+``SAMPLE`` images is represented by a seeded sample of ``SAMPLE`` of them (the same in every
+report): only those are decoded and encoded, in batches, so the report's memory and time do not
+grow with the data set. The report says where its numbers come from a sample.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from nnclr.report.data import RunData
 from nnclr.report.galleries import Embedded
 
 Section = tuple[str, str, str]  # (anchor, heading, body html)
+SAMPLE = 5000  # at most this many images of a split are encoded (a seeded sample of a larger split)
 
 
 @dataclass
@@ -43,13 +49,16 @@ def load_images(run: RunData, galleries: bool) -> Images:
         raise UserError("the run directory has no checkpoint.pt")
     import nnclr
     from nnclr.data import load_dataset
-    from nnclr.report.galleries import embed
+    from nnclr.report.galleries import embed, sample_rows
 
     pretrained = nnclr.load(run.run_dir, device="auto")
     d = pretrained.config.data
 
     def load(split: str) -> Any:
-        return load_dataset(d.name, split, root=d.root, image_size=pretrained.image_size, download=False)
+        return load_dataset(d.name, split, root=d.root, image_size=pretrained.image_size, download=False, lazy=True)
+
+    def encode(dataset: Any) -> Embedded:
+        return embed(pretrained, dataset.images, dataset.labels, rows=sample_rows(len(dataset), SAMPLE))
 
     query_split, test_set, note = d.test_split, None, ""
     if d.test_split:
@@ -64,17 +73,24 @@ def load_images(run: RunData, galleries: bool) -> Images:
     train_set = load(d.train_split) if galleries or test_set is None else None
     if test_set is None:
         query_split, test_set = d.train_split, train_set
-    queries = embed(pretrained, test_set.images, test_set.labels)
+    queries = encode(test_set)
     train = None
     if train_set is not None:
-        train = queries if train_set is test_set else embed(pretrained, train_set.images, train_set.labels)
-    used = f"{d.name}: split {query_split!r} ({len(test_set):,} images) for the queries and the map{note}"
+        train = queries if train_set is test_set else encode(train_set)
+    used = f"{d.name}: split {query_split!r} ({_count(queries)}) for the queries and the map{note}"
     if train_set is not None and train_set is not test_set:
-        used += f"; split {d.train_split!r} ({len(train_set):,} images) as the training set"
+        used += f"; split {d.train_split!r} ({_count(train)}) as the training set"
     elif train_set is None:
         used += "; the training split was not loaded (galleries off)"
     return Images(pretrained, queries, query_split, test_set.classes or (train_set.classes if train_set else []),
                   train, used)
+
+
+def _count(split: Embedded) -> str:
+    """``"1,000 images"``, or ``"a seeded sample of 5,000 of its 120,000 images"``."""
+    if split.sampled:
+        return f"a seeded sample of {len(split.labels):,} of its {len(split.images):,} images"
+    return f"{len(split.images):,} images"
 
 
 def visual_sections(run: RunData, galleries: bool) -> tuple[list[Section], str | None]:
@@ -118,6 +134,10 @@ def gallery_section(run: RunData, images: Images) -> str:
              + "the nearest training images by backbone features h (what kNN evaluation uses), with labels and "
              "cosine similarities. Borders: blue query, green same class, "
              "<span class='bad'>red &#10007; another class</span>.</p>")
+    if images.train.sampled:
+        intro += (f"<p class='note'>The training-set neighbours and the agreement below are searched among a seeded "
+                  f"sample of {len(images.train.labels):,} of the {len(images.train.images):,} training images, "
+                  "not all of them (nearer images may exist outside the sample).</p>")
     if run.support is None:
         intro += f"<p class='note'>{H.esc(run.method)} has no support set: only training-set neighbours are shown.</p>"
     elif not with_support:
@@ -149,6 +169,8 @@ def map_section(run: RunData, images: Images) -> str:
     xy, method = project_2d(q.h[pick])
     name = images.pretrained.config.data.name
     title = f"{method} of backbone features h: {len(pick):,} images of {name} split {images.query_split!r}"
+    if q.sampled:
+        title += f" (from a seeded sample of {len(q.labels):,} of its {len(q.images):,})"
     return (H.plot(scatter_plot(xy, q.labels[pick].numpy(), images.classes, title), "embedding map")
             + f"<p class='note'>{H.esc(method)} of the L2-normalised backbone features, coloured by label. "
             "Methods: UMAP when <code>umap-learn</code> is installed (<code>pip install nnclr[umap]</code>), else "

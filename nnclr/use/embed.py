@@ -35,6 +35,7 @@ from nnclr import __version__, distributed
 from nnclr.config import to_dict
 from nnclr.data.decode import IMAGE_EXTENSIONS, try_load_square
 from nnclr.data.folder import _images_below
+from nnclr.data.lazy import FolderImages, prefetched
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained, precision_name
 from nnclr.use.embeddings import (
@@ -206,17 +207,21 @@ def embed_files(
 
 
 def embed_tensor(
-    pretrained: Pretrained, images: torch.Tensor, *, batch: int = 512, progress: bool = False
+    pretrained: Pretrained, images: torch.Tensor | FolderImages, *, batch: int = 512, progress: bool = False
 ) -> np.ndarray:
-    """Embed an in-memory uint8 batch (N, 3, H, W) -> float32 (N, F); split over the processes under torchrun."""
+    """Embed uint8 images (N, 3, H, W) -> float32 (N, F); split over the processes under torchrun.
+
+    ``images`` is an in-memory tensor or a folder decoded on demand (:class:`~nnclr.data.lazy.FolderImages`,
+    read ``batch`` images at a time, the next batch decoded while this one is embedded).
+    """
     n = images.shape[0]
     part = distributed.shard(n)
     local = [torch.zeros(0, pretrained.feature_dim)]
+    keys = [slice(start, min(start + batch, part.stop)) for start in range(part.start, part.stop, batch)]
     with _bar(n, progress) as bar:
-        for start in range(part.start, part.stop, batch):
-            stop = min(start + batch, part.stop)
-            local.append(pretrained.embed(images[start:stop], batch_size=batch))
-            bar.update((stop - start) * distributed.world_size())
+        for chunk in prefetched(images, keys):
+            local.append(pretrained.embed(chunk, batch_size=batch))
+            bar.update(chunk.shape[0] * distributed.world_size())
     return distributed.gather_in_order(torch.cat(local).to(pretrained.device), n).cpu().numpy()
 
 
@@ -352,7 +357,8 @@ def embed_dataset(
         return EmbedReport(out, len(old), 0, len(old), 0, [], 0.0, time.perf_counter() - begin)
     if root is None and name == pretrained.config.data.name:
         root = pretrained.config.data.root
-    dataset = load_dataset(name, split, root=root, image_size=pretrained.image_size, download=False)
+    # lazy: a folder: data set is indexed and decoded one batch at a time (memory bounded by a batch)
+    dataset = load_dataset(name, split, root=root, image_size=pretrained.image_size, download=False, lazy=True)
     if len(dataset) == 0:
         raise UserError(f"data set {name} (split {split}) holds no images")
     embed_start = time.perf_counter()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from nnclr.data.decode import to_rgb
@@ -92,7 +93,8 @@ def source_images(embeddings: Any, rows: Sequence[int]) -> dict[int, Image.Image
     """The images of some rows of an EMB_DIR (:class:`nnclr.use.embeddings.Embeddings`).
 
     Folder sources are read from their files (None when a file is gone or unreadable); data-set
-    sources are loaded again at their native size.
+    sources are loaded again at their native size (a ``folder:`` data set is only indexed and just
+    the rows asked for are decoded).
     """
     source = embeddings.source
     if source["kind"] == "folder":
@@ -100,5 +102,8 @@ def source_images(embeddings: Any, rows: Sequence[int]) -> dict[int, Image.Image
     from nnclr.data import load_dataset
 
     root = embeddings.manifest.get("data_root")
-    images = load_dataset(source["name"], source["split"], root=root, download=False).images
-    return {r: Image.fromarray(images[r].permute(1, 2, 0).numpy()) for r in rows}
+    # lazy: a folder: data set decodes only the rows shown (the others load as arrays, as before)
+    images = load_dataset(source["name"], source["split"], root=root, download=False, lazy=True).images
+    rows = list(rows)
+    chosen = images[torch.tensor(rows, dtype=torch.long)] if rows else []
+    return {r: Image.fromarray(image.permute(1, 2, 0).numpy()) for r, image in zip(rows, chosen)}
