@@ -20,6 +20,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _index_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folder indexes are cached in a per-session temporary folder, never in the user's ~/.cache."""
+    if "NNCLR_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("NNCLR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "nnclr-cache"))
+
+
 def _cifar10_dir() -> Path:
     env = os.environ.get("NNCLR_CIFAR10_DIR")
     return Path(env) if env else REPO.parent / "shared" / "data" / "cifar10"

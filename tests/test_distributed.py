@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from nnclr import distributed, train
 from nnclr.augment import BatchAugment, eval_transform
@@ -74,6 +75,9 @@ class Float64Views(BatchAugment):
     def apply_params(self, images: torch.Tensor, params: list) -> list[torch.Tensor]:
         return [view.double() for view in super().apply_params(images, params)]
 
+    def apply_to_crops(self, crops: torch.Tensor, params: list) -> list[torch.Tensor]:
+        return [view.double() for view in super().apply_to_crops(crops, params)]
+
 
 @contextmanager
 def float64_network() -> Iterator[None]:
@@ -95,8 +99,19 @@ def run_steps(config) -> dict:
     if isinstance(run.selector, PseudoLabels):
         train._recluster(run, 0, 0, train._NoLog())
         order = train._epoch_order(run, 0)
-    losses = [train_step(run, step, order)[0] for step in range(STEPS)]
+    read: list[list[int]] = []  # the streaming loader's samples of each step, this rank's
+    if run.feed is not None:
+        batches = run.feed.epoch(order, 0, STEPS)
+        losses = []
+        for step in range(STEPS):
+            streamed = next(batches)
+            read.append(streamed.indices.tolist())
+            losses.append(train_step(run, step, order, streamed)[0])
+        run.feed.close()
+    else:
+        losses = [train_step(run, step, order)[0] for step in range(STEPS)]
     return {
+        "read": read,
         "losses": losses,
         "grads": {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None},
         "params": {n: p.detach().clone() for n, p in run.model.named_parameters()},
@@ -107,16 +122,23 @@ def run_steps(config) -> dict:
     }
 
 
-def worker(rank: int, world: int, port: int, out: Path, data: str) -> None:
+def stream_config(folder: Path):
+    """NNCLR on a folder of non-square images, streamed by one loader worker per process."""
+    return tiny("model.sync_bn=all", f"data.name=folder:{folder}", "data.loader=stream", "data.workers=1",
+                "data.image_size=24")
+
+
+def worker(rank: int, world: int, port: int, out: Path, data: str, folder: Path) -> None:
     """One rank: torchrun's environment variables, a gloo group, every scenario; saves its results."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NNCLR_CACHE_DIR=str(out / "cache"))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {"rank": rank}
     with float64_network():
         for method in METHODS:
             results[method] = run_steps(method_config(method, data))
+        results["stream"] = run_steps(stream_config(folder))
     results["heads_only"] = run_steps(tiny("model.sync_bn=heads"))  # the default
     n = 7  # not a multiple of the world size
     part = distributed.shard(n)
@@ -139,19 +161,34 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory, small_data: str) -> list[dict]:
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 demo images upscaled to non-square sizes, PNG, in 3 class folders."""
+    root = tmp_path_factory.mktemp("photos")
+    demo = load_dataset("demo", "train")
+    for i in range(48):
+        (root / f"c{i % 3}").mkdir(exist_ok=True)
+        image = Image.fromarray(demo.images[i].permute(1, 2, 0).numpy())
+        image.resize(((40, 30), (30, 44), (36, 36))[i % 3]).save(root / f"c{i % 3}" / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory, small_data: str, folder: Path) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(2, free_port(), out, small_data), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), out, small_data, folder), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)] + [{"out": out}]
 
 
 @pytest.fixture(scope="module")
-def single(small_data: str) -> dict:
+def single(small_data: str, folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same scenarios in this one process, on the whole global batch."""
     threads = torch.get_num_threads()
     try:
-        with float64_network():
-            return {method: run_steps(method_config(method, small_data)) for method in METHODS}
+        with float64_network(), pytest.MonkeyPatch.context() as patch:
+            patch.setenv("NNCLR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+            results = {method: run_steps(method_config(method, small_data)) for method in METHODS}
+            results["stream"] = run_steps(stream_config(folder))
+            return results
     finally:
         torch.set_num_threads(threads)
 
@@ -179,6 +216,20 @@ def test_two_processes_of_b_equal_one_process_of_2b(ranks: list[dict], single: d
     # Wrapped: 4 steps x 16 = 64 rows written into 40, the write pointer is at 64 mod 40.
     if method in ("nnclr", "kmclr"):
         assert int(one["support"]["ptr"]) == (STEPS * GLOBAL_BATCH) % 40 and int(one["support"]["num_filled"]) == 40
+
+
+def test_streaming_ranks_read_only_their_rows_and_equal_one_process(ranks: list[dict], single: dict) -> None:
+    """Each rank's loader read its half of every global batch; the two halves are one process's batch."""
+    one = single["stream"]
+    local = GLOBAL_BATCH // 2
+    for step in range(STEPS):
+        assert ranks[0]["stream"]["read"][step] == one["read"][step][:local]
+        assert ranks[1]["stream"]["read"][step] == one["read"][step][local:]
+    for r in range(2):
+        two = ranks[r]["stream"]
+        torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-5)
+        assert_close_dicts(two["params"], one["params"], f"stream rank {r} parameter", rtol=1e-4, atol=1e-5)
+        assert_close_dicts(two["support"], one["support"], f"stream rank {r} support set", rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("scenario", ["nnclr", "kmclr", "heads_only"])
