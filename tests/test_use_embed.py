@@ -251,3 +251,18 @@ def test_torchrun_two_processes_give_the_embeddings_of_one(checkpoint: Path, fol
     assert two.entries == one.entries  # no file lost or duplicated, same order
     assert two.manifest["skipped"] == one.manifest["skipped"]  # reasons gathered from both ranks
     np.testing.assert_allclose(two.vectors, one.vectors, atol=1e-5, rtol=0)
+
+
+def test_dangling_symlinks_and_fifos_are_skipped_not_fatal(checkpoint: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    save_demo_image(0, images / "cat" / "a.png")
+    save_demo_image(1, images / "cat" / "b.png")
+    (images / "cat" / "dangling.png").symlink_to("nowhere.png")
+    os.mkfifo(images / "cat" / "pipe.png")  # opening it to decode would wait for a writer forever
+    report = embed_folder(nnclr.load(checkpoint), images, tmp_path / "emb")
+    assert report.total == 2
+    assert [e.path for e in open_embeddings(tmp_path / "emb").entries] == ["cat/a.png", "cat/b.png"]
+    skipped = {s["path"]: s["reason"] for s in report.skipped}
+    assert set(skipped) == {"cat/dangling.png", "cat/pipe.png"} and skipped["cat/pipe.png"] == "not a regular file"
+    again = embed_folder(nnclr.load(checkpoint), images, tmp_path / "emb")
+    assert (again.embedded, again.reused) == (0, 2) and len(again.skipped) == 2

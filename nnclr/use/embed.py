@@ -19,6 +19,7 @@ rank 0 writes.
 
 from __future__ import annotations
 
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -102,16 +103,32 @@ def scan_images(folder: Path) -> tuple[list[Path], list[str]]:
     return files, classes
 
 
-def folder_entries(folder: Path) -> tuple[list[Entry], list[str]]:
-    """The entries of every image below ``folder`` with the keys resuming compares."""
+def folder_entries(
+    folder: Path, unreadable: list[tuple[str, str]] | None = None
+) -> tuple[list[Entry], list[str]]:
+    """The entries of every image below ``folder`` with the keys resuming compares.
+
+    Only regular files (after following symlinks) are entries, as in :mod:`nnclr.data.index`: a
+    dangling symlink, a symlink loop, a FIFO, socket or device with an image name is left out and
+    ``(relative path, reason)`` appended to ``unreadable`` (opening a FIFO would block the decoder).
+    """
     files, classes = scan_images(folder)
     label_of = {name: i for i, name in enumerate(classes)}
     entries = []
     for f in files:
         rel = f.relative_to(folder)
-        stat = f.stat()
-        top = rel.parts[0] if len(rel.parts) > 1 else ""
-        entries.append(Entry(rel.as_posix(), label_of.get(top, -1), top, stat.st_size, stat.st_mtime_ns))
+        try:
+            st = f.stat()
+        except OSError as error:
+            reason = " ".join((error.strerror or type(error).__name__).split())
+        else:
+            if stat.S_ISREG(st.st_mode):
+                top = rel.parts[0] if len(rel.parts) > 1 else ""
+                entries.append(Entry(rel.as_posix(), label_of.get(top, -1), top, st.st_size, st.st_mtime_ns))
+                continue
+            reason = "not a regular file"
+        if unreadable is not None:
+            unreadable.append((rel.as_posix(), reason))
     return entries, classes
 
 
@@ -284,7 +301,8 @@ def embed_folder(
     """
     begin = time.perf_counter()
     folder, out = Path(folder).expanduser().resolve(), Path(out).expanduser()
-    entries, classes = folder_entries(folder)
+    not_files: list[tuple[str, str]] = []
+    entries, classes = folder_entries(folder, not_files)
     source = {"kind": "folder", "path": str(folder)}
     old = _previous(out, pretrained, source, fresh)
     old_rows = {e.key: i for i, e in enumerate(old.entries)} if old else {}
@@ -310,6 +328,7 @@ def embed_folder(
                     )
                 continue
             kept.append(entry)
+        skipped += [{"path": rel, "reason": reason, "size": -1, "mtime_ns": -1} for rel, reason in not_files]
         vectors = np.stack(rows) if rows else np.zeros((0, pretrained.feature_dim), np.float32)
         return vectors, kept, skipped
 
