@@ -15,7 +15,8 @@ count, two ``DataLoader`` pipelines that both end in uint8 tensors of two S x S 
 
 Both shuffle the same way, every process runs one torch thread, and the two alternate (a b a b ...)
 so load from other processes hits them alike; the table gives medians. A pass times every batch
-after the first (so worker start-up is left out) and counts images, not views.
+after the first (so worker start-up is left out) and counts images, not views; it also gives images
+per CPU second (main process + workers, whole pass), the steadier number on a busy machine.
 
 How ``decode_views`` chose its decoder and resize (the scratch measurements behind its docstring):
 each candidate decoded / cropped the same synthetic JPEGs in one process with one thread, medians of
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -141,16 +143,25 @@ def images_of(batch: object) -> int:
     return views[0].shape[0]
 
 
-def one_pass(loader: DataLoader) -> float:
-    """Images/s over one epoch, the first batch (worker start-up) left out."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its ended children (the loader's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def one_pass(loader: DataLoader) -> tuple[float, float]:
+    """Images/s over one epoch, the first batch (worker start-up) left out; and images per CPU second
+    of the whole pass (main process + workers, start-up included), which load from other processes
+    on a shared machine changes far less than the wall-clock rate."""
+    cpu_start = cpu_seconds()
     iterator = iter(loader)
-    next(iterator)
+    total = images_of(next(iterator))
     start, images = time.perf_counter(), 0
     for batch in iterator:
         images += images_of(batch)
     seconds = time.perf_counter() - start
-    del iterator
-    return images / seconds
+    del iterator  # shuts the workers down and reaps them: their CPU time is now the children's
+    return images / seconds, (total + images) / (cpu_seconds() - cpu_start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,14 +183,18 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for workers in args.workers:
             rates: dict[str, list[float]] = {name: [] for name in pipelines}
+            per_cpu: dict[str, list[float]] = {name: [] for name in pipelines}
             loaders = {name: make(root, args.size, args.batch, workers, seed=0) for name, make in pipelines.items()}
             for loader in loaders.values():  # warm-up: page cache, lazy imports
                 one_pass(loader)
             for _ in range(args.rounds):
                 for name, loader in loaders.items():
-                    rates[name].append(one_pass(loader))
+                    rate, cpu_rate = one_pass(loader)
+                    rates[name].append(rate)
+                    per_cpu[name].append(cpu_rate)
             tv, ours = (statistics.median(rates[name]) for name in pipelines)
-            rows.append((workers, tv, ours, rates))
+            cpu_tv, cpu_ours = (statistics.median(per_cpu[name]) for name in pipelines)
+            rows.append((workers, tv, ours, rates, cpu_tv, cpu_ours))
             print(f"workers {workers}: torchvision {tv:.0f} img/s, ours {ours:.0f} img/s ({ours / tv:.2f}x)",
                   file=sys.stderr, flush=True)
 
@@ -190,12 +205,14 @@ def main(argv: list[str] | None = None) -> None:
           f"uint8 views per image, batch {args.batch}, median of {args.rounds} interleaved passes "
           f"(min..max in brackets)\n")
     print("| workers | (a) torchvision ImageFolder + 2x RandomResizedCrop, img/s "
-          "| (b) ours, read_image_bytes + decode_views, img/s | (b) / (a) |")
-    print("| ---: | ---: | ---: | ---: |")
-    for workers, tv, ours, rates in rows:
+          "| (b) ours, read_image_bytes + decode_views, img/s | (b) / (a) | img per CPU-second (a) / (b) "
+          "| (b) / (a) per CPU-second |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for workers, tv, ours, rates, cpu_tv, cpu_ours in rows:
         spread_tv = f"{min(rates['torchvision']):.0f}..{max(rates['torchvision']):.0f}"
         spread_ours = f"{min(rates['ours']):.0f}..{max(rates['ours']):.0f}"
-        print(f"| {workers} | {tv:.0f} ({spread_tv}) | {ours:.0f} ({spread_ours}) | {ours / tv:.2f}x |")
+        print(f"| {workers} | {tv:.0f} ({spread_tv}) | {ours:.0f} ({spread_ours}) | {ours / tv:.2f}x "
+              f"| {cpu_tv:.0f} / {cpu_ours:.0f} | {cpu_ours / cpu_tv:.2f}x |")
 
 
 if __name__ == "__main__":
