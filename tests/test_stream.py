@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +215,28 @@ def test_memory_use_of_the_lazy_images_is_one_slice(tmp_path: Path) -> None:
     assert torch.equal(dataset.images[torch.tensor([5, 1])], eager.images[[5, 1]])
     assert torch.equal(dataset.images.rows(8, 16)[2:4], eager.images[10:12])
     assert np.array_equal(dataset.labels.numpy(), eager.labels.numpy())
+
+
+def test_ctrl_c_to_the_process_group_stops_a_streaming_run_cleanly(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the loader workers too: the run still saves its checkpoint and exits 130."""
+    data = write_folder(tmp_path / "photos", n=40)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "NNCLR_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "nnclr", "pretrain", "--no-progress", "--run-dir", str(run_dir),
+               "--set", *TINY, f"data.name=folder:{data}", "data.workers=2", "train.epochs=200"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or len(read_metrics(run_dir)) < 3:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert "stopped by SIGINT" in out and "Traceback" not in err
+    stopped = load_checkpoint(run_dir / CHECKPOINT_NAME)["step"]
+    assert stopped >= 3

@@ -23,6 +23,7 @@ Exact resume: what a step sees is a function of (seed, epoch, step, sample) only
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -142,7 +143,15 @@ class CropBatches(Dataset):
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # one decode per worker process; the training process owns the cores
+    """One thread per worker (the training process owns the cores); deaf to Ctrl-C and SIGTERM.
+
+    A Ctrl-C in a terminal (or a SIGTERM to the process group, as schedulers send) reaches the
+    workers too: a worker that died of it would crash the training process, which instead finishes
+    its step, saves its checkpoint and then stops the workers (they also exit when it dies).
+    """
+    torch.set_num_threads(1)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def default_workers(device: torch.device) -> int:
