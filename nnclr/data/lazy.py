@@ -3,7 +3,7 @@
 Evaluation, the kNN monitor, DeepCluster's clustering and the report read a data set in slices
 (``images[start:start + 512]``) or by index (``images[indices]``). :class:`FolderImages` answers
 those reads by decoding just the files asked for, with the evaluation preprocessing of the
-in-memory path (shorter side scaled to S, centred S x S square: :func:`nnclr.data.decode.try_load_square`),
+in-memory path (shorter side scaled to S, centred S x S square: :func:`nnclr.data.crops.decode_eval`),
 on a few threads (Pillow releases the GIL while decoding). Memory is what one slice needs,
 whatever the number of files.
 
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from nnclr.data.decode import try_load_square
+from nnclr.data.crops import DecodeError, decode_eval, read_image_bytes
 from nnclr.data.index import FileIndex
 
 _THREADS = 2
@@ -111,18 +111,21 @@ class FolderImages:
 
     def _decode(self, positions: list[int]) -> torch.Tensor:
         out = torch.zeros((len(positions), 3, self.size, self.size), dtype=torch.uint8)
-        view = out.numpy()
         paths = [self.index.path(i) for i in positions]
         with ThreadPoolExecutor(max_workers=_THREADS) as pool:
             for row, (path, array) in enumerate(zip(paths, pool.map(self._load, paths))):
                 if isinstance(array, str):
                     self._warn(path, array)
                 else:
-                    view[row] = array
+                    out[row] = array
         return out
 
-    def _load(self, path: str) -> np.ndarray | str:
-        return try_load_square(path, self.size)
+    def _load(self, path: str) -> torch.Tensor | str:
+        """The decoded image, or why it cannot be read (only regular files are opened: no FIFO blocks)."""
+        try:
+            return decode_eval(read_image_bytes(path), self.size)
+        except (OSError, DecodeError) as error:
+            return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
     def _warn(self, path: str, reason: str) -> None:
         if path not in self.unreadable:
