@@ -8,10 +8,9 @@ count, two ``DataLoader`` pipelines that both end in uint8 tensors of two S x S 
 
 (a) torchvision's: ``ImageFolder`` (Pillow decode + ``convert("RGB")``) whose transform returns two
     ``RandomResizedCrop(S)`` + ``PILToTensor()`` views, default collate (batch ``B``);
-(b) ours (:func:`ours_loader`, the one function to swap for ``nnclr.data.stream``): a dataset that
-    takes a whole batch of indices (``batch_size=None``, a ``BatchSampler`` as sampler) and returns
-    one ``uint8 (2, B, 3, S, S)`` tensor from :func:`nnclr.data.crops.read_image_bytes` +
-    :func:`nnclr.data.crops.decode_views` (uniforms from a ``torch.Generator`` seeded per batch).
+(b) ours: the training loader itself, :class:`nnclr.data.stream.StreamFeed` over the folder's
+    index: workers return one ``uint8 (2, B, 3, S, S)`` batch per step, made with
+    :func:`nnclr.data.crops.read_image_bytes` + :func:`nnclr.data.crops.decode_views`.
 
 Both shuffle the same way, every process runs one torch thread, and the two alternate (a b a b ...)
 so load from other processes hits them alike; the table gives medians. A pass times every batch
@@ -36,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +47,11 @@ import PIL  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, get_worker_info  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-from nnclr.augment.params import CROP_DRAWS  # noqa: E402
-from nnclr.data.crops import decode_views, read_image_bytes  # noqa: E402
+from nnclr.data.index import load_index  # noqa: E402
+from nnclr.data.stream import StreamBatch, StreamFeed  # noqa: E402
 
 CROP = ((0.08, 1.0), (3 / 4, 4 / 3))  # RandomResizedCrop's defaults: the NNCLR/BYOL crop
 WIDTH, HEIGHT = 500, 375
@@ -105,40 +105,33 @@ def torchvision_loader(root: Path, size: int, batch: int, workers: int, seed: in
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, generator=generator)
 
 
-class CropBatches(Dataset):
-    """Ours: ``dataset[indices]`` is one uint8 (2, B, 3, S, S) tensor of the files' two views."""
+class StreamPasses:
+    """(b) Ours: the training loader itself (:class:`nnclr.data.stream.StreamFeed`) over the folder's index,
+    one epoch of a random order per pass; each pass starts its workers and stops them at the end."""
 
-    def __init__(self, files: list[str], size: int, seed: int) -> None:
-        self.files, self.size, self.seed = files, size, seed
+    def __init__(self, root: Path, size: int, batch: int, workers: int, seed: int) -> None:
+        self.index, _ = load_index(root, progress=False)
+        self.size, self.batch, self.workers, self.seed = size, batch, workers, seed
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, indices: list[int]) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(hash((self.seed, *indices)) & (2**63 - 1))  # per batch
-        u = torch.rand(len(indices), 2, CROP_DRAWS, generator=generator)
-        shape = (2, len(indices), 3, self.size, self.size)
-        if get_worker_info() is not None:  # in a worker: build the batch in shared memory, as default_collate
-            out = torch.empty(0, dtype=torch.uint8).new(torch.UntypedStorage._new_shared(int(np.prod(shape))))
-            out = out.view(shape)  # does, so sending it to the main process copies nothing
-        else:
-            out = torch.empty(shape, dtype=torch.uint8)
-        for i, index in enumerate(indices):
-            out[:, i] = decode_views(read_image_bytes(self.files[index]), u[i], [CROP, CROP], self.size)
-        return out
+    def __iter__(self) -> Iterator[StreamBatch]:
+        steps = len(self.index) // self.batch
+        order = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(self.seed))
+        feed = StreamFeed(self.index, size=self.size, crops=(CROP, CROP), seed=self.seed, batch_size=self.batch,
+                          steps_per_epoch=steps, rows=slice(0, self.batch), workers=self.workers, prefetch=2,
+                          device=torch.device("cpu"))
+        try:
+            yield from feed.epoch(order, 0, steps)
+        finally:
+            feed.close()
 
 
-def ours_loader(root: Path, size: int, batch: int, workers: int, seed: int) -> DataLoader:
-    """(b): swap this function's body for the project's streaming loader (``nnclr/data/stream.py``)."""
-    files = [sample for sample, _ in datasets.ImageFolder(str(root)).samples]  # the same files, same order
-    generator = torch.Generator().manual_seed(seed)
-    sampler = BatchSampler(RandomSampler(files, generator=generator), batch_size=batch, drop_last=False)
-    return DataLoader(CropBatches(files, size, seed), batch_size=None, sampler=sampler, num_workers=workers)
+def ours_loader(root: Path, size: int, batch: int, workers: int, seed: int) -> StreamPasses:
+    return StreamPasses(root, size, batch, workers, seed)
 
 
 def images_of(batch: object) -> int:
-    if isinstance(batch, torch.Tensor):  # ours: (2, B, 3, S, S)
-        return batch.shape[1]
+    if isinstance(batch, StreamBatch):  # ours: views (2, B, 3, S, S)
+        return batch.views.shape[1]
     views, _labels = batch  # torchvision: ([view1, view2], labels)
     return views[0].shape[0]
 
@@ -178,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory(prefix="nnclr-loader-bench-") as tmp:
         root = Path(tmp) / "jpegs"
+        os.environ["NNCLR_CACHE_DIR"] = str(Path(tmp) / "cache")  # the folder's index: not in ~/.cache
         kib = write_jpegs(root, args.images)
         pipelines = {"torchvision": torchvision_loader, "ours": ours_loader}
         rows = []
@@ -205,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
           f"uint8 views per image, batch {args.batch}, median of {args.rounds} interleaved passes "
           f"(min..max in brackets)\n")
     print("| workers | (a) torchvision ImageFolder + 2x RandomResizedCrop, img/s "
-          "| (b) ours, read_image_bytes + decode_views, img/s | (b) / (a) | img per CPU-second (a) / (b) "
+          "| (b) ours, nnclr's StreamFeed, img/s | (b) / (a) | img per CPU-second (a) / (b) "
           "| (b) / (a) per CPU-second |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for workers, tv, ours, rates, cpu_tv, cpu_ours in rows:

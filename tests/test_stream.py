@@ -23,7 +23,7 @@ from nnclr.augment.params import CROP_DRAWS
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
 from nnclr.data import load_dataset
-from nnclr.data.crops import decode_views, read_image_bytes
+from nnclr.data.crops import decode_views, probe_size, read_image_bytes
 from nnclr.data.index import load_index
 from nnclr.data.loaders import GIB, choose_loader
 from nnclr.data.stream import CropBatches, StepSampler, StreamFeed
@@ -240,3 +240,16 @@ def test_ctrl_c_to_the_process_group_stops_a_streaming_run_cleanly(tmp_path: Pat
     assert "stopped by SIGINT" in out and "Traceback" not in err
     stopped = load_checkpoint(run_dir / CHECKPOINT_NAME)["step"]
     assert stopped >= 3
+
+
+def test_a_file_whose_data_is_cut_after_a_readable_header_is_replaced_too(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "photos", n=8)
+    index, _ = load_index(root)
+    batches = CropBatches(index, 32, CROPS, seed=0, batch_size=2)
+    path = Path(index.path(2))  # a PNG
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header parses, half the pixels are gone
+    assert probe_size(path.read_bytes()) == Image.open(path).size
+    batch = batches[(0, torch.tensor([2, 1]), 0)]
+    assert batch.indices.tolist() == [3, 1] and [p for p, _ in batch.skipped] == [index.relpath(2)]
+    assert "truncated" in batch.skipped[0][1]
+    assert torch.equal(batch.views[:, 0], decode_views(read_image_bytes(index.path(3)), batches.uniforms(0)[0], CROPS, 32))

@@ -150,6 +150,15 @@ def _open(data: bytes | bytearray | memoryview) -> Image.Image:
     return image
 
 
+def probe_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """``(width, height)`` of an encoded image from its header (nothing is decoded).
+
+    Raises:
+        DecodeError: If the header is not a readable image's.
+    """
+    return _open(data).size
+
+
 def _pillow_tensor(image: Image.Image) -> torch.Tensor:
     """Decode ``image`` (Pillow), to RGB; a (3, H, W) uint8 tensor in channels-last storage."""
     try:
@@ -204,6 +213,7 @@ def decode_views(
     u: torch.Tensor,
     crops: Sequence[tuple[tuple[float, float], tuple[float, float]]],
     size: int,
+    boxes: Sequence[Sequence[float]] | None = None,
 ) -> torch.Tensor:
     """Decode an image once and cut its random resized crops.
 
@@ -212,6 +222,9 @@ def decode_views(
         u: (V, CROP_DRAWS) float32 uniforms in [0, 1), one row per view.
         crops: ``crops[v] = (scale, ratio)`` of view ``v`` (area fraction range, aspect range).
         size: Output side S.
+        boxes: The views' boxes ``crop_boxes(u, H, W, ...)`` when the caller computed them already
+            (a loader worker does so for a whole batch in one call: ~0.2 ms of small tensor operations
+            per call, 7% of a 500 x 375 photo's cost when made image by image).
 
     Returns:
         uint8 (V, 3, S, S): view ``v`` is the box ``crop_boxes(u[v:v+1], H, W, *crops[v])`` of the full
@@ -225,7 +238,8 @@ def decode_views(
                          f"{len(crops)} crops")
     image = _open(data)
     width, height = image.size
-    boxes = _boxes(u, height, width, crops)
+    if boxes is None:
+        boxes = _boxes(u, height, width, crops)
     scale = 1
     if image.format == "JPEG":
         scale = draft_scale(boxes, size)
@@ -267,4 +281,4 @@ def decode_eval(data: bytes | bytearray | memoryview, size: int) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-__all__ = ["DecodeError", "decode_eval", "decode_views", "draft_scale", "pixel_box", "read_image_bytes"]
+__all__ = ["DecodeError", "decode_eval", "decode_views", "draft_scale", "pixel_box", "probe_size", "read_image_bytes"]

@@ -22,16 +22,17 @@ Exact resume: what a step sees is a function of (seed, epoch, step, sample) only
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from nnclr.augment.params import CROP_DRAWS
-from nnclr.data.crops import DecodeError, decode_views, read_image_bytes
+from nnclr.augment.params import CROP_DRAWS, crop_boxes
+from nnclr.data.crops import DecodeError, decode_views, probe_size, read_image_bytes
 from nnclr.data.index import FileIndex
 from nnclr.errors import UserError
 from nnclr.seeding import CROPS, derive_seed
@@ -118,21 +119,34 @@ class CropBatches(Dataset):
     def __getitem__(self, item: tuple[int, torch.Tensor, int]) -> StreamBatch:
         step, indices, first_row = item
         u = self.uniforms(step)[first_row : first_row + len(indices)]  # (b, 2, CROP_DRAWS)
-        views = torch.empty((len(self.crops), len(indices), 3, self.size, self.size), dtype=torch.uint8)
-        used = torch.empty(len(indices), dtype=torch.int64)
         skipped: list[tuple[str, str]] = []
-        for row, i in enumerate(indices.tolist()):
-            used[row] = self._decode_into(views[:, row], i, u[row], skipped)
+        files = [self._read(i, skipped) for i in indices.tolist()]  # (index, bytes, (width, height))
+        boxes = self._boxes(u, [size for _, _, size in files])  # (b, 2, 4), one crop_boxes call per view
+        views = _batch_tensor((len(self.crops), len(indices), 3, self.size, self.size))
+        used = torch.empty(len(indices), dtype=torch.int64)
+        for row, (j, data, _) in enumerate(files):
+            try:
+                views[:, row] = decode_views(data, u[row], self.crops, self.size, boxes=boxes[row].tolist())
+            except DecodeError as error:  # a readable header, unreadable data (truncated, corrupt)
+                skipped.append((self.index.relpath(j), str(error)))
+                j, views[:, row] = self._decode(*self._read(j + 1, skipped)[:2], u[row], skipped)
+            used[row] = j
         return StreamBatch(step, views, self.labels[used], used, skipped)
 
-    def _decode_into(self, out: torch.Tensor, i: int, u: torch.Tensor, skipped: list[tuple[str, str]]) -> int:
-        """Decode sample ``i`` (or the next readable one) into ``out`` (2, 3, S, S); returns its index."""
+    def _boxes(self, u: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """(b, V, 4) crop boxes of every sample's full image (:func:`nnclr.augment.params.crop_boxes`)."""
+        width, height = torch.tensor(sizes, dtype=torch.float32).unbind(1)  # (b,) each
+        with torch.inference_mode():
+            return torch.stack([crop_boxes(u[:, v], height, width, *crop) for v, crop in enumerate(self.crops)], 1)
+
+    def _read(self, i: int, skipped: list[tuple[str, str]]) -> tuple[int, bytes, tuple[int, int]]:
+        """Bytes and size of file ``i``, or of the next readable one (skipped files are recorded)."""
         n = len(self.index)
         for attempt in range(min(MAX_SUBSTITUTES, n)):
             j = (i + attempt) % n
             try:
-                out.copy_(decode_views(read_image_bytes(self.index.path(j)), u, self.crops, self.size))
-                return j
+                data = read_image_bytes(self.index.path(j))
+                return j, data, probe_size(data)
             except (OSError, DecodeError) as error:
                 reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
                 skipped.append((self.index.relpath(j), " ".join(reason.split())))
@@ -140,6 +154,27 @@ class CropBatches(Dataset):
             f"{self.index.root}: {min(MAX_SUBSTITUTES, n)} files in a row could not be read, the last "
             f"{skipped[-1][0]} ({skipped[-1][1]}); check that the folder is still there and readable"
         )
+
+    def _decode(self, j: int, data: bytes, u: torch.Tensor, skipped: list[tuple[str, str]]
+                ) -> tuple[int, torch.Tensor]:
+        """``(j, decode_views of file j)``, moving on to the next file while the data cannot be decoded."""
+        for _ in range(MAX_SUBSTITUTES):
+            try:
+                return j, decode_views(data, u, self.crops, self.size)
+            except DecodeError as error:
+                skipped.append((self.index.relpath(j), str(error)))
+                j, data, _ = self._read(j + 1, skipped)
+        raise UserError(f"{self.index.root}: {MAX_SUBSTITUTES} files in a row could not be decoded; "
+                        "check that the folder holds images")
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a loader worker, in shared memory (as ``default_collate`` makes its
+    batches), so that handing it to the training process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
 def _worker_init(_: int) -> None:
