@@ -174,6 +174,16 @@ def markdown(done: dict[str, Any], args: argparse.Namespace, command: str, secon
     return "\n".join(lines)
 
 
+KEPT = "<!-- below: benchmarks of other scripts, kept as they are by bench/run.py -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The part of an existing BENCHMARKS.md from the :data:`KEPT` marker on (the streaming loader's
+    benchmarks, run by their own scripts), so that a new run of this script does not drop them."""
+    text = path.read_text() if path.is_file() else ""
+    return "\n" + text[text.index(KEPT):] if KEPT in text else ""
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         done = run_parts(args, Path(tmp))
     text = markdown(done, args, command.strip(), time.perf_counter() - start, (load, load_average()))
-    args.out.write_text(text + "\n")
+    args.out.write_text(text + "\n" + kept_sections(args.out))
     print(f"wrote {args.out}")
     return args.out
 

@@ -3,10 +3,14 @@
 The loop (DINO's shape): per step, take the batch of the epoch's permutation, augment it on the
 device, forward both views, compute the method's loss (``nnclr.step``), step the optimiser with
 the precomputed learning rate, enqueue view 1's ``z`` into the support set, log, checkpoint.
+A ``folder:`` source too large for memory (``data.loader``, :mod:`nnclr.data.loaders`) is streamed:
+loader workers read the batch's files and cut both views' random resized crops of the full images
+(:mod:`nnclr.data.stream`), and the device applies the rest of the augmentation.
 
 Exact resume: everything random is drawn from generators seeded by (seed, epoch) for the data
-order and (seed, step) for augmentation and top-k sampling, so a resumed run replays the same
-batches and views; the checkpoint holds model, optimiser, support set and selector state.
+order and (seed, step) for augmentation, the streamed crops and top-k sampling
+(:mod:`nnclr.seeding`), so a resumed run replays the same batches and views; the checkpoint holds
+model, optimiser, support set and selector state.
 
 Under ``torchrun`` (docs/distributed.md) ``optim.batch_size`` is the global batch: each of W
 processes takes its contiguous 1/W of every global batch of the same permutation, with the

@@ -196,6 +196,7 @@ def load_folder(root: Path, split: str, image_size: int | None, name: str) -> Im
             f"none of the {len(files)} image files in {folder} could be read (first: {path}: {reason}); "
             "check that they are images and readable"
         )
-    if unreadable or skipped:
-        _report_skipped(folder, len(files), unreadable + skipped)
+    if unreadable or skipped:  # image names the index could not stat (links to nowhere, loops) count as found
+        found = len(files) + sum(is_image_file(Path(path)) for path, _ in unreadable)
+        _report_skipped(folder, found, unreadable + skipped)
     return ImageDataset(images, torch.tensor([labels[i] for i in kept], dtype=torch.int64), classes, name)
