@@ -43,11 +43,11 @@ def _at_step(monkeypatch: pytest.MonkeyPatch, step: int, action) -> dict:
     seen: dict = {}
     original = nnclr.train.train_step
 
-    def wrapped(run, index, order):
+    def wrapped(run, index, order, streamed=None):
         if index == step and not seen:
             seen["checkpoint_sha"] = _sha(run.run_dir / CHECKPOINT_NAME)
             action()
-        return original(run, index, order)
+        return original(run, index, order, streamed)
 
     monkeypatch.setattr(nnclr.train, "train_step", wrapped)
     return seen
@@ -183,14 +183,14 @@ def _poison_gradients(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> dict[
     original = nnclr.train.train_step
     seen: dict[int, dict] = {}
 
-    def wrapped(run, index, order):
+    def wrapped(run, index, order, streamed=None):
         if index not in steps:
-            return original(run, index, order)
+            return original(run, index, order, streamed)
         weight = next(run.model.backbone.parameters())
         handle = weight.register_hook(lambda grad: grad * float("nan"))
         before = {k: v.clone() for k, v in run.model.state_dict().items()}
         try:
-            return original(run, index, order)
+            return original(run, index, order, streamed)
         finally:
             handle.remove()
             seen[index] = {"before": before, "after": {k: v.clone() for k, v in run.model.state_dict().items()}}
@@ -244,8 +244,8 @@ def test_with_skip_non_finite_steps_are_skipped_counted_and_resumed(
 def test_non_finite_weights_are_never_written(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = nnclr.train.train_step
 
-    def blow_up(run, index, order):  # finite gradients, then an infinite weight (as from a huge learning rate)
-        result = original(run, index, order)
+    def blow_up(run, index, order, streamed=None):  # finite gradients, then an infinite weight (as from a huge learning rate)
+        result = original(run, index, order, streamed)
         if index == 2:
             with torch.no_grad():
                 next(run.model.projector.parameters())[0, 0] = float("inf")
