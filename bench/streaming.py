@@ -8,8 +8,10 @@ of photo-like 500 x 375 JPEGs (``loader.write_jpegs``: ~110 KiB each). Large fol
 folder of that many files; the page cache holds the 400 distinct files, so disk speed is not measured.
 
 * ``memory``: peak memory of a streaming run (ResNet-18, 224 px, batch 32, 1 loader worker) on 4,000
-  and on 40,000 files: the peak of the summed PSS (proportional set size: shared pages counted once)
-  of the training process and its workers, sampled every 0.1 s from ``/proc/PID/smaps_rollup``.
+  and on 40,000 files (``--rounds`` runs each, alternating; the in-memory loader once each, for
+  contrast): the training process's peak RSS (the kernel's high-water mark, exact), and the peak of
+  the summed PSS (proportional set size: shared pages counted once) of the training process and its
+  workers, sampled every 0.1 s from ``/proc/PID/smaps_rollup``.
 * ``step``: the same run's seconds per step, streaming against the in-memory loader on the same 4,000
   files (decoded into memory first), runs alternating (memory, stream, memory, stream, ...); the
   medians of the per-step times (``metrics.jsonl``, every step logged) after the first two steps.
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,12 +68,27 @@ def tree_pss(pid: int) -> int:
     return total
 
 
-def pretrain(folder: Path, run_dir: Path, settings: list[str], env: dict[str, str]) -> tuple[float, int, list[float]]:
-    """Run ``nnclr pretrain``; returns (wall seconds, peak PSS bytes, seconds per step from metrics.jsonl)."""
+# Runs the command and prints, last on stderr, the kernel's high-water mark of resident memory of its
+# process tree's largest member (the training process): ru_maxrss of the waited-for descendants.
+PEAK_RSS = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; " \
+    "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)"
+
+
+@dataclass
+class Measured:
+    wall: float  # seconds
+    peak_pss: int  # bytes, process + workers, sampled
+    peak_rss: int  # bytes, the training process, exact
+    per_step: list[float]  # seconds per step
+
+
+def pretrain(folder: Path, run_dir: Path, settings: list[str], env: dict[str, str]) -> Measured:
+    """Run ``nnclr pretrain`` (in a wrapper that reports its peak RSS); times, memory, per-step seconds."""
     command = [sys.executable, "-m", "nnclr", "pretrain", "--fresh", "--no-progress", "--run-dir", str(run_dir),
                "--set", f"data.name=folder:{folder}", *QUIET, *settings]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen([sys.executable, "-c", PEAK_RSS, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     while process.poll() is None:
         peak = max(peak, tree_pss(process.pid))
@@ -79,9 +97,10 @@ def pretrain(folder: Path, run_dir: Path, settings: list[str], env: dict[str, st
     out, err = process.communicate()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{out}\n{err}")
+    rss = int(err.split("peak_rss_kib")[-1].split()[0]) * 1024
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_step = [32 / r["images_per_s"] for r in records if r["type"] == "train"]
-    return wall, peak, per_step
+    return Measured(wall, peak, rss, per_step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,12 +117,25 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "NNCLR_CACHE_DIR": str(scratch / "cache")}
         steps = [*MODEL, f"train.max_steps={args.steps}", "train.threads=2", "data.workers=1"]
         if "memory" in args.parts:
-            print("| files | loader | peak PSS (process + workers) | wall |")
-            print("| --- | --- | --- | --- |")
-            for files in (4_000, 40_000):
-                folder = hard_link_folder(scratch / "distinct", scratch / f"f{files}", files)
-                wall, peak, _ = pretrain(folder, scratch / "run", [*steps, "data.loader=stream"], env)
-                print(f"| {files:,} | stream | {peak / 2**30:.3f} GiB | {wall:.0f} s |", flush=True)
+            folders = {files: hard_link_folder(scratch / "distinct", scratch / f"f{files}", files)
+                       for files in (4_000, 40_000)}
+            peaks: dict[tuple[int, str], list[Measured]] = {}
+            runs = [(files, "stream") for _ in range(args.rounds) for files in folders]
+            runs += [(files, "memory") for files in folders]  # the in-memory loader once, for contrast
+            for files, loader in runs:
+                m = pretrain(folders[files], scratch / "run", [*steps, f"data.loader={loader}"], env)
+                peaks.setdefault((files, loader), []).append(m)
+                print(f"  {files:,} files, {loader}: peak RSS {m.peak_rss / 2**30:.3f} GiB, peak PSS "
+                      f"{m.peak_pss / 2**30:.3f} GiB, {m.wall:.0f} s", flush=True)
+            print("| files | loader | peak RSS, trainer (median) | peak PSS, + workers (median) | runs (RSS) |")
+            print("| --- | --- | --- | --- | --- |")
+            for (files, loader), values in peaks.items():
+                rss = [m.peak_rss / 2**30 for m in values]
+                pss = [m.peak_pss / 2**30 for m in values]
+                print(f"| {files:,} | {loader} | {statistics.median(rss):.3f} GiB | {statistics.median(pss):.3f} GiB | "
+                      f"{', '.join(f'{v:.3f}' for v in rss)} |")
+            small, large = (statistics.median(m.peak_rss for m in peaks[(files, "stream")]) for files in folders)
+            print(f"streaming, peak RSS 40,000 / 4,000 files: {large / small:.3f}")
         if "step" in args.parts:
             folder = scratch / "f4000"
             if not folder.is_dir():
@@ -112,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
             walls: dict[str, list[float]] = {"memory": [], "stream": []}
             for _ in range(args.rounds):
                 for loader in ("memory", "stream"):
-                    wall, _, per_step = pretrain(folder, scratch / "run", [*steps, f"data.loader={loader}"], env)
-                    times[loader] += per_step[2:]
-                    walls[loader].append(wall)
+                    m = pretrain(folder, scratch / "run", [*steps, f"data.loader={loader}"], env)
+                    times[loader] += m.per_step[2:]
+                    walls[loader].append(m.wall)
             print("| loader (4,000 files, ResNet-18, 224 px, batch 32) | median s/step | steps | wall per run |")
             print("| --- | --- | --- | --- |")
             for loader, values in times.items():
@@ -132,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
             cache = scratch / "startup-cache"
             started = time.perf_counter()
             subprocess.run([sys.executable, "-c", "import nnclr.train"], check=True)
-            print(f"| (baseline: python -c 'import nnclr.train', torch included) | {time.perf_counter() - started:.1f} s |")
+            imports = time.perf_counter() - started
+            print(f"| (baseline: python -c 'import nnclr.train', torch included) | {imports:.1f} s |")
             for label in ("first run (no index cache)", "second run (cached index)"):
-                wall, _, _ = pretrain(folder, scratch / "run", small, {**env, "NNCLR_CACHE_DIR": str(cache)})
-                print(f"| {label} | {wall:.1f} s |", flush=True)
+                m = pretrain(folder, scratch / "run", small, {**env, "NNCLR_CACHE_DIR": str(cache)})
+                print(f"| {label} | {m.wall:.1f} s |", flush=True)
 
 
 if __name__ == "__main__":
