@@ -41,7 +41,7 @@ class DataConfig:
     # folder: sources: memory decodes every image once (centred square) and holds it; stream reads each batch
     # from disk in loader workers (random resized crops of the full image); auto streams when memory would not fit
     loader: str = "auto"  # auto | memory | stream
-    memory_gb: float = 0.0  # loader=auto: budget for the decoded images of all processes on this machine; 0 = half its RAM
+    memory_gb: float = 0.0  # loader=auto: budget for the decoded images of this machine's processes; 0 = half its RAM
     workers: int = -1  # stream: loader worker processes per training process; -1 = a default for the device and cores
     prefetch: int = 2  # stream: batches each worker prepares ahead
 

@@ -244,7 +244,7 @@ def test_with_skip_non_finite_steps_are_skipped_counted_and_resumed(
 def test_non_finite_weights_are_never_written(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = nnclr.train.train_step
 
-    def blow_up(run, index, order, streamed=None):  # finite gradients, then an infinite weight (as from a huge learning rate)
+    def blow_up(run, index, order, streamed=None):  # finite gradients, then an infinite weight (a huge lr)
         result = original(run, index, order, streamed)
         if index == 2:
             with torch.no_grad():

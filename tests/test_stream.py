@@ -183,8 +183,8 @@ def test_a_changed_folder_is_refused_on_resume_unless_accepted(tmp_path: Path) -
     with pytest.raises(UserError, match=r"changed since this run started: 1 files? added \(e\.g\. class0/new\.jpg\)"):
         pretrain(tiny(tmp_path / "run", data, "train.max_steps=3", "train.epochs=2"), **quiet)
     said: list[str] = []
-    result = pretrain(tiny(tmp_path / "run", data, "train.max_steps=3", "train.epochs=2"), progress=False, echo=said.append,
-                      accept_data_changes=True)
+    result = pretrain(tiny(tmp_path / "run", data, "train.max_steps=3", "train.epochs=2"), progress=False,
+                      echo=said.append, accept_data_changes=True)
     assert result.resumed_from == 2 and result.steps == 3
     assert any("going on with the changed folder" in line for line in said)
 
@@ -252,4 +252,37 @@ def test_a_file_whose_data_is_cut_after_a_readable_header_is_replaced_too(tmp_pa
     batch = batches[(0, torch.tensor([2, 1]), 0)]
     assert batch.indices.tolist() == [3, 1] and [p for p, _ in batch.skipped] == [index.relpath(2)]
     assert "truncated" in batch.skipped[0][1]
-    assert torch.equal(batch.views[:, 0], decode_views(read_image_bytes(index.path(3)), batches.uniforms(0)[0], CROPS, 32))
+    expected = decode_views(read_image_bytes(index.path(3)), batches.uniforms(0)[0], CROPS, 32)
+    assert torch.equal(batch.views[:, 0], expected)
+
+
+@pytest.mark.parametrize("method", ["simclr", "kmclr", "deepcluster"])
+def test_every_method_pretrains_on_a_streamed_folder(tmp_path: Path, folder: Path, method: str) -> None:
+    """DeepCluster clusters the streamed folder's features (decoded in slices) before its first epoch."""
+    extra = {"kmclr": ["method.num_prototypes=4", "method.recluster_every=2"], "deepcluster": ["method.num_clusters=4"]}
+    config = tiny(tmp_path, folder, f"method.name={method}", "train.max_steps=3", *extra.get(method, []))
+    result = pretrain(config, progress=False, echo=lambda *a, **k: None)
+    assert result.steps == 3
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in records if r["type"] == "train")
+    if method == "deepcluster":
+        assert [r["step"] for r in records if r["type"] == "clustering"] == [0]
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["loader"] == "stream"
+
+
+def test_a_resumed_run_keeps_the_loader_it_started_with(tmp_path: Path, folder: Path) -> None:
+    """data.loader=auto decides by a memory budget; resumed with another budget (or machine) it must not switch."""
+    auto = ["data.loader=auto", "train.epochs=2"]
+    pretrain(tiny(tmp_path / "whole", folder, *auto, "data.memory_gb=100", "train.max_steps=5"),
+             progress=False, echo=lambda *a, **k: None)
+    pretrain(tiny(tmp_path / "parts", folder, *auto, "data.memory_gb=100", "train.max_steps=2"),
+             progress=False, echo=lambda *a, **k: None)
+    said: list[str] = []
+    result = pretrain(tiny(tmp_path / "parts", folder, *auto, "data.memory_gb=0.000001", "train.max_steps=5"),
+                      progress=False, echo=said.append)
+    assert result.resumed_from == 2
+    assert any("data: streaming" in line for line in said)  # what auto would choose now
+    assert any("resuming with the loader this run started with (memory)" in line for line in said)
+    assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["loader"] == "memory"
+    assert_same_checkpoints(tmp_path / "whole", tmp_path / "parts")
