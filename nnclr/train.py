@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,8 @@ class Run:
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
     lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
-    unreadable_files: int = 0  # files the streaming loader could not read (this session), replaced by the next
+    unreadable_files: int = 0  # files this rank's streaming loader could not read (replaced by the next), so far
+    unreadable_unlogged: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, reason)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
     consecutive_skips: int = 0
 
@@ -249,6 +250,8 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
     run.optimizer.load_state_dict(state["optimizer"])
     run.knn_before = state.get("knn_before")
     run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
+    # every rank adds its own files to the total, which the checkpoint holds: rank 0 carries it on
+    run.unreadable_files = state.get("unreadable_files", 0) if distributed.is_main() else 0
     run.last_checkpoint_step = int(state["step"])
     return run.last_checkpoint_step
 
@@ -666,6 +669,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
             if step % config.train.log_every == 0 or step == run.total_steps:
                 now = time.perf_counter()
                 record = _log_record(run, step, window, len(window) * config.optim.batch_size / (now - last_log))
+                _log_unreadable(run, log)
                 log.write(record)
                 shown = math.nan if record["loss"] is None else record["loss"]  # None: every step skipped
                 bar.set_postfix(loss=f"{shown:.3f}", img_s=f"{record['images_per_s']:.0f}")
@@ -680,8 +684,11 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                 if problem:
                     advice = "lower optim.lr or use train.precision=fp32 and start over with --fresh"
                     raise nonfinite.stop(problem, step, run.run_dir, run.last_checkpoint_step, advice=advice)
+                _log_unreadable(run, log)  # what the checkpoint counts is in metrics.jsonl before it
+                unreadable = _unreadable_total(run)  # a collective: on every rank
                 if main:
-                    save_checkpoint(_state(run, step), path, previous_step=run.last_checkpoint_step)
+                    state = {**_state(run, step), "unreadable_files": unreadable}
+                    save_checkpoint(state, path, previous_step=run.last_checkpoint_step)
                 run.last_checkpoint_step = step
     bar.close()
     train_time = time.perf_counter() - t0
@@ -701,6 +708,7 @@ def _next_streamed(run: Run, batches: Iterator[StreamBatch], step: int) -> Strea
         raise RuntimeError(f"the streaming loader gave step {streamed.step}'s batch at step {step}")
     for path, reason in streamed.skipped:
         run.unreadable_files += 1
+        run.unreadable_unlogged.append((step, path, reason))
         if run.unreadable_files <= SHOWN_UNREADABLE:
             more = "" if run.unreadable_files < SHOWN_UNREADABLE else " (further ones are only counted)"
             print(f"nnclr: warning: step {step}: skipped {path}: {reason}; the next file of the folder took its "
@@ -715,6 +723,24 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(distributed.all_reduce_max(torch.tensor([int(flag)], device=device)))
 
 
+def _unreadable_total(run: Run) -> int:
+    """Files the streaming loaders of all ranks could not read so far (each rank reads its own files)."""
+    if distributed.world_size() == 1:
+        return run.unreadable_files
+    count = torch.tensor([run.unreadable_files], dtype=torch.float64, device=run.device)
+    return int(distributed.all_reduce_sum(count).item())
+
+
+def _log_unreadable(run: Run, log: Log) -> None:
+    """One ``unreadable`` record per file the loaders replaced since the last log (gathered from every rank)."""
+    if run.feed is None:
+        return
+    unlogged = [entry for part in distributed.gather_objects(run.unreadable_unlogged) for entry in part]
+    run.unreadable_unlogged = []
+    for step, path, reason in sorted(unlogged):
+        log.write({"type": "unreadable", "step": step, "path": path, "reason": reason})
+
+
 def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[str, Any]:
     losses = [loss for loss, _ in window if math.isfinite(loss)]  # skipped steps have none
     record: dict[str, Any] = {
@@ -725,10 +751,8 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
     }
     if run.config.train.nonfinite == "skip":
         record["skipped_steps"] = run.skipped_steps
-    if run.feed is not None:  # every rank reads its own files: the count is the sum over ranks
-        count = torch.tensor([run.unreadable_files], dtype=torch.float64, device=run.device)
-        record["unreadable_files"] = int(distributed.all_reduce_sum(count).item()) if distributed.world_size() > 1 \
-            else run.unreadable_files
+    if run.feed is not None:
+        record["unreadable_files"] = _unreadable_total(run)
     for key in dict.fromkeys(key for _, diagnostics in window for key in diagnostics):
         values = [d[key] for _, d in window if key in d and math.isfinite(d[key])]
         record[key] = sum(values) / len(values) if values else None

@@ -204,6 +204,7 @@ def test_the_cli_streams_a_folder_and_names_an_unreadable_file(tmp_path: Path) -
     assert "broken.jpg" in done.stderr and "skipped" in done.stderr
     records = [r for r in read_metrics(tmp_path / "run") if r["type"] == "train"]
     assert records[-1]["unreadable_files"] >= 1
+    assert {r["path"] for r in read_metrics(tmp_path / "run") if r["type"] == "unreadable"} == {"class1/broken.jpg"}
 
 
 def test_memory_use_of_the_lazy_images_is_one_slice(tmp_path: Path) -> None:
@@ -286,3 +287,24 @@ def test_a_resumed_run_keeps_the_loader_it_started_with(tmp_path: Path, folder: 
     assert any("resuming with the loader this run started with (memory)" in line for line in said)
     assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["loader"] == "memory"
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "parts")
+
+
+def test_unreadable_files_are_logged_by_name_and_a_resumed_run_logs_the_same(tmp_path: Path) -> None:
+    """Each replaced file is a metrics.jsonl record; stopped at 3 and resumed, the log equals an uninterrupted one."""
+    data = write_folder(tmp_path / "photos", n=40)
+    for name in ("broken.jpg", "empty.png"):
+        (data / "class2" / name).write_bytes(b"\xff\xd8\xff\xe0 cut short" if name.endswith("jpg") else b"")
+    quiet = {"progress": False, "echo": lambda *a, **k: None}
+    settings = ["train.epochs=4", "train.log_every=3", "train.checkpoint_every=2", "data.workers=1"]
+    pretrain(tiny(tmp_path / "whole", data, *settings, "train.max_steps=7"), **quiet)
+    pretrain(tiny(tmp_path / "parts", data, *settings, "train.max_steps=3"), **quiet)
+    pretrain(tiny(tmp_path / "parts", data, *settings, "train.max_steps=7"), **quiet)
+    whole, parts = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
+    named = [r for r in whole if r["type"] == "unreadable"]
+    assert {r["path"] for r in named} == {"class2/broken.jpg", "class2/empty.png"}
+    assert all(r["reason"] for r in named)
+    last = [r for r in whole if r["type"] == "train"][-1]
+    assert last["unreadable_files"] == len(named)
+    assert [r for r in parts if r["type"] == "unreadable"] == named
+    assert [r["unreadable_files"] for r in parts if r["type"] == "train"] == \
+        [r["unreadable_files"] for r in whole if r["type"] == "train"]
