@@ -199,7 +199,7 @@ def test_the_cli_streams_a_folder_and_names_an_unreadable_file(tmp_path: Path) -
                "data.memory_gb=0.00001", "data.workers=1", "train.max_steps=3", "optim.batch_size=40"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "data: streaming folder:" in done.stdout and "> 0.0 GiB, data.memory_gb" in done.stdout
+    assert "data: streaming folder:" in done.stdout and "> 0 MiB, data.memory_gb" in done.stdout
     assert "Traceback" not in done.stderr
     assert "broken.jpg" in done.stderr and "skipped" in done.stderr
     records = [r for r in read_metrics(tmp_path / "run") if r["type"] == "train"]

@@ -28,6 +28,10 @@ class LoaderChoice:
     reason: str
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.0f} MiB"
+
+
 def total_memory() -> int:
     """The machine's physical memory in bytes (0 when unknown)."""
     try:
@@ -66,12 +70,12 @@ def choose_loader(requested: str, data_name: str, n: int, size: int, memory_gb: 
     budget = memory_gb * GIB if memory_gb else total_memory() / 2
     where = "data.memory_gb" if memory_gb else "half of this machine's memory"
     sizes = (f"{n:,} images x 3x{size}x{size} bytes x {processes} process{'es' if processes > 1 else ''} = "
-             f"{need / GIB:.1f} GiB decoded")
+             f"{_size(need)} decoded")
     if requested == "memory" or (requested == "auto" and need <= budget):
-        why = "data.loader=memory" if requested == "memory" else f"{sizes} <= {budget / GIB:.1f} GiB, {where}"
+        why = "data.loader=memory" if requested == "memory" else f"{sizes} <= {_size(budget)}, {where}"
         return LoaderChoice("memory", f"data: decoding {data_name} into memory ({why}); centred squares, "
                                       "crops of the square")
-    why = "data.loader=stream" if requested == "stream" else f"{sizes} > {budget / GIB:.1f} GiB, {where}"
+    why = "data.loader=stream" if requested == "stream" else f"{sizes} > {_size(budget)}, {where}"
     return LoaderChoice("stream", f"data: streaming {data_name} from disk ({why}); crops of the full images")
 
 
