@@ -24,11 +24,10 @@ import json
 import math
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,6 @@ from nnclr.tensorboard_log import LOG_DIR as TENSORBOARD_DIR
 from nnclr.tensorboard_log import TensorBoardLog
 
 DATA_INDEX = "data-index.npz"  # the files of a folder: training split when the run started
-SHOWN_UNREADABLE = 10  # unreadable files named in the output; the rest are counted in metrics.jsonl
 
 
 @dataclass
@@ -93,8 +91,6 @@ class Run:
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
     lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
-    unreadable_files: int = 0  # files this rank's streaming loader could not read (replaced by the next), so far
-    unreadable_unlogged: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, reason)
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
     consecutive_skips: int = 0
 
@@ -251,7 +247,8 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
     run.knn_before = state.get("knn_before")
     run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
     # every rank adds its own files to the total, which the checkpoint holds: rank 0 carries it on
-    run.unreadable_files = state.get("unreadable_files", 0) if distributed.is_main() else 0
+    if run.feed is not None:
+        run.feed.unreadable = state.get("unreadable_files", 0) if distributed.is_main() else 0
     run.last_checkpoint_step = int(state["step"])
     return run.last_checkpoint_step
 
@@ -644,7 +641,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
     knn_every = round(config.train.knn_every_epochs * run.steps_per_epoch)
     knn_every = max(1, knn_every) if config.train.knn_every_epochs else 0
     bar = tqdm(total=run.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
-    step, order, epoch, batches = start, None, -1, iter(())
+    step, order, epoch = start, None, -1
     report_every = 0 if progress else max(1, (run.total_steps - start) // 10)  # lines instead of a bar
     with stop_requests() as stop:
         stopping = False
@@ -655,8 +652,8 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                     _recluster(run, epoch, step, log)
                 order = _epoch_order(run, epoch)
                 if run.feed is not None:
-                    batches = run.feed.epoch(order, step, min((epoch + 1) * run.steps_per_epoch, run.total_steps))
-            streamed = _next_streamed(run, batches, step) if run.feed is not None else None
+                    run.feed.epoch(order, step, min((epoch + 1) * run.steps_per_epoch, run.total_steps))
+            streamed = run.feed.next(step) if run.feed is not None else None
             loss, diagnostics = train_step(run, step, order, streamed)
             step += 1
             stopping = _any_rank(bool(stop[0]), run.device)  # every rank stops after the same step
@@ -685,7 +682,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
                     advice = "lower optim.lr or use train.precision=fp32 and start over with --fresh"
                     raise nonfinite.stop(problem, step, run.run_dir, run.last_checkpoint_step, advice=advice)
                 _log_unreadable(run, log)  # what the checkpoint counts is in metrics.jsonl before it
-                unreadable = _unreadable_total(run)  # a collective: on every rank
+                unreadable = run.feed.unreadable_total(run.device) if run.feed is not None else 0  # every rank
                 if main:
                     state = {**_state(run, step), "unreadable_files": unreadable}
                     save_checkpoint(state, path, previous_step=run.last_checkpoint_step)
@@ -701,21 +698,6 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
     return _finish(run, log, step, start, train_time, images_seen)
 
 
-def _next_streamed(run: Run, batches: Iterator[StreamBatch], step: int) -> StreamBatch:
-    """The streaming loader's batch of ``step``; files it could not read are counted and the first ones named."""
-    streamed = next(batches)
-    if streamed.step != step:  # the sampler yields the steps in order: this would be a bug, not a user error
-        raise RuntimeError(f"the streaming loader gave step {streamed.step}'s batch at step {step}")
-    for path, reason in streamed.skipped:
-        run.unreadable_files += 1
-        run.unreadable_unlogged.append((step, path, reason))
-        if run.unreadable_files <= SHOWN_UNREADABLE:
-            more = "" if run.unreadable_files < SHOWN_UNREADABLE else " (further ones are only counted)"
-            print(f"nnclr: warning: step {step}: skipped {path}: {reason}; the next file of the folder took its "
-                  f"place{more}", file=sys.stderr)
-    return streamed
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is True on any rank (a Ctrl-C/SIGTERM may reach the ranks at different steps)."""
     if distributed.world_size() == 1:
@@ -723,21 +705,11 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(distributed.all_reduce_max(torch.tensor([int(flag)], device=device)))
 
 
-def _unreadable_total(run: Run) -> int:
-    """Files the streaming loaders of all ranks could not read so far (each rank reads its own files)."""
-    if distributed.world_size() == 1:
-        return run.unreadable_files
-    count = torch.tensor([run.unreadable_files], dtype=torch.float64, device=run.device)
-    return int(distributed.all_reduce_sum(count).item())
-
-
 def _log_unreadable(run: Run, log: Log) -> None:
     """One ``unreadable`` record per file the loaders replaced since the last log (gathered from every rank)."""
     if run.feed is None:
         return
-    unlogged = [entry for part in distributed.gather_objects(run.unreadable_unlogged) for entry in part]
-    run.unreadable_unlogged = []
-    for step, path, reason in sorted(unlogged):
+    for step, path, reason in run.feed.take_unlogged():
         log.write({"type": "unreadable", "step": step, "path": path, "reason": reason})
 
 
@@ -752,7 +724,7 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
     if run.config.train.nonfinite == "skip":
         record["skipped_steps"] = run.skipped_steps
     if run.feed is not None:
-        record["unreadable_files"] = _unreadable_total(run)
+        record["unreadable_files"] = run.feed.unreadable_total(run.device)
     for key in dict.fromkeys(key for _, diagnostics in window for key in diagnostics):
         values = [d[key] for _, d in window if key in d and math.isfinite(d[key])]
         record[key] = sum(values) / len(values) if values else None

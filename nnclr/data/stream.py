@@ -25,18 +25,21 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from nnclr import distributed
 from nnclr.augment.params import CROP_DRAWS, crop_boxes
 from nnclr.data.crops import DecodeError, decode_views, probe_size, read_image_bytes
 from nnclr.data.index import FileIndex
 from nnclr.errors import UserError
 from nnclr.seeding import CROPS, derive_seed
 
+SHOWN_UNREADABLE = 10  # replaced files named on stderr; the rest are only in metrics.jsonl
 MAX_SUBSTITUTES = 64  # files tried after an unreadable one before the batch is given up
 
 Crop = tuple[tuple[float, float], tuple[float, float]]  # (scale range, aspect-ratio range) of one view
@@ -207,7 +210,12 @@ def default_workers(device: torch.device) -> int:
 
 
 class StreamFeed:
-    """This process's training batches from disk, one epoch at a time.
+    """This process's training batches from disk, one epoch at a time, and the files it could not read.
+
+    Every file a worker replaced is counted (``unreadable``: this rank's, since the run started),
+    the first :data:`SHOWN_UNREADABLE` are named on stderr, and all wait in ``unlogged`` until
+    :meth:`take_unlogged` hands them to the metrics log. Under torchrun each rank reads its own
+    files: :meth:`unreadable_total` and :meth:`take_unlogged` are collectives over the ranks.
 
     Example:
         >>> feed = StreamFeed(index, size=224, crops=crops, seed=0, batch_size=256,
@@ -240,12 +248,42 @@ class StreamFeed:
             generator=torch.Generator(),  # never draw the workers' base seed from the global RNG
         )
         self._iterator: Iterator[StreamBatch] | None = None
+        self.unreadable = 0
+        self.unlogged: list[tuple[int, str, str]] = []  # (step, relative path, reason)
 
     def epoch(self, order: torch.Tensor, first: int, end: int) -> Iterator[StreamBatch]:
         """The batches of steps ``[first, end)`` of the epoch whose permutation is ``order`` (N,)."""
         self.sampler.set_epoch(order, first, end)
         self._iterator = iter(self.loader)
         return self._iterator
+
+    def next(self, step: int) -> StreamBatch:
+        """The batch of ``step`` (the next of the current epoch); its replaced files are counted and noted."""
+        if self._iterator is None:
+            raise RuntimeError("StreamFeed.next before StreamFeed.epoch")
+        batch = next(self._iterator)
+        if batch.step != step:  # the sampler yields the steps in order: a bug, not a user error
+            raise RuntimeError(f"the streaming loader gave step {batch.step}'s batch at step {step}")
+        for path, reason in batch.skipped:
+            self.unreadable += 1
+            self.unlogged.append((step, path, reason))
+            if self.unreadable <= SHOWN_UNREADABLE:
+                more = " (further ones are only counted)" if self.unreadable == SHOWN_UNREADABLE else ""
+                print(f"nnclr: warning: step {step}: skipped {path}: {reason}; the next file of the folder took "
+                      f"its place{more}", file=sys.stderr)
+        return batch
+
+    def unreadable_total(self, device: torch.device) -> int:
+        """Files every rank's loader replaced so far (a collective under torchrun)."""
+        if distributed.world_size() == 1:
+            return self.unreadable
+        count = torch.tensor([self.unreadable], dtype=torch.float64, device=device)
+        return int(distributed.all_reduce_sum(count).item())
+
+    def take_unlogged(self) -> list[tuple[int, str, str]]:
+        """Every rank's replaced files since the last call, sorted (a collective under torchrun)."""
+        unlogged, self.unlogged = self.unlogged, []
+        return sorted(entry for part in distributed.gather_objects(unlogged) for entry in part)
 
     def close(self) -> None:
         """Stop the worker processes."""
