@@ -3,8 +3,8 @@
 Builds a folder of ``--files`` files in ``--classes`` class folders as hard links to a handful of
 small real JPEGs (fast, little disk), sets the folders' mtimes a minute back (a cache of folders
 modified within ``RACY_NS`` of their listing is never trusted), then times, interleaved, median
-of ``--repeats``: a fresh :func:`nnclr.data.index.build_index` (no cache) and
-:func:`nnclr.data.index.load_index` reusing the cache (one ``stat`` per folder and per file, no
+of ``--repeats``: a fresh :func:`nnclr.data.scan.build_index` (no cache) and
+:func:`nnclr.data.scan.load_index` reusing the cache (one ``stat`` per folder and per file, no
 listing). The page and dentry caches are warm for both (a first call of each runs untimed).
 
 Usage::
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from common import measure  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nnclr.data.index import _THREADS, build_index, index_cache_dir, load_index  # noqa: E402
+from nnclr.data.scan import _THREADS, build_index, index_cache_dir, load_index  # noqa: E402
 from nnclr.runtime import hardware_info  # noqa: E402
 
 SOURCES = 5

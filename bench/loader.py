@@ -50,7 +50,7 @@ from PIL import Image, ImageFilter  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-from nnclr.data.index import load_index  # noqa: E402
+from nnclr.data.scan import load_index  # noqa: E402
 from nnclr.data.stream import StreamBatch, StreamFeed  # noqa: E402
 
 CROP = ((0.08, 1.0), (3 / 4, 4 / 3))  # RandomResizedCrop's defaults: the NNCLR/BYOL crop

@@ -1,4 +1,5 @@
-"""Tests of the file index (:mod:`nnclr.data.index`): layout rules, packed paths, .npz files, the cache.
+"""Tests of the file index (:mod:`nnclr.data.index`: packed paths, .npz files) and of listing folders into it
+(:mod:`nnclr.data.scan`: layout rules, the cache).
 
 Every test points ``NNCLR_CACHE_DIR`` into its ``tmp_path`` (autouse fixture): nothing is written
 to ``~/.cache``. Folders are aged (mtimes set 60 s back) where a test needs the cache to be
@@ -21,10 +22,12 @@ import pytest
 from PIL import Image
 
 import nnclr.data.index as index_module
+import nnclr.data.scan as scan_module
 from nnclr.data import load_dataset
 from nnclr.data.decode import is_image_file
 from nnclr.data.folder import scan_folder
-from nnclr.data.index import FileIndex, build_index, index_cache_dir, load_index
+from nnclr.data.index import FileIndex
+from nnclr.data.scan import build_index, index_cache_dir, load_index
 from nnclr.errors import UserError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX file types (FIFO, symlinks) needed")
@@ -208,7 +211,7 @@ def test_errors_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_image_names_agree_with_is_image_file() -> None:
     names = ["a.png", "a.PNG", "a.", ".png", "..png", "a..jpg", "a.tar.gz", "a.jpeg.txt", "noext", "A.TiFf",
              "x.png ", "x .webp", "dot.", "a.bmp.", "ü.JpEg"]  # fmt: skip
-    assert [index_module._is_image_name(n) for n in names] == [is_image_file(Path(n)) for n in names]
+    assert [scan_module._is_image_name(n) for n in names] == [is_image_file(Path(n)) for n in names]
 
 
 # ---------------------------------------------------------------------------- packed paths and files
@@ -296,13 +299,13 @@ def test_changes_from_names_each_kind() -> None:
 
 def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     calls: list[Path] = []
-    real = index_module._scan
+    real = scan_module._scan
 
     def counting(folder, *args, **kwargs):
         calls.append(folder)
         return real(folder, *args, **kwargs)
 
-    monkeypatch.setattr(index_module, "_scan", counting)
+    monkeypatch.setattr(scan_module, "_scan", counting)
     return calls
 
 
@@ -416,7 +419,7 @@ def test_unwritable_cache_dir_still_works(tmp_path: Path, monkeypatch: pytest.Mo
     root = _classes_folder(tmp_path)
     (tmp_path / "file").write_text("in the way")
     monkeypatch.setenv("NNCLR_CACHE_DIR", str(tmp_path / "file" / "cache"))  # mkdir fails, also for root
-    monkeypatch.setattr(index_module, "PROGRESS_MIN_FILES", 0)  # warn as for a large folder
+    monkeypatch.setattr(scan_module, "PROGRESS_MIN_FILES", 0)  # warn as for a large folder
     index, _ = load_index(root)
     assert len(index) == 4
     err = capsys.readouterr().err
@@ -445,7 +448,7 @@ def test_planted_symlink_at_the_tmp_name_is_not_followed(tmp_path: Path, _cache_
     _image(tmp_path / "data" / "a.png")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    cache_file = index_module._cache_path(tmp_path / "data")
+    cache_file = scan_module._cache_path(tmp_path / "data")
     _cache_dir.mkdir(parents=True)
     planted = index_module._tmp_path(cache_file, 0)
     planted.symlink_to(victim)

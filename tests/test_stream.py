@@ -24,8 +24,8 @@ from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
 from nnclr.data import load_dataset
 from nnclr.data.crops import decode_views, probe_size, read_image_bytes
-from nnclr.data.index import load_index
 from nnclr.data.loaders import GIB, choose_loader
+from nnclr.data.scan import load_index
 from nnclr.data.stream import CropBatches, StepSampler, StreamFeed
 from nnclr.errors import UserError
 from nnclr.train import pretrain

@@ -13,7 +13,7 @@ Layout rules:
 * Hidden files and folders (name starting with ``.``) are skipped. Order is deterministic:
   by class, then sorted relative paths.
 
-The files are listed by :func:`nnclr.data.index.load_index` (in parallel, cached on disk), so this
+The files are listed by :func:`nnclr.data.scan.load_index` (in parallel, cached on disk), so this
 in-memory loader and the streaming one see the same files in the same order; only regular files
 are listed (a FIFO, a socket, a dangling symlink is reported as unreadable, never opened).
 Every file is decoded as described in :mod:`nnclr.data.decode` and kept in memory as
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from nnclr.data.dataset import ImageDataset
 from nnclr.data.decode import is_image_file, try_load_square
-from nnclr.data.index import PROGRESS_MIN_FILES, _cpus, load_index
+from nnclr.data.scan import PROGRESS_MIN_FILES, _cpus, load_index
 from nnclr.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 64
@@ -52,7 +52,7 @@ def _images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) 
     """All image files at any depth below ``path``, sorted; symlinked folders followed once.
 
     For :mod:`nnclr.use.embed` (any depth, no classes); the ``folder:`` source uses
-    :func:`nnclr.data.index.load_index`. Folders that cannot be listed are added to ``unreadable`` with the reason.
+    :func:`nnclr.data.scan.load_index`. Folders that cannot be listed are added to ``unreadable`` with the reason.
     """
     seen: set[str] = set()
     found: list[Path] = []

@@ -12,9 +12,9 @@ from nnclr.data import demo_set, torchvision_sets
 from nnclr.data.arrays import load_npz
 from nnclr.data.dataset import ImageDataset
 from nnclr.data.folder import DEFAULT_IMAGE_SIZE, load_folder, split_folder
-from nnclr.data.index import load_index
 from nnclr.data.lazy import FolderImages
 from nnclr.data.resize import resize_images
+from nnclr.data.scan import load_index
 from nnclr.errors import UserError
 
 NAMED_SOURCES = ("demo", "cifar10", "cifar100", "stl10")
@@ -65,7 +65,7 @@ def _check_size(image_size: int | None) -> None:
 
 
 def lazy_folder(root: Path, split: str, image_size: int | None, name: str) -> ImageDataset:
-    """The ``folder:`` source indexed (cached, :func:`nnclr.data.index.load_index`), decoded on demand."""
+    """The ``folder:`` source indexed (cached, :func:`nnclr.data.scan.load_index`), decoded on demand."""
     index, _ = load_index(split_folder(root, split))
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
     dataset = ImageDataset(FolderImages(index, size), torch.as_tensor(index.labels), index.classes, name)
