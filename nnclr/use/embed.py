@@ -108,7 +108,7 @@ def folder_entries(
 ) -> tuple[list[Entry], list[str]]:
     """The entries of every image below ``folder`` with the keys resuming compares.
 
-    Only regular files (after following symlinks) are entries, as in :mod:`nnclr.data.index`: a
+    Only regular files (after following symlinks) are entries, as in :mod:`nnclr.data.scan`: a
     dangling symlink, a symlink loop, a FIFO, socket or device with an image name is left out and
     ``(relative path, reason)`` appended to ``unreadable`` (opening a FIFO would block the decoder).
     """
