@@ -196,7 +196,7 @@ def default_workers(device: torch.device) -> int:
     """``data.workers=-1``: worker processes per training process.
 
     On a GPU decoding is the bottleneck: a worker per spare core of this process's share, up
-    to 8 (about 400-750 images/s each at 224 px, see BENCHMARKS.md). On the CPU the training
+    to 8 (about 350-480 photos/s each at 224 px, BENCHMARKS.md). On the CPU the training
     step needs the cores and one worker keeps ahead of it (decoding a batch costs a few
     percent of a step).
     """
