@@ -109,24 +109,7 @@ class BatchAugment(torch.nn.Module):
         (Not named ``apply``: that is ``nn.Module.apply(fn)``, which parents call recursively.)
         """
         _check_images(images)
-        mean, std = _stats(self.mean, images.device), _stats(self.std, images.device)
-        batch = images.shape[0]
-        chunk = self.chunk_size(images) if images.device.type == "cpu" else batch
-        if chunk >= batch:
-            x = images.to(torch.float32).mul_(1.0 / 255)  # (B, 3, H, W) in [0, 1]
-            return [apply_view(x, p, v, self.size, mean, std) for p, v in zip(params, self.views)]
-        views = [
-            images.new_empty((batch, 3, self.size, self.size), dtype=torch.float32)
-            for _ in self.views
-        ]
-        for start in range(0, batch, chunk):
-            part = slice(start, start + chunk)
-            x = images[part].to(torch.float32).mul_(1.0 / 255)  # (b, 3, H, W)
-            for out, p, v in zip(views, params, self.views):
-                out[part] = apply_view(
-                    x, {k: t[part] for k, t in p.items()}, v, self.size, mean, std
-                )
-        return views
+        return self._views([images], params, crop=True)
 
     def apply_to_crops(self, crops: torch.Tensor, params: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Both views from crops already cut and resized to S x S (the streaming loader's workers).
@@ -141,19 +124,40 @@ class BatchAugment(torch.nn.Module):
         """
         if crops.dim() != 5 or crops.shape[0] != len(self.views) or tuple(crops.shape[-2:]) != (self.size, self.size):
             raise ValueError(f"expected uint8 crops (2, B, 3, {self.size}, {self.size}), got {tuple(crops.shape)}")
-        mean, std = _stats(self.mean, crops.device), _stats(self.std, crops.device)
-        batch = crops.shape[1]
-        chunk = self.chunk_size(crops[0]) if crops.device.type == "cpu" else batch
-        views = []
-        for images, p, v in zip(crops, params, self.views):
+        for images in crops:
             _check_images(images)
-            out = images.new_empty((batch, 3, self.size, self.size), dtype=torch.float32)
-            for start in range(0, batch, chunk):  # slices as in apply_params: temporaries stay in cache
-                part = slice(start, start + chunk)
-                x = images[part].to(torch.float32).mul_(1.0 / 255)  # (b, 3, S, S) in [0, 1]
-                sliced = {k: t[part] for k, t in p.items() if k != "box"}
-                out[part] = apply_view(x, sliced, v, self.size, mean, std)
-            views.append(out)
+        return self._views(list(crops), params, crop=False)
+
+    def _views(
+        self, sources: list[torch.Tensor], params: list[dict[str, torch.Tensor]], *, crop: bool
+    ) -> list[torch.Tensor]:
+        """The views from one uint8 (B, 3, H, W) batch shared by all views, or one per view.
+
+        ``crop=False``: the sources are the views' crops already (S x S), only the flip is left of the warp.
+        On the CPU, large batches go in slices of :meth:`chunk_size` samples.
+        """
+        first = sources[0]
+        mean, std = _stats(self.mean, first.device), _stats(self.std, first.device)
+        batch = first.shape[0]
+        chunk = self.chunk_size(first) if first.device.type == "cpu" else batch
+
+        def views_of(part: slice) -> list[torch.Tensor]:
+            xs = [s[part].to(torch.float32).mul_(1.0 / 255) for s in sources]  # (b, 3, H, W) in [0, 1]
+            out = []
+            for v, (p, recipe) in enumerate(zip(params, self.views)):
+                sliced = {k: t[part] for k, t in p.items()}
+                if not crop:
+                    sliced["box"] = None
+                out.append(apply_view(xs[min(v, len(xs) - 1)], sliced, recipe, self.size, mean, std))
+            return out
+
+        if chunk >= batch:
+            return views_of(slice(None))
+        views = [first.new_empty((batch, 3, self.size, self.size), dtype=torch.float32) for _ in self.views]
+        for start in range(0, batch, chunk):
+            part = slice(start, start + chunk)
+            for out, view in zip(views, views_of(part)):
+                out[part] = view
         return views
 
     # On CPU, batches whose (B, 3, S, S) float tensors exceed this many elements are processed
