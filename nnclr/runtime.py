@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from nnclr.errors import UserError
+from nnclr.machine import local_processes, usable_cpus
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -91,10 +92,7 @@ def physical_cores() -> int:
     PyTorch's own default counts every core of the machine, so in a container limited to 2 CPUs
     of a 64-core host it starts 64 threads, which then wait for each other.
     """
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = list(range(os.cpu_count() or 1))
+    cpus = usable_cpus()
     cores = set()
     for cpu in cpus:
         topology = SYSFS_CPU / f"cpu{cpu}" / "topology"
@@ -132,8 +130,7 @@ def default_threads() -> int:
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, physical_cores() // max(1, local))
+    return max(1, physical_cores() // local_processes())
 
 
 def set_threads(threads: int) -> None:

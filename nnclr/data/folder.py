@@ -36,15 +36,16 @@ from tqdm import tqdm
 
 from nnclr.data.dataset import ImageDataset
 from nnclr.data.decode import is_image_file, try_load_square
-from nnclr.data.scan import PROGRESS_MIN_FILES, _cpus, load_index
+from nnclr.data.scan import PROGRESS_MIN_FILES, load_index
 from nnclr.errors import UserError
+from nnclr.machine import usable_cpus
 
 DEFAULT_IMAGE_SIZE = 64
 
 
 # Pillow releases the GIL while decoding JPEG and resizing: 2 threads decoded 240 640x480 JPEGs
 # 1.7x faster than 1 on 2 cores (PNG: no gain, no loss).
-_THREADS = min(4, _cpus())
+_THREADS = min(4, len(usable_cpus()))
 _TEST_NAMES = ("test", "val")
 
 

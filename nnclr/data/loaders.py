@@ -9,13 +9,13 @@ total memory, not on what happens to be free, so that a resumed run makes the sa
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from nnclr.config import DataConfig
 from nnclr.data.dataset import ImageDataset
 from nnclr.data.registry import load_dataset
 from nnclr.errors import UserError
+from nnclr.machine import local_processes, total_memory
 
 GIB = 2**30
 
@@ -30,19 +30,6 @@ class LoaderChoice:
 
 def _size(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.0f} MiB"
-
-
-def total_memory() -> int:
-    """The machine's physical memory in bytes (0 when unknown)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def local_processes() -> int:
-    """Training processes on this machine (``torchrun`` sets ``LOCAL_WORLD_SIZE``)."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
 
 
 def choose_loader(requested: str, data_name: str, n: int, size: int, memory_gb: float = 0.0) -> LoaderChoice:

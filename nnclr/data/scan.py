@@ -60,20 +60,14 @@ from tqdm import tqdm
 from nnclr.data.decode import IMAGE_EXTENSIONS, is_image_file
 from nnclr.data.index import FORMAT_VERSION, FileIndex, _check_packed, _one_line, _pack, _read_npz, _unpack, _write_npz
 from nnclr.errors import UserError
+from nnclr.machine import usable_cpus
 
 PROGRESS_MIN_FILES = 200
 RACY_NS = 2_000_000_000  # 2 s: the coarsest common mtime resolution (FAT); ext4, xfs, NFS are finer
 EXTENSIONS = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-_THREADS = min(8, 4 * _cpus())
+_THREADS = min(8, 4 * len(usable_cpus()))
 
 
 # ---------------------------------------------------------------------------- listing

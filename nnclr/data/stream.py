@@ -23,7 +23,6 @@ Exact resume: what a step sees is a function of (seed, epoch, step, sample) only
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from nnclr.augment.params import CROP_DRAWS, crop_boxes
 from nnclr.data.crops import DecodeError, decode_views, probe_size, read_image_bytes
 from nnclr.data.index import FileIndex
 from nnclr.errors import UserError
+from nnclr.machine import local_processes, usable_cpus
 from nnclr.seeding import CROPS, derive_seed
 
 SHOWN_UNREADABLE = 10  # replaced files named on stderr; the rest are only in metrics.jsonl
@@ -200,12 +200,7 @@ def default_workers(device: torch.device) -> int:
     step needs the cores and one worker keeps ahead of it (decoding a batch costs a few
     percent of a step).
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    share = max(1, cpus // local)
+    share = max(1, len(usable_cpus()) // local_processes())
     return max(1, min(8, share - 1)) if device.type == "cuda" else 1
 
 
