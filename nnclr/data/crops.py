@@ -109,6 +109,12 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
+def unreadable_reason(error: OSError | DecodeError) -> str:
+    """One line saying why a file could not be used: the OS's ``strerror``, or the decoder's reason."""
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 def read_image_bytes(path: str | os.PathLike[str]) -> bytes:
     """The whole content of the regular file ``path``.
 
@@ -292,4 +298,5 @@ def decode_eval(data: bytes | bytearray | memoryview, size: int) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-__all__ = ["DecodeError", "decode_eval", "decode_views", "draft_scale", "pixel_box", "probe_size", "read_image_bytes"]
+__all__ = ["DecodeError", "decode_eval", "decode_views", "draft_scale", "pixel_box", "probe_size", "read_image_bytes",
+           "unreadable_reason"]

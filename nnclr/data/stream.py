@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from nnclr import distributed
 from nnclr.augment.params import CROP_DRAWS, crop_boxes
-from nnclr.data.crops import DecodeError, decode_views, probe_size, read_image_bytes
+from nnclr.data.crops import DecodeError, decode_views, probe_size, read_image_bytes, unreadable_reason
 from nnclr.data.index import FileIndex
 from nnclr.errors import UserError
 from nnclr.machine import local_processes, usable_cpus
@@ -131,7 +131,7 @@ class CropBatches(Dataset):
             try:
                 views[:, row] = decode_views(data, u[row], self.crops, self.size, boxes=boxes[row].tolist())
             except DecodeError as error:  # a readable header, unreadable data (truncated, corrupt)
-                skipped.append((self.index.relpath(j), str(error)))
+                skipped.append((self.index.relpath(j), unreadable_reason(error)))
                 j, views[:, row] = self._decode(*self._read(j + 1, skipped)[:2], u[row], skipped)
             used[row] = j
         return StreamBatch(step, views, self.labels[used], used, skipped)
@@ -151,8 +151,7 @@ class CropBatches(Dataset):
                 data = read_image_bytes(self.index.path(j))
                 return j, data, probe_size(data)
             except (OSError, DecodeError) as error:
-                reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-                skipped.append((self.index.relpath(j), " ".join(reason.split())))
+                skipped.append((self.index.relpath(j), unreadable_reason(error)))
         raise UserError(
             f"{self.index.root}: {min(MAX_SUBSTITUTES, n)} files in a row could not be read, the last "
             f"{skipped[-1][0]} ({skipped[-1][1]}); check that the folder is still there and readable"
@@ -165,7 +164,7 @@ class CropBatches(Dataset):
             try:
                 return j, decode_views(data, u, self.crops, self.size)
             except DecodeError as error:
-                skipped.append((self.index.relpath(j), str(error)))
+                skipped.append((self.index.relpath(j), unreadable_reason(error)))
                 j, data, _ = self._read(j + 1, skipped)
         raise UserError(f"{self.index.root}: {MAX_SUBSTITUTES} files in a row could not be decoded; "
                         "check that the folder holds images")
