@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from nnclr.data.crops import DecodeError, decode_eval, read_image_bytes
+from nnclr.data.crops import DecodeError, decode_eval, read_image_bytes, unreadable_reason
 from nnclr.data.index import FileIndex
 
 _THREADS = 2
@@ -43,16 +43,11 @@ class FolderImages:
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(
-        self, index: FileIndex, size: int, start: int = 0, stop: int | None = None,
-        positions: np.ndarray | None = None,
-    ) -> None:
+    def __init__(self, index: FileIndex, size: int, positions: np.ndarray | None = None) -> None:
         self.index, self.size = index, int(size)
-        # positions: the index entries these images are, in order (a subset); None: index[start:stop]
-        self.positions = None if positions is None else np.ascontiguousarray(positions, dtype=np.int64)
-        if self.positions is not None:
-            start, stop = 0, len(self.positions)
-        self.start, self.stop = start, len(index) if stop is None else stop
+        # the index entries these images are, in order: all of them, or a subset (a shard, a selection)
+        self.positions = np.arange(len(index), dtype=np.int64) if positions is None else \
+            np.ascontiguousarray(positions, dtype=np.int64)
         self.unreadable: dict[str, str] = {}
 
     @property
@@ -60,20 +55,18 @@ class FolderImages:
         return torch.Size((len(self), 3, self.size, self.size))
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.positions)
 
     def rows(self, start: int, stop: int) -> FolderImages:
         """The images ``[start, stop)`` of these, still decoded on demand (a shard for one process)."""
-        if self.positions is not None:
-            return self._view(self.positions[start:stop])
-        return FolderImages(self.index, self.size, self.start + start, self.start + min(stop, len(self)))
+        return self._view(self.positions[start:stop])
 
     def select(self, key: torch.Tensor | np.ndarray | Sequence[int]) -> FolderImages:
         """The images ``self[key]`` (a boolean mask or integer indices), not decoded: a subset view."""
         return self._view(self._index_positions(self._key_positions(key)))
 
     def _view(self, positions: np.ndarray) -> FolderImages:
-        view = FolderImages(self.index, self.size, positions=positions)
+        view = FolderImages(self.index, self.size, positions)
         view.unreadable = self.unreadable  # one warning per file, whichever view decodes it
         return view
 
@@ -107,7 +100,7 @@ class FolderImages:
 
     def _index_positions(self, positions: np.ndarray) -> np.ndarray:
         """Entries of the file index of positions among these images."""
-        return self.positions[positions] if self.positions is not None else positions + self.start
+        return self.positions[positions]
 
     def _decode(self, positions: list[int]) -> torch.Tensor:
         out = torch.zeros((len(positions), 3, self.size, self.size), dtype=torch.uint8)
@@ -125,7 +118,7 @@ class FolderImages:
         try:
             return decode_eval(read_image_bytes(path), self.size)
         except (OSError, DecodeError) as error:
-            return getattr(error, "strerror", None) or str(error) or type(error).__name__
+            return unreadable_reason(error)
 
     def _warn(self, path: str, reason: str) -> None:
         if path not in self.unreadable:
