@@ -6,9 +6,7 @@ labels, class names, sizes and ``st_mtime_ns``. :meth:`FileIndex.fingerprint` an
 :meth:`FileIndex.load` write (atomically) and read it as .npz, without pickle.
 
 :mod:`nnclr.data.scan` lists a folder into a :class:`FileIndex` (in parallel, cached on disk)
-under the layout rules of the ``folder:`` source. Its public names (:func:`~nnclr.data.scan.load_index`,
-:func:`~nnclr.data.scan.build_index`, :func:`~nnclr.data.scan.index_cache_dir`, ``PROGRESS_MIN_FILES``,
-``RACY_NS``, ``EXTENSIONS``) are still importable from here, on first use: scan imports this module.
+under the layout rules of the ``folder:`` source.
 """
 
 from __future__ import annotations
@@ -308,17 +306,3 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {key: npz[key] for key in npz.files}
     except _CORRUPT as error:
         raise UserError(f"{path}: cannot read this file index ({_one_line(error)}); delete it to rebuild it") from None
-
-
-# ---------------------------------------------------------------------------- moved to nnclr.data.scan
-
-_SCAN_NAMES = frozenset({"PROGRESS_MIN_FILES", "RACY_NS", "EXTENSIONS", "build_index", "load_index", "index_cache_dir"})
-
-
-def __getattr__(name: str) -> object:
-    """The listing names that live in :mod:`nnclr.data.scan`, imported on first use (scan imports this module)."""
-    if name in _SCAN_NAMES:
-        from nnclr.data import scan
-
-        return getattr(scan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
