@@ -107,6 +107,7 @@ class SupportSet(torch.nn.Module):
         exclude_indices: Tensor | None = None,
         k: int = 1,
         generator: torch.Generator | None = None,
+        uniform: Tensor | None = None,
         chunk_size: int = 4096,
         low_precision: bool = False,
     ) -> tuple[Tensor, Tensor]:
@@ -144,7 +145,9 @@ class SupportSet(torch.nn.Module):
                 is never returned (the stale-self-copy problem). None = no exclusion.
             k: 1 = argmax (the paper's choice); k > 1 = one of the top-k, uniformly at random
                 (the paper's ablation).
-            generator: random source for the top-k pick.
+            generator: random source for the top-k pick (when ``uniform`` is None).
+            uniform: (B,) uniforms in [0, 1) that choose the top-k pick: candidate ``floor(u * count)``. The
+                trainer draws them for the global batch, so that a resumed run and W processes pick alike.
             chunk_size: queue rows per block.
             low_precision: use the bf16 scan + fp32 re-rank.
 
@@ -164,7 +167,7 @@ class SupportSet(torch.nn.Module):
             else:
                 vals, rows = _scan_topk(z, self.embeddings[:n], self.indices[:n],
                                         exclude_indices, k, chunk_size)
-        return _pick(vals, rows, generator)
+        return _pick(vals, rows, generator, uniform)
 
     def rows_info(self, rows: Tensor) -> dict[str, Tensor]:
         """Labels, sample indices and write steps of ``rows`` (B,); -1 where ``rows`` is -1."""
@@ -307,13 +310,16 @@ def _exclusion_pairs(bank_indices: Tensor, exclude: Tensor | None) -> tuple[Tens
     return queries, order[lo[queries] + offsets]
 
 
-def _pick(vals: Tensor, rows: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _pick(vals: Tensor, rows: Tensor, generator: torch.Generator | None, uniform: Tensor | None
+          ) -> tuple[Tensor, Tensor]:
     """One of each query's valid top-k candidates, uniformly (the first when k = 1)."""
     if vals.shape[1] == 1:
         return rows[:, 0], vals[:, 0]
     count = torch.isfinite(vals).sum(dim=1)  # (B,)
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(vals.shape[0], generator=generator, device=gen_device).to(vals.device)
+    if uniform is None:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        uniform = torch.rand(vals.shape[0], generator=generator, device=gen_device)
+    u = uniform.to(vals.device)
     choice = (u * count).long().clamp_max((count - 1).clamp_min(0))[:, None]  # (B, 1)
     return rows.gather(1, choice)[:, 0], vals.gather(1, choice)[:, 0]
 
