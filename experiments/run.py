@@ -11,7 +11,7 @@ Tables (Dwibedi et al., ICCV 2021):
 - ``crops``: random crops only against the full BYOL recipe, the relative drop of each method (paper
   Table 6 and Fig. 4: 2.1% for NNCLR on ImageNet);
 - ``support``: support-set size and top-1 against top-k neighbours (paper Table 7 and Fig. 5);
-- ``prototypes``: KMCLR's number of prototypes and the storage each needs against NNCLR's support set;
+- ``prototypes``: KMCLR's number of prototypes and what each keeps against NNCLR's support set;
 - ``budget``: NNCLR against SimCLR with the default recipe at a fixed wall-clock budget (``--budget``, the
   issue's 10-minute target: NNCLR's kNN at least 62% and at least SimCLR's);
 - ``recipe``: NNCLR settings studied against that target at the same budget (a larger support set, a
@@ -88,17 +88,20 @@ SMOKE = ("model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim
          "train.max_steps=2", "train.checkpoint_every=1000")
 
 
-def storage(config: dict) -> str:
-    """What the positives are looked up in, from a run's resolved config: K prototypes or Q support entries,
-    each a d-vector (fp32)."""
-    method, d = config["method"], config["model"]["proj_dim"]
-    if method["name"] == "kmclr":
-        count, what = method["num_prototypes"], "prototypes"
-    elif method["name"] == "nnclr":
-        count, what = method["support_size"], "support entries"
-    else:
-        return "-"
-    return f"{count:,} {what} x {d} = {count * d * 4 / 2**20:.2f} MiB"
+def stored_bytes(run_dir: Path) -> int:
+    """What a method keeps between steps besides the network, counted in its checkpoint: the bytes of every
+    tensor of the support set and of the selector (NNCLR's support rows with their labels, indices and steps;
+    KMCLR's prototypes and counts; DeepCluster's pseudo-labels)."""
+    from nnclr.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    tensors = [t for part in ("support", "selector") for t in (state.get(part) or {}).values()]
+    return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
+
+
+def storage(count: int) -> str:
+    """``stored_bytes`` in words."""
+    return f"{count / 2**20:.2f} MiB" if count >= 2**16 else f"{count / 2**10:.1f} KiB"
 
 
 def nnclr(*args: str) -> subprocess.CompletedProcess[str]:
@@ -151,7 +154,7 @@ def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_di
             "knn_before": results["knn_before"]["top1"], "knn_after": results["knn_after"]["top1"],
             "linear": probe["top1"], "wall_time_s": wall, "train_time_s": results["wall_time"],
             "epochs": epochs, "images_per_second": results["images_per_second"],
-            "storage": storage(probe["config"])}
+            "stored_bytes": stored_bytes(run_dir)}
 
 
 def cpu_name() -> str:
@@ -195,7 +198,7 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
              f"{args.threads or 'all'} threads; torch {torch.__version__}, Python {platform.python_version()}. "
              f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| row | kNN top-1 before | kNN top-1 after | linear top-1 | training per run (s) | wall time per run (s) "
-             "| looked up in |",
+             "| kept besides the network |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     after: dict[str, float] = {}
     for label in rows:
@@ -204,7 +207,7 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
         lines.append(f"| {label} | {mean_std([r['knn_before'] for r in rs])} | {mean_std([r['knn_after'] for r in rs])}"
                      f" | {mean_std([r['linear'] for r in rs])} | {_mean_of(rs, 'train_time_s')}"
                      f" | {statistics.mean(r['wall_time_s'] for r in rs):.0f}"
-                     f" | {rs[0]['storage']} |")
+                     f" | {storage(rs[0]['stored_bytes']) if 'stored_bytes' in rs[0] else rs[0].get('storage', '-')} |")
     groups = list(dict.fromkeys(r["group"] for r in records if r["group"]))
     if groups:
         lines += ["", "Relative drop of the kNN top-1 from the full recipe to random crops only:", ""]

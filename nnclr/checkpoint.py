@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from nnclr import __version__
 from nnclr.config import Config, flatten, to_dict
 from nnclr.errors import UserError
 from nnclr.runfiles import write_atomic
+from nnclr.version import __version__
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -15,9 +15,9 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from nnclr import __version__
 from nnclr.commands import COMMANDS
 from nnclr.errors import UserError
+from nnclr.version import __version__
 
 
 class _Parser(argparse.ArgumentParser):

@@ -72,18 +72,19 @@ class ModelConfig:
 class MethodConfig:
     """The method: which positive each sample is pulled towards, and the loss."""
 
-    name: str = "nnclr"  # nnclr | simclr | kmclr | deepcluster
+    name: str = "nnclr"  # one of METHODS, each a record in nnclr.methods
     temperature: float = 0.1
     support_size: int = 1024  # support set Q (the paper: 98,304 for ImageNet)
     topk: int = 1  # 1 = the nearest neighbour; k > 1 samples one of the k nearest
     exclude_self: bool = True  # never use the sample's own older copy as its neighbour
-    # Short-run schedule (nnclr, kmclr): loss = w * NT-Xent(z1, z2) + (1 - w) * NNCLR loss, with w falling
+    # Short-run schedule (the methods whose record has short_run: nnclr, kmclr):
+    # loss = w * NT-Xent(z1, z2) + (1 - w) * NNCLR loss, with w falling
     # linearly from instance_weight to 0 over the first instance_decay share of the run; 0 = the paper.
     instance_weight: float = 1.0
     instance_decay: float = 1.0
-    num_prototypes: int = 400  # kmclr: K
-    recluster_every: int = 100  # kmclr: steps between k-means re-clusterings
-    kmeans_iters: int = 10  # kmclr, deepcluster: Lloyd iterations per (re-)clustering
+    num_prototypes: int = 400  # kmclr: K, the prototypes of its online k-means
+    kmeans_reset_epochs: float = 3.0  # kmclr: re-seed the k-means from the stream every this many epochs; 0 = never
+    kmeans_iters: int = 10  # deepcluster: Lloyd iterations per clustering
     num_clusters: int = 100  # deepcluster: K, the k-means clusters (pseudo-classes) of the training set
 
 
@@ -151,7 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "data.image_size", "data.prefetch", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
     "method.temperature", "method.support_size", "method.topk", "method.num_prototypes",
-    "method.recluster_every", "method.kmeans_iters", "optim.lr", "optim.batch_size",
+    "method.kmeans_iters", "optim.lr", "optim.batch_size",
     "train.epochs", "train.checkpoint_every", "train.log_every", "train.knn_k",
     "train.knn_temperature",
     "method.num_clusters",
@@ -159,7 +160,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "data.memory_gb", "model.pred_hidden_dim", "optim.final_lr",
     "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "train.max_steps",
-    "train.threads", "train.knn_every_epochs",
+    "train.threads", "train.knn_every_epochs", "method.kmeans_reset_epochs",
 )
 
 
@@ -275,11 +276,6 @@ def validate(config: Config) -> Config:
     for key in ("method.instance_weight", "method.instance_decay"):
         if not 0 <= flat[key] <= 1:
             raise UserError(f"config key {key}={flat[key]!r} must be in [0, 1]")
-    if config.method.name == "kmclr" and config.method.num_prototypes > config.method.support_size:
-        raise UserError(
-            f"config key method.num_prototypes={config.method.num_prototypes} must be <= "
-            f"method.support_size={config.method.support_size} (prototypes cluster the support set)"
-        )
     return config
 
 

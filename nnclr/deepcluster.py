@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from nnclr import distributed
 from nnclr.errors import UserError
 from nnclr.kmeans import kmeans_plus_plus, spherical_kmeans
+from nnclr.selectors import EpochContext, Selector
 
 CLASSIFIER_INIT_STD = 0.01  # DeepCluster's code: top-layer weights ~ N(0, 0.01^2), bias 0
 
@@ -152,12 +153,13 @@ def normalized_mutual_information(a: Tensor, b: Tensor) -> float:
     return float(normalized_mutual_info_score(a.cpu().numpy(), b.cpu().numpy(), average_method="geometric"))
 
 
-class PseudoLabels(nn.Module):
-    """DeepCluster's state between two clusterings: the pseudo-label of every training sample.
+class PseudoLabels(Selector):
+    """DeepCluster's selector: the pseudo-label of every training sample, re-computed every epoch.
 
-    Plays the part a positive selector plays for the other methods (it gives each sample its
-    target) and is saved with them in the checkpoint, so a run resumed within an epoch trains on
-    the pseudo-labels of that epoch without clustering again.
+    It gives each sample its target, as a positive selector does for the other methods, and is
+    saved in the checkpoint, so a run resumed within an epoch trains on the pseudo-labels of that
+    epoch without clustering again. Hooks: :meth:`start_epoch` clusters and resets the classifier,
+    :meth:`epoch_order` samples uniformly over the pseudo-labels.
 
     Buffers (persistent): ``labels`` (N,) int64 (-1 before the first clustering), ``epoch`` int64
     scalar, the epoch the labels were computed for (-1 = never).
@@ -210,11 +212,24 @@ class PseudoLabels(nn.Module):
             "kmeans_similarity": float((F.normalize(z.float(), dim=1) * centroids[labels]).sum(dim=1).mean()),
         }
 
-    def epoch_order(self, generator: torch.Generator) -> Tensor:
+    def start_epoch(self, context: EpochContext) -> dict[str, Any] | None:
+        """Cluster the training set's z for ``context.epoch`` and reset the classifier; returns the statistics.
+
+        Nothing happens when the labels are already this epoch's (a run resumed within the epoch).
+        """
+        if int(self.epoch) == context.epoch:
+            return None
+        stats = self.recluster(context.features(), epoch=context.epoch, generator=context.generator,
+                               true_labels=context.true_labels)
+        assert isinstance(context.classifier, nn.Linear), "DeepCluster's model has a linear classifier"
+        reset_classifier(context.classifier, context.optimizer, context.generator)
+        return stats
+
+    def epoch_order(self, num_samples: int, generator: torch.Generator) -> Tensor:
         """(N,) the epoch's sample order, uniform over the pseudo-labels (:func:`balanced_order`)."""
         if int(self.epoch) < 0:
             raise RuntimeError("DeepCluster's epoch order needs a clustering first (PseudoLabels.recluster)")
-        return balanced_order(self.labels, self.labels.numel(), generator)
+        return balanced_order(self.labels, num_samples, generator)
 
     def forward(self, indices: Tensor) -> Tensor:
         """(B,) pseudo-labels of the samples ``indices`` (B,)."""

@@ -15,6 +15,7 @@ from torch import nn
 from nnclr.backbones import build_backbone
 from nnclr.config import Config
 from nnclr.heads import prediction_head, projection_head
+from nnclr.methods import method_of
 
 
 class ContrastiveModel(nn.Module):
@@ -52,15 +53,16 @@ class ContrastiveModel(nn.Module):
 
 
 def build_model(config: Config) -> ContrastiveModel:
-    """Build the model a config describes (SimCLR gets no predictor, as in its paper; DeepCluster a
-    classifier ``Linear(d, K)`` on z instead, K = ``method.num_clusters``)."""
-    m = config.model
+    """Build the model a config describes, with the heads its method's record names (:mod:`nnclr.methods`):
+    SimCLR gets no predictor, as in its paper; DeepCluster a classifier ``Linear(d, K)`` on z instead,
+    K = ``method.num_clusters``."""
+    m, head = config.model, method_of(config).head
     backbone, feature_dim = build_backbone(m.backbone, cifar_stem=m.cifar_stem)
     projector = projection_head(
         feature_dim, hidden_dim=m.proj_hidden_dim, out_dim=m.proj_dim, num_layers=m.proj_layers
     )
-    if config.method.name == "deepcluster":
+    if head == "classifier":
         return ContrastiveModel(backbone, projector, None, classifier=nn.Linear(m.proj_dim, config.method.num_clusters))
-    use_predictor = config.method.name != "simclr" and m.pred_hidden_dim > 0
+    use_predictor = head == "predictor" and m.pred_hidden_dim > 0
     predictor = prediction_head(m.proj_dim, hidden_dim=m.pred_hidden_dim) if use_predictor else None
     return ContrastiveModel(backbone, projector, predictor)

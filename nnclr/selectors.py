@@ -1,199 +1,178 @@
-"""Positive selectors: the one pluggable piece that turns the shared machinery into a method.
+"""Selectors: each method's state between steps and the hooks the training loop calls on it.
 
-SimCLR, NNCLR and KMCLR share backbone, projector, predictor, support set and loss; they differ
-only in which vector is the positive for a projection z (DESIGN.md section 3):
+SimCLR, NNCLR and KMCLR share backbone, projector, predictor and loss; they differ only in which
+vector is the positive for a projection z (DESIGN.md section 3):
 
-- ``instance`` (SimCLR): z itself, gradient flowing through it.
-- ``nn`` (NNCLR, Dwibedi et al., ICCV 2021, arXiv 2104.14548): NN(z, Q), the support-set entry
-  of highest cosine similarity, detached; top-1 (the paper's ablation found sampling one of the
-  top-k worse).
-- ``kmeans`` (KMCLR): the nearest of K online spherical k-means prototypes of the support set,
-  detached (K = 400 matched NNCLR on CIFAR-100 while storing 0.4% of the vectors).
+- :class:`Selector` itself (SimCLR): the positive is the other view's z; no state.
+- :class:`NearestNeighbourSelector` (NNCLR, Dwibedi et al., ICCV 2021, arXiv 2104.14548): NN(z, Q),
+  the support-set entry of highest cosine similarity, detached; top-1 (the paper's ablation found
+  sampling one of the top-k worse).
+- :class:`PrototypeSelector` (KMCLR, mwritescode/nnclr-cifar100): the nearest of K prototypes of
+  mini-batch k-means fitted online on the stream of projections, detached; no support set.
 
-All selectors are ``torch.nn.Module`` so that a model can hold any of them as a submodule; only
-the k-means one has state (persistent buffers), the others have an empty ``state_dict``.
+DeepCluster's :class:`~nnclr.deepcluster.PseudoLabels` is a selector too: its targets are the
+samples' k-means pseudo-labels. Every selector is a ``torch.nn.Module`` whose persistent buffers
+are its state (saved in the checkpoint as ``selector``), and the loop calls the same three hooks on
+every method's selector, so it never asks which method it trains:
+
+- :meth:`Selector.start_epoch` before an epoch's first step (DeepCluster re-clusters the training set);
+- :meth:`Selector.epoch_order` for the epoch's sample order (DeepCluster: uniform over pseudo-labels);
+- :meth:`Selector.after_step` after the optimiser step, with the batch's z (KMCLR's online k-means).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nnclr import distributed
 from nnclr.errors import UserError
-from nnclr.kmeans import kmeans_plus_plus, spherical_kmeans
+from nnclr.online_kmeans import OnlineKMeans
 from nnclr.support import SupportSet
 
 
 class Selection(NamedTuple):
-    """What a selector returns for a batch of B projections."""
+    """What a positive selector returns for a batch of B projections."""
 
     positives: Tensor  # (B, D) L2-normalised
     rows: Tensor  # (B,) support rows used (-1 = none / not from the support set)
     similarity: Tensor  # (B,) cosine similarity between z and its positive (detached)
 
 
-def _self_positive(z: Tensor, detach: bool) -> Selection:
-    """Fallback/instance selection: the positive is z itself (similarity 1)."""
-    positives = F.normalize(z.detach() if detach else z, dim=1)  # (B, D)
+@dataclass
+class EpochContext:
+    """What :meth:`Selector.start_epoch` may use.
+
+    ``features()`` computes the L2-normalised projections z (N, D) of every training image (model in
+    eval mode, no augmentation, identical on every rank); it is costly and only called on demand.
+    """
+
+    epoch: int
+    features: Callable[[], Tensor]
+    generator: torch.Generator  # seeded by (train.seed, CLUSTER, epoch)
+    true_labels: Tensor | None  # (N,) -1 where unknown; for diagnostics only
+    classifier: torch.nn.Module | None  # the model's classifier head, if it has one
+    optimizer: torch.optim.Optimizer
+
+
+class Selector(torch.nn.Module):
+    """The base of every method's state; alone it is SimCLR's (no state, every hook a no-op)."""
+
+    def start_epoch(self, context: EpochContext) -> dict[str, Any] | None:
+        """Before the first step of ``context.epoch``; returns a ``clustering`` record to log, or None."""
+        return None
+
+    def epoch_order(self, num_samples: int, generator: torch.Generator) -> Tensor:
+        """(num_samples,) the epoch's sample order: a uniform permutation."""
+        return torch.randperm(num_samples, generator=generator)
+
+    def after_step(self, z: Tensor, generator: torch.Generator) -> dict[str, float]:
+        """After the optimiser step, with this rank's view-1 projections z (b, D), detached; returns diagnostics.
+
+        Called on every rank (it may be collective); ``generator`` is the step's CPU generator (the same on every
+        rank). The support set is enqueued by the loop, not here.
+        """
+        return {}
+
+
+class PositiveSelector(Selector):
+    """A selector that gives each projection z a positive vector (NNCLR, KMCLR and their relatives)."""
+
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
+        """Positives for z (b, D).
+
+        Args:
+            z: this rank's L2-normalised projections of one view.
+            support: the support set (None for methods that keep none).
+            indices: (b,) the samples' indices in the data set.
+            uniform: (b,) uniforms in [0, 1) for random choices, drawn for the global batch from the step's
+                generator and sliced by rank, so that a resumed run and W processes choose alike.
+        """
+        raise NotImplementedError
+
+
+def self_positive(z: Tensor) -> Selection:
+    """The fallback positive: z itself, detached (similarity 1, no row)."""
+    positives = F.normalize(z.detach(), dim=1)  # (B, D)
     rows = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
     return Selection(positives, rows, torch.ones(z.shape[0], device=z.device))
 
 
-class InstanceSelector(torch.nn.Module):
-    """SimCLR: the positive is the view's own projection z; gradients flow through it."""
-
-    def forward(self, z: Tensor, support: SupportSet, *, indices: Tensor, step: int) -> Selection:
-        """Return z (normalised) as its own positive; ``support``/``indices``/``step`` unused."""
-        return _self_positive(z, detach=False)
-
-
-class NearestNeighbourSelector(torch.nn.Module):
+class NearestNeighbourSelector(PositiveSelector):
     """NNCLR: the positive is the nearest support-set entry NN(z, Q), detached.
 
     Args:
-        topk: 1 = the nearest entry (the paper's default and best); k > 1 = one of the k nearest
-            uniformly at random (the paper's ablation; uses the global torch RNG).
+        topk: 1 = the nearest entry (the paper's default and best); k > 1 = one of the k nearest,
+            chosen by ``uniform`` (the paper's ablation).
         exclude_self: never pick an entry holding a copy of the query's own sample (a stale
             embedding of the same image from an earlier epoch).
-        low_precision: bf16 scan + fp32 re-rank in :meth:`SupportSet.nearest` (same rows, ~2-3x
-            faster on CPUs with AVX512-BF16 and on GPUs).
+        low_precision: bf16 scan + exact fp32 re-scoring in :meth:`SupportSet.nearest` (same rows,
+            faster on CPUs with AVX512-BF16/AMX and on GPUs).
 
     Rows without a neighbour (empty support set, or every filled row excluded) fall back to
     ``z.detach()`` with ``rows = -1``.
     """
 
-    def __init__(self, *, topk: int = 1, exclude_self: bool = True,
-                 low_precision: bool = False) -> None:
+    def __init__(self, *, topk: int = 1, exclude_self: bool = True, low_precision: bool = False) -> None:
         super().__init__()
         if topk < 1:
-            raise UserError(f"selector topk must be >= 1, got {topk}")
+            raise UserError(f"method.topk must be >= 1, got {topk}")
         self.topk, self.exclude_self, self.low_precision = topk, exclude_self, low_precision
 
     def extra_repr(self) -> str:
-        return (f"topk={self.topk}, exclude_self={self.exclude_self}, "
-                f"low_precision={self.low_precision}")
+        return f"topk={self.topk}, exclude_self={self.exclude_self}, low_precision={self.low_precision}"
 
-    def forward(self, z: Tensor, support: SupportSet, *, indices: Tensor, step: int) -> Selection:
-        """Look up NN(z, Q) for each row of z (B, D); ``step`` unused."""
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
+        """Look up NN(z, Q) for each row of z (b, D)."""
+        assert support is not None, "NNCLR needs a support set"
         exclude = indices if self.exclude_self else None
-        rows, sims = support.nearest(z, exclude_indices=exclude, k=self.topk,
+        rows, sims = support.nearest(z, exclude_indices=exclude, k=self.topk, uniform=uniform,
                                      low_precision=self.low_precision)
         rows, sims = rows.to(z.device), sims.to(z.device)
-        fallback = _self_positive(z, detach=True)
-        found = rows >= 0  # (B,)
+        fallback = self_positive(z)
+        found = rows >= 0  # (b,)
         neighbours = support.embeddings[rows.clamp_min(0).to(support.embeddings.device)]
-        positives = torch.where(found[:, None], neighbours.to(z.device, z.dtype),
-                                fallback.positives)  # (B, D)
+        positives = torch.where(found[:, None], neighbours.to(z.device, z.dtype), fallback.positives)  # (b, D)
         return Selection(positives, rows, torch.where(found, sims, fallback.similarity))
 
 
-class KMeansSelector(torch.nn.Module):
-    """KMCLR: the positive is the nearest of K online spherical k-means prototypes, detached.
+class PrototypeSelector(PositiveSelector):
+    """KMCLR: the positive is the nearest of K prototypes of online mini-batch k-means, detached.
 
-    The prototypes are re-clustered from the filled support-set rows every ``recluster_every``
-    steps (warm-started from the previous prototypes; the first clustering is seeded by greedy
-    k-means++ from a generator seeded with the step, so it is reproducible), as soon as at least
-    K rows are filled. Until then the positive falls back to ``z.detach()``. Under DDP every rank
-    clusters its share of the (identical, gathered) support set and the statistics are reduced,
-    so all ranks hold the same prototypes; the call is then collective.
-
-    Buffers (persistent, so a resumed run continues exactly): ``prototypes`` (K, D) float32,
-    ``last_recluster`` int64 scalar (-1 = never clustered).
+    The prototypes (:class:`~nnclr.online_kmeans.OnlineKMeans`) learn from every step's view-1
+    projections in :meth:`after_step`, after the loss, as the support set is enqueued after it; no
+    support set is kept. Until the k-means is initialised the positive falls back to ``z.detach()``.
 
     Args:
-        num_prototypes: K (400 matched NNCLR on CIFAR-100).
-        recluster_every: steps between re-clusterings.
-        iters: Lloyd iterations per re-clustering.
-        dim: embedding dimension.
+        num_prototypes: K (400 matched NNCLR on CIFAR-100 in the original).
+        dim: embedding dimension D.
+        reset_every: steps between two re-initialisations of the k-means from the stream (the original
+            re-initialises every 3 epochs, which its report found better than every 10); 0 = never.
     """
 
-    def __init__(self, *, num_prototypes: int = 400, recluster_every: int = 100, iters: int = 10,
-                 dim: int) -> None:
+    def __init__(self, *, num_prototypes: int = 400, dim: int, reset_every: int = 0) -> None:
         super().__init__()
-        if num_prototypes < 1 or recluster_every < 1 or iters < 1:
-            raise UserError("kmeans selector needs num_prototypes, recluster_every and iters >= 1")
-        self.num_prototypes = num_prototypes
-        self.recluster_every, self.iters = recluster_every, iters
-        self.register_buffer("prototypes", torch.zeros(num_prototypes, dim))
-        self.register_buffer("last_recluster", torch.tensor(-1, dtype=torch.long))
+        if num_prototypes < 1:
+            raise UserError(f"method.num_prototypes must be >= 1, got {num_prototypes}")
+        self.kmeans = OnlineKMeans(num_prototypes, dim, reset_every=reset_every)
 
-    def extra_repr(self) -> str:
-        return (f"num_prototypes={self.num_prototypes}, recluster_every={self.recluster_every}, "
-                f"iters={self.iters}")
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
+        """Each row's nearest prototype (b, D); ``support``, ``indices`` and ``uniform`` unused."""
+        if not self.kmeans.is_initialised:
+            return self_positive(z)
+        sims, best = self.kmeans.nearest(z)  # (b,), (b,)
+        rows = torch.full_like(best, -1)
+        return Selection(self.kmeans.prototypes[best].to(z.device, z.dtype), rows, sims.to(z.device))
+
+    def after_step(self, z: Tensor, generator: torch.Generator) -> dict[str, float]:
+        """One mini-batch k-means step on this step's projections (collective under torchrun)."""
+        return self.kmeans.update(z, generator)
 
     @property
-    def is_clustered(self) -> bool:
-        """True once the prototypes have been computed at least once."""
-        return int(self.last_recluster) >= 0
-
-    def due(self, support: SupportSet, step: int) -> bool:
-        """Whether :meth:`forward` at ``step`` re-clusters (enough rows and the interval passed)."""
-        if int(support.num_filled) < self.num_prototypes:
-            return False
-        return not self.is_clustered or step - int(self.last_recluster) >= self.recluster_every
-
-    @torch.no_grad()
-    def recluster(self, support: SupportSet, step: int) -> None:
-        """Run spherical k-means on the filled support rows and store the prototypes.
-
-        The support set is identical on every rank, so the first k-means++ seeding is drawn from
-        all n rows (the same on every rank and in one process); the Lloyd iterations then run on
-        this rank's 1/W of the rows with the per-cluster sums all-reduced.
-        """
-        n = int(support.num_filled)
-        share = torch.tensor_split(torch.arange(n), distributed.world_size())[distributed.rank()]
-        rows = support.embeddings[share.to(support.embeddings.device)]  # (n / W, D)
-        if self.is_clustered:
-            init = self.prototypes
-        else:
-            generator = torch.Generator().manual_seed(int(step))
-            init = kmeans_plus_plus(support.embeddings[:n], self.num_prototypes, generator)  # (K, D)
-        centroids, _ = spherical_kmeans(rows, self.num_prototypes, iters=self.iters, init=init)
-        self.prototypes.copy_(centroids)
-        self.last_recluster.fill_(int(step))
-
-    def forward(self, z: Tensor, support: SupportSet, *, indices: Tensor, step: int) -> Selection:
-        """Re-cluster if due, then pick each row's nearest prototype; ``indices`` unused."""
-        if self.due(support, step):
-            self.recluster(support, step)
-        if not self.is_clustered:
-            return _self_positive(z, detach=True)
-        sims, best = self._nearest_prototype(z)  # (B,), (B,)
-        rows = torch.full_like(best, -1)
-        return Selection(self.prototypes[best].to(z.dtype), rows, sims)
-
-    def assign(self, z: Tensor) -> Tensor:
-        """(B,) index of the nearest prototype of each row of z (for diagnostics)."""
-        return self._nearest_prototype(z)[1]
-
-    @torch.no_grad()
-    def _nearest_prototype(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(B,) fp32 cosine to the nearest prototype and (B,) its index."""
-        with torch.autocast(z.device.type, enabled=False):
-            return (F.normalize(z.detach().float(), dim=1) @ self.prototypes.T).max(dim=1)
-
-
-SELECTORS: dict[str, type[torch.nn.Module]] = {
-    "instance": InstanceSelector,
-    "nn": NearestNeighbourSelector,
-    "kmeans": KMeansSelector,
-}
-
-
-def build_selector(kind: str, **kwargs: object) -> torch.nn.Module:
-    """Construct the selector registered as ``kind`` with keyword arguments ``kwargs``.
-
-    Raises:
-        UserError: unknown ``kind`` (the message lists the valid ones) or arguments it does
-            not take.
-    """
-    if kind not in SELECTORS:
-        raise UserError(f"unknown selector {kind!r}; valid kinds: {', '.join(sorted(SELECTORS))}")
-    try:
-        return SELECTORS[kind](**kwargs)
-    except TypeError as err:
-        raise UserError(f"bad arguments for selector {kind!r}: {err}") from None
+    def prototypes(self) -> Tensor:
+        """(K, D) the current prototypes."""
+        return self.kmeans.prototypes

@@ -1,17 +1,19 @@
-"""One contrastive step's loss: the one place where NNCLR, SimCLR and KMCLR are defined.
+"""One step's loss: the forward pass every method shares and the losses the methods are made of.
 
 NNCLR (Dwibedi et al., ICCV 2021, Eq. 2, symmetrised as in Sec. 3.2)::
 
-    L = 1/2 * [ nnclr_loss(NN(z1, Q), p2) + nnclr_loss(NN(z2, Q), p1) ]
+    L = 1/2 * [ nnclr_loss(NN(z1), p2) + nnclr_loss(NN(z2), p1) ]
 
 with ``NN`` the selector's positive (the nearest support-set entry for NNCLR, the nearest k-means
-prototype for KMCLR). SimCLR (Chen et al., 2020) uses NT-Xent on ``(z1, z2)`` with 2N-2 negatives
-and no predictor. For short runs NNCLR and KMCLR can mix in SimCLR's loss, whose positive is good
-from the first step while the support set's neighbours are still near-random::
+prototype for KMCLR): :func:`positive_loss`. SimCLR (Chen et al., 2020) uses NT-Xent on ``(z1, z2)``
+with 2N-2 negatives and no predictor: :func:`instance_loss`. DeepCluster (Caron et al., ECCV 2018)
+classifies both views into the samples' k-means pseudo-labels: :func:`pseudo_label_loss`. Which
+method uses which loss is written in its record (:mod:`nnclr.methods`).
+
+For short runs a method whose record says ``short_run`` mixes in SimCLR's loss, whose positive is
+good from the first step while the support set's neighbours are still near-random::
 
     L_w = w * NT-Xent(z1, z2) + (1 - w) * L,   w = instance_weight(config.method, step, schedule_steps)
- DeepCluster (Caron et al.,
-ECCV 2018) classifies both views into the samples' k-means pseudo-labels (``nnclr.deepcluster``).
 
 Both views go through the network in one forward pass, so batch-norm sees both views as one
 batch of 2B (as lightly's benchmarks and byol-pytorch do); this is the same for every method.
@@ -19,33 +21,57 @@ batch of 2B (as lightly's benchmarks and byol-pytorch do); this is the same for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from nnclr import deepcluster
 from nnclr.config import MethodConfig
-from nnclr.deepcluster import pseudo_label_loss
 from nnclr.losses import at_least_fp32, nnclr_loss, nt_xent
-from nnclr.model import ContrastiveModel
+from nnclr.selectors import PositiveSelector, Selector
 from nnclr.support import SupportSet
 
 
 def instance_weight(method: MethodConfig, step: int, schedule_steps: int) -> float:
     """w at 0-based ``step``: ``method.instance_weight`` falling linearly to 0 at step
-    ``method.instance_decay * schedule_steps``; always 0 for SimCLR and DeepCluster.
+    ``method.instance_decay * schedule_steps`` (for the methods whose record has ``short_run``).
 
     >>> instance_weight(MethodConfig(instance_weight=1.0, instance_decay=0.5), 25, 100)
     0.5
     """
-    if method.name not in ("nnclr", "kmclr") or method.instance_weight == 0 or method.instance_decay == 0:
+    if method.instance_weight == 0 or method.instance_decay == 0:
         return 0.0
     return method.instance_weight * max(0.0, 1.0 - step / (method.instance_decay * schedule_steps))
 
 
 @dataclass
+class StepInputs:
+    """What a method's loss is computed from.
+
+    ``z1``/``z2`` (b, D) are the L2-normalised fp32 projections of the two views, ``p1``/``p2`` the
+    prediction head's outputs (b, D), z itself without a predictor, or a classifier's logits (b, K).
+    ``uniforms`` (2, b) are this rank's rows of uniforms drawn for the global batch, one row per view.
+    """
+
+    z1: torch.Tensor
+    z2: torch.Tensor
+    p1: torch.Tensor
+    p2: torch.Tensor
+    support: SupportSet | None
+    selector: Selector
+    labels: torch.Tensor  # (b,) -1 = unknown
+    indices: torch.Tensor  # (b,) sample indices in the data set
+    step: int
+    uniforms: torch.Tensor
+    temperature: float
+    instance_weight: float
+
+
+@dataclass
 class StepOutput:
-    """The loss (fp32 scalar with graph), z1 to enqueue (B, D), and the NN diagnostics.
+    """The loss (fp32 scalar with graph), z1 to enqueue (b, D), and the diagnostics.
 
     ``diagnostics`` (see ``SupportSet.diagnostics``): ``positive_similarity`` (mean cosine between
     z and its positive), ``nn_label_agreement`` (share of neighbours with the query's label,
@@ -58,53 +84,71 @@ class StepOutput:
     diagnostics: dict[str, float]
 
 
+Loss = Callable[[StepInputs], StepOutput]
+
+
+def instance_loss(x: StepInputs) -> StepOutput:
+    """SimCLR: NT-Xent of (z1, z2), each view the other's positive (Chen et al., 2020, Eq. 1)."""
+    return StepOutput(nt_xent(x.z1, x.z2, temperature=x.temperature), x.z1.detach(), {})
+
+
+def positive_loss(x: StepInputs) -> StepOutput:
+    """NNCLR's symmetrised loss with the selector's positives, mixed with NT-Xent by ``x.instance_weight``."""
+    selector = x.selector
+    assert isinstance(selector, PositiveSelector)
+    s1 = selector(x.z1, x.support, indices=x.indices, uniform=x.uniforms[0])
+    s2 = selector(x.z2, x.support, indices=x.indices, uniform=x.uniforms[1])
+    loss = 0.5 * (
+        nnclr_loss(s1.positives, x.p2, temperature=x.temperature)
+        + nnclr_loss(s2.positives, x.p1, temperature=x.temperature)
+    )
+    w = x.instance_weight
+    if w > 0:
+        loss = w * nt_xent(x.z1, x.z2, temperature=x.temperature) + (1 - w) * loss
+    diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item(), "instance_weight": w}
+    if x.support is not None:  # the neighbour diagnostics, computed before this step's enqueue
+        diagnostics |= x.support.diagnostics(s1.rows, s1.similarity, labels=x.labels, indices=x.indices, step=x.step)
+    return StepOutput(loss, x.z1.detach(), diagnostics)
+
+
+def pseudo_label_loss(x: StepInputs) -> StepOutput:
+    """DeepCluster: cross-entropy of both views' logits ``p`` (b, K) with the samples' pseudo-labels."""
+    targets = x.selector(x.indices)  # (b,)
+    loss, diagnostics = deepcluster.pseudo_label_loss(torch.cat([x.p1, x.p2]), torch.cat([targets, targets]))
+    return StepOutput(loss, x.z1.detach(), diagnostics)
+
+
 def contrastive_step(
-    model: ContrastiveModel | torch.nn.Module,
+    model: torch.nn.Module,
     views: torch.Tensor,
     *,
-    method: str,
+    loss: Loss,
     temperature: float,
     support: SupportSet | None,
-    selector: object | None,
+    selector: Selector,
     labels: torch.Tensor,
     indices: torch.Tensor,
     step: int,
+    uniforms: torch.Tensor | None = None,
     instance_weight: float = 0.0,
 ) -> StepOutput:
-    """Forward both views (2B, 3, H, W) -> loss and diagnostics; no optimiser, no enqueue.
+    """Forward both views (2b, 3, H, W), then the method's ``loss``; no optimiser, no enqueue.
 
     Args:
-        model: the :class:`ContrastiveModel`, or it wrapped in DistributedDataParallel; under
-            torchrun B is this rank's share of the global batch and the losses gather the rest.
-        views: view 1 then view 2 of the same B samples, concatenated on dim 0.
-        method: ``nnclr`` | ``kmclr`` | ``simclr`` | ``deepcluster``.
-        selector: picks positives from ``support`` (unused for SimCLR); for DeepCluster the
-            :class:`~nnclr.deepcluster.PseudoLabels` of the epoch (and ``support`` is None).
-        instance_weight: w in [0, 1], the share of SimCLR's NT-Xent on (z1, z2) in an NNCLR/KMCLR
-            loss (0 = the paper's loss alone; the neighbour diagnostics are computed either way).
+        model: the :class:`~nnclr.model.ContrastiveModel`, or it wrapped in DistributedDataParallel; under
+            torchrun b is this rank's share of the global batch and the losses gather the rest.
+        views: view 1 then view 2 of the same b samples, concatenated on dim 0.
+        loss: the method's loss (``Method.loss`` of :mod:`nnclr.methods`).
+        uniforms: (2, b) uniforms for the selector's random choices (None: zeros, i.e. no randomness needed).
+        instance_weight: w in [0, 1], the share of SimCLR's NT-Xent in a positive-selector loss.
     """
     _, z, p = model(views)
-    z = F.normalize(at_least_fp32(z), dim=1)  # (2B, D)
+    z = F.normalize(at_least_fp32(z), dim=1)  # (2b, D)
     z1, z2 = z.chunk(2)
-    if method == "simclr":
-        return StepOutput(nt_xent(z1, z2, temperature=temperature), z1.detach(), {})
-    if method == "deepcluster":  # p: the classifier's logits (2B, K); both views share a pseudo-label
-        targets = selector(indices)  # type: ignore[operator]
-        loss, diagnostics = pseudo_label_loss(p, torch.cat([targets, targets]))
-        return StepOutput(loss, z1.detach(), diagnostics)
-    p1, p2 = at_least_fp32(p).chunk(2)  # (B, D) each
-    assert support is not None and selector is not None
-    s1 = selector(z1, support, indices=indices, step=step)  # type: ignore[operator]
-    s2 = selector(z2, support, indices=indices, step=step)  # type: ignore[operator]
-    loss = 0.5 * (
-        nnclr_loss(s1.positives, p2, temperature=temperature)
-        + nnclr_loss(s2.positives, p1, temperature=temperature)
-    )
-    if instance_weight > 0:
-        loss = instance_weight * nt_xent(z1, z2, temperature=temperature) + (1 - instance_weight) * loss
-    diagnostics: dict[str, float] = {
-        "positive_similarity": s1.similarity.float().mean().item(), "instance_weight": instance_weight,
-    }
-    # the neighbour diagnostics, computed before this step's enqueue
-    diagnostics |= support.diagnostics(s1.rows, s1.similarity, labels=labels, indices=indices, step=step)
-    return StepOutput(loss, z1.detach(), diagnostics)
+    p1, p2 = at_least_fp32(p).chunk(2)
+    if uniforms is None:
+        uniforms = torch.zeros(2, z1.shape[0])
+    return loss(StepInputs(
+        z1=z1, z2=z2, p1=p1, p2=p2, support=support, selector=selector, labels=labels, indices=indices,
+        step=step, uniforms=uniforms.to(z.device), temperature=temperature, instance_weight=instance_weight,
+    ))

@@ -8,9 +8,11 @@ loader workers read the batch's files and cut both views' random resized crops o
 (:mod:`nnclr.data.stream`), and the device applies the rest of the augmentation.
 
 Exact resume: everything random is drawn from generators seeded by (seed, epoch) for the data
-order and (seed, step) for augmentation, the streamed crops and top-k sampling
-(:mod:`nnclr.seeding`), so a resumed run replays the same batches and views; the checkpoint holds
-model, optimiser, support set and selector state.
+order and (seed, step) for augmentation, the streamed crops and the selector's choices (top-k
+sampling, online k-means seeding; :mod:`nnclr.seeding`), each drawn for the global batch, so a resumed
+run and any number of processes replay the same batches, views and positives; the checkpoint holds
+model, optimiser, support set and selector state. What the method is made of comes from its record
+(:mod:`nnclr.methods`); the loop calls the selector's hooks and never asks which method it trains.
 
 Under ``torchrun`` (docs/distributed.md) ``optim.batch_size`` is the global batch: each of W
 processes takes its contiguous 1/W of every global batch of the same permutation, with the
@@ -50,15 +52,16 @@ from nnclr.data.index import FileIndex
 from nnclr.data.lazy import FolderImages
 from nnclr.data.loaders import LoaderChoice, load_training_data
 from nnclr.data.stream import StreamBatch, StreamFeed, default_workers
-from nnclr.deepcluster import PseudoLabels, classifier_without_lars, reset_classifier
+from nnclr.deepcluster import classifier_without_lars
 from nnclr.errors import Interrupted, UserError
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
+from nnclr.methods import BuildContext, Method, method_of
 from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 from nnclr.runfiles import append_line, write_text_atomic
-from nnclr.seeding import AUGMENT, CLUSTER, ORDER, derive_seed
-from nnclr.selectors import build_selector
+from nnclr.seeding import AUGMENT, CLUSTER, ORDER, SELECT, derive_seed
+from nnclr.selectors import EpochContext, Selector
 from nnclr.step import contrastive_step, instance_weight
 from nnclr.support import SupportSet
 from nnclr.tensorboard_log import LOG_DIR as TENSORBOARD_DIR
@@ -72,6 +75,7 @@ class Run:
     """Everything a pretraining run is made of, built once from its config."""
 
     config: Config
+    method: Method
     run_dir: Path
     device: torch.device
     dtype: torch.dtype
@@ -79,8 +83,8 @@ class Run:
     test_set: ImageDataset | None
     model: ContrastiveModel  # what is saved (never wrapped)
     network: torch.nn.Module  # what is trained: ``model``, or it wrapped in DistributedDataParallel
-    support: SupportSet | None
-    selector: Any
+    support: SupportSet | None  # the method's support set, if its record keeps one
+    selector: Selector  # the method's state and hooks
     optimizer: torch.optim.Optimizer
     augment: BatchAugment
     lr_schedule: torch.Tensor  # (total_steps,)
@@ -115,7 +119,7 @@ def default_run_dir(config: Config) -> Path:
 
 
 def build_run(config: Config, device: torch.device | None = None, loader: str | None = None) -> Run:
-    """Load data, build model, support set, selector, optimiser and schedule.
+    """Load data, build model, the method's support set and selector, optimiser and schedule.
 
     ``device`` defaults to ``train.device``; under torchrun, :func:`pretrain` passes this rank's.
     ``loader`` (``memory`` or ``stream``) overrides ``data.loader``: a resumed run keeps its own.
@@ -146,21 +150,16 @@ def build_run(config: Config, device: torch.device | None = None, loader: str | 
         model = model.to(memory_format=torch.channels_last)
     network = _distribute(model, config.model.sync_bn, device)
     network = torch.compile(network) if t.compile else network  # shares model's parameters
-    support = selector = None
-    if m.name == "deepcluster":  # no support set: the pseudo-labels of the training set are the targets
-        selector = PseudoLabels(num_samples=len(train_set), num_clusters=m.num_clusters, iters=m.kmeans_iters)
-        selector = selector.to(device)
-    elif m.name != "simclr":
-        support = SupportSet(m.support_size, config.model.proj_dim).to(device)
-        selector = _build_selector(config, dtype)
-        if isinstance(selector, torch.nn.Module):
-            selector = selector.to(device)
+    method = method_of(config)
+    support = SupportSet(m.support_size, config.model.proj_dim).to(device) if method.support else None
+    steps_per_epoch = len(train_set) // o.batch_size
+    context = BuildContext(num_samples=len(train_set), steps_per_epoch=steps_per_epoch, dtype=dtype)
+    selector = method.selector(config, context).to(device)
     base_lr = scaled_lr(o.lr, o.batch_size) if o.lr_scaling == "linear" else o.lr
     groups = param_groups(model, o.weight_decay)
-    if m.name == "deepcluster":
+    if model.classifier is not None:  # re-initialised after every clustering: out of LARS's adaptation
         groups = classifier_without_lars(groups, model.classifier, weight_decay=o.weight_decay)
     optimizer = build_optimizer(o.name, groups, lr=base_lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    steps_per_epoch = len(train_set) // o.batch_size
     schedule_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
     schedule = warmup_cosine(base_lr, schedule_steps, round(o.warmup_epochs * steps_per_epoch), o.final_lr)
     mean, std = normalization_for(d.name)
@@ -178,7 +177,7 @@ def build_run(config: Config, device: torch.device | None = None, loader: str | 
         )
     return Run(
         loader=data.choice, feed=feed,
-        config=config, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
+        config=config, method=method, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
         dtype=dtype, train_set=train_set, test_set=test_set, model=model, network=network, support=support,
         selector=selector,
         optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
@@ -202,26 +201,13 @@ def _distribute(model: ContrastiveModel, sync_bn: str, device: torch.device) -> 
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def _build_selector(config: Config, dtype: torch.dtype) -> Any:
-    m = config.method
-    if m.name == "kmclr":
-        return build_selector(
-            "kmeans", num_prototypes=m.num_prototypes, recluster_every=m.recluster_every,
-            iters=m.kmeans_iters, dim=config.model.proj_dim,
-        )
-    return build_selector(
-        "nn", topk=m.topk, exclude_self=m.exclude_self, low_precision=dtype == torch.bfloat16
-    )
-
-
 def _state(run: Run, step: int) -> dict[str, Any]:
-    selector = run.selector.state_dict() if isinstance(run.selector, torch.nn.Module) else {}
     return {
         "step": step,
         "config": to_dict(run.config),
         "model": run.model.state_dict(),
         "support": run.support.state_dict() if run.support is not None else {},
-        "selector": selector,
+        "selector": run.selector.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "knn_before": run.knn_before,
         "loader": run.loader.loader,
@@ -241,8 +227,7 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
     load_state_strict(run.model, state["model"], "model", origin)
     if run.support is not None:
         load_state_strict(run.support, state["support"], "support set", origin)
-    if isinstance(run.selector, torch.nn.Module):
-        load_state_strict(run.selector, state["selector"], "selector", origin)
+    load_state_strict(run.selector, state["selector"], "selector", origin)
     run.optimizer.load_state_dict(state["optimizer"])
     run.knn_before = state.get("knn_before")
     run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
@@ -273,20 +258,23 @@ def _extract_options(run: Run) -> dict[str, Any]:
                 dtype=run.dtype, channels_last=run.config.train.channels_last)
 
 
-def _recluster(run: Run, epoch: int, step: int, log: Log) -> None:
-    """DeepCluster at the start of ``epoch``: cluster z of the whole training set, reset the classifier.
+def _start_epoch(run: Run, epoch: int, step: int, log: Log) -> None:
+    """The selector's hook before ``epoch`` (DeepCluster clusters the training set); logs what it returns.
 
-    Skipped when the checkpoint a run resumed from already holds this epoch's pseudo-labels.
-    The features are those of the model in eval mode without augmentation (``extract_features``).
+    ``features()`` gives z of the whole training set, the model in eval mode without augmentation
+    (``extract_features``), computed only if the hook asks.
     """
-    if int(run.selector.epoch) == epoch:
-        return
-    encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
-    z = _extract_in_shards(encoder, run.train_set.images, _extract_options(run))  # (N, D) L2-normalised
+    def features() -> torch.Tensor:
+        encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
+        return _extract_in_shards(encoder, run.train_set.images, _extract_options(run))  # (N, D) L2-normalised
+
     generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, CLUSTER, epoch))
-    stats = run.selector.recluster(z, epoch=epoch, generator=generator, true_labels=run.train_set.labels)
-    reset_classifier(run.model.classifier, run.optimizer, generator)
-    log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
+    stats = run.selector.start_epoch(EpochContext(
+        epoch=epoch, features=features, generator=generator, true_labels=run.train_set.labels,
+        classifier=run.model.classifier, optimizer=run.optimizer,
+    ))
+    if stats is not None:
+        log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
 
 
 def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor | FolderImages, extract: dict[str, Any]
@@ -407,9 +395,7 @@ def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, ORDER, epoch))
-    if isinstance(run.selector, PseudoLabels):  # DeepCluster: uniform over the pseudo-labels
-        return run.selector.epoch_order(generator)
-    return torch.randperm(len(run.train_set), generator=generator)
+    return run.selector.epoch_order(len(run.train_set), generator)
 
 
 def train_step(
@@ -443,12 +429,15 @@ def train_step(
     for group in run.optimizer.param_groups:
         group["lr"] = float(run.lr_schedule[min(step, len(run.lr_schedule) - 1)]) * group.get("lr_scale", 1.0)
     saved = nonfinite.save_buffers(run.model) if config.train.nonfinite == "skip" else []
-    weight = instance_weight(config.method, step, len(run.lr_schedule))
+    weight = instance_weight(config.method, step, len(run.lr_schedule)) if run.method.short_run else 0.0
+    # the selector's random choices: uniforms for the global batch, sliced like the views' parameters
+    choices = torch.Generator().manual_seed(derive_seed(config.train.seed, SELECT, step))
+    uniforms = torch.rand(2, config.optim.batch_size, generator=choices)[:, local]  # (2, b)
     with runtime.autocast(run.device, run.dtype):
         out = contrastive_step(
-            run.network, views, method=config.method.name, temperature=config.method.temperature,
+            run.network, views, loss=run.method.loss, temperature=config.method.temperature,
             support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
-            instance_weight=weight,
+            uniforms=uniforms, instance_weight=weight,
         )
     loss, diagnostics = _global_mean(out.loss.detach(), out.diagnostics)
     run.optimizer.zero_grad(set_to_none=True)
@@ -462,7 +451,7 @@ def train_step(
     run.optimizer.step()
     if run.support is not None:
         run.support.enqueue(out.z1, labels, indices, step)
-    return loss, diagnostics
+    return loss, diagnostics | run.selector.after_step(out.z1, choices)
 
 
 def _nonfinite_step(run: Run, step: int, problem: str, buffers: list) -> tuple[float, dict[str, float]]:
@@ -648,8 +637,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
         while step < run.total_steps and not stopping:
             if step // run.steps_per_epoch != epoch:
                 epoch = step // run.steps_per_epoch
-                if isinstance(run.selector, PseudoLabels):
-                    _recluster(run, epoch, step, log)
+                _start_epoch(run, epoch, step, log)
                 order = _epoch_order(run, epoch)
                 if run.feed is not None:
                     run.feed.epoch(order, step, min((epoch + 1) * run.steps_per_epoch, run.total_steps))

@@ -95,7 +95,7 @@ def test_classifier_is_reinitialised_after_each_clustering(small_data: str, tmp_
         std = float(classifier.weight.detach().std())
         return abs(std - CLASSIFIER_INIT_STD) < 0.2 * CLASSIFIER_INIT_STD and not classifier.bias.any()
 
-    train._recluster(run, 0, 0, log)
+    train._start_epoch(run, 0, 0, log)
     initial = classifier.weight.detach().clone()
     assert fresh() and int(run.selector.epoch) == 0 and run.selector.labels.min() >= 0
     order = train._epoch_order(run, 0)
@@ -106,13 +106,13 @@ def test_classifier_is_reinitialised_after_each_clustering(small_data: str, tmp_
     first_conv = next(run.model.backbone.parameters())
     momentum = run.optimizer.state[first_conv]["momentum_buffer"].clone()
 
-    train._recluster(run, 1, 1, log)
+    train._start_epoch(run, 1, 1, log)
     assert fresh() and int(run.selector.epoch) == 1
     assert not torch.equal(classifier.weight, trained) and not torch.equal(classifier.weight, initial)
     assert not any(p in run.optimizer.state for p in classifier.parameters())  # its momentum is gone too
     assert torch.equal(run.optimizer.state[first_conv]["momentum_buffer"], momentum)  # the rest keeps its own
     again = classifier.weight.detach().clone()
-    train._recluster(run, 1, 1, log)  # this epoch is clustered already (a resumed run): nothing changes
+    train._start_epoch(run, 1, 1, log)  # this epoch is clustered already (a resumed run): nothing changes
     assert torch.equal(classifier.weight, again)
 
 
@@ -154,3 +154,19 @@ def test_cli_run_then_eval_embed_and_report(small_data: str, tmp_path: Path, cap
     assert "Clustering diagnostics" in page and "Nearest-neighbour diagnostics" not in page
     assert re.search(r"Pseudo-labels of the checkpoint: 8 clusters of 96 training images", page)
     assert "deepcluster has no support set: only training-set neighbours are shown" in page
+
+
+def test_the_trainer_samples_uniformly_over_pseudo_labels(tmp_path: Path, small_data: str) -> None:
+    """DeepCluster Sec. 3.3: with one pseudo-class holding most images, the trainer's epoch order still draws
+    every pseudo-class about N / C times (a plain shuffle would draw the large class ~N * 0.9 times)."""
+    run = build_run(load_config(None, [*TINY, f"data.name={small_data}", "data.test_split=",
+                                       f"train.run_dir={tmp_path}"]))
+    n, c = len(run.train_set), run.config.method.num_clusters
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[: c - 1] = torch.arange(1, c)  # class 0 holds n - c + 1 images, the others one each
+    run.selector.labels.copy_(labels)
+    run.selector.epoch.fill_(0)
+    order = train._epoch_order(run, 0)
+    assert order.shape == (n,)
+    counts = torch.bincount(labels[order], minlength=c)
+    assert int(counts.max()) <= n // c + 1 and int(counts.min()) >= n // c + 1 - c

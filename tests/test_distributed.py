@@ -35,19 +35,19 @@ from nnclr.augment import BatchAugment, eval_transform
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
 from nnclr.data import load_dataset
-from nnclr.deepcluster import PseudoLabels
 from nnclr.evaluate import features
+from nnclr.methods import METHODS as REGISTRY
 from nnclr.model import build_model
 from nnclr.train import build_run, pretrain, train_step
 
-METHODS = ("nnclr", "simclr", "kmclr", "deepcluster")
+METHODS = (*REGISTRY, "nnclr-topk")  # every registered method, and top-k sampling of a neighbour
 STEPS = 4
 GLOBAL_BATCH = 16
 # support_size 40 is no multiple of the global batch 16: by step 3 the ring has wrapped mid-batch.
 TINY = [
     "model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32",
     f"optim.batch_size={GLOBAL_BATCH}", "optim.warmup_epochs=0", "optim.name=sgd", "train.epochs=1",
-    "method.support_size=40", "method.num_prototypes=4", "method.recluster_every=2",
+    "method.support_size=40", "method.num_prototypes=4",
     "data.test_split=", "train.threads=1", "train.precision=fp32", "train.log_every=1",
 ]
 
@@ -67,7 +67,9 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def method_config(method: str, data: str):
     """The tiny config of a method with global batch-norm everywhere, so that 2 x B equals 1 x 2B."""
-    extra = [f"data.name={data}", "method.num_clusters=8"] if method == "deepcluster" else []
+    if method == "nnclr-topk":
+        return tiny("method.name=nnclr", "method.topk=3", "model.sync_bn=all")
+    extra = [f"data.name={data}", "method.num_clusters=8"] if REGISTRY[method].diagnostics == "clustering" else []
     return tiny(f"method.name={method}", "model.sync_bn=all", *extra)
 
 
@@ -92,13 +94,12 @@ def float64_network() -> Iterator[None]:
 def run_steps(config) -> dict:
     """Build a run and take STEPS steps by hand; the losses, last gradients, support, parameters.
 
-    DeepCluster first clusters the training set and draws its epoch order from the pseudo-labels.
+    The selector's epoch hook runs first (DeepCluster clusters the training set and draws its epoch order from
+    the pseudo-labels).
     """
     run = build_run(config)
-    order = torch.randperm(len(run.train_set), generator=torch.Generator().manual_seed(0))
-    if isinstance(run.selector, PseudoLabels):
-        train._recluster(run, 0, 0, train._NoLog())
-        order = train._epoch_order(run, 0)
+    train._start_epoch(run, 0, 0, train._NoLog())
+    order = train._epoch_order(run, 0)
     read: list[list[int]] = []  # the streaming loader's samples of each step, this rank's
     if run.feed is not None:
         batches = run.feed.epoch(order, 0, STEPS)
@@ -116,7 +117,7 @@ def run_steps(config) -> dict:
         "grads": {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None},
         "params": {n: p.detach().clone() for n, p in run.model.named_parameters()},
         "support": {k: v.clone() for k, v in run.support.state_dict().items()} if run.support is not None else {},
-        "selector": {k: v.clone() for k, v in run.selector.state_dict().items()} if run.selector is not None else {},
+        "selector": {k: v.clone() for k, v in run.selector.state_dict().items()},
         "local_batch": run.config.optim.batch_size // distributed.world_size(),
         "order": order,
     }
@@ -214,7 +215,7 @@ def test_two_processes_of_b_equal_one_process_of_2b(ranks: list[dict], single: d
     # Every rank clustered the same pseudo-labels as one process and drew the same epoch order from them.
     torch.testing.assert_close(two["order"], one["order"], rtol=0, atol=0)
     # Wrapped: 4 steps x 16 = 64 rows written into 40, the write pointer is at 64 mod 40.
-    if method in ("nnclr", "kmclr"):
+    if method in ("nnclr", "nnclr-topk"):
         assert int(one["support"]["ptr"]) == (STEPS * GLOBAL_BATCH) % 40 and int(one["support"]["num_filled"]) == 40
 
 
@@ -232,7 +233,7 @@ def test_streaming_ranks_read_only_their_rows_and_equal_one_process(ranks: list[
         assert_close_dicts(two["support"], one["support"], f"stream rank {r} support set", rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("scenario", ["nnclr", "kmclr", "heads_only"])
+@pytest.mark.parametrize("scenario", ["nnclr", "nnclr-topk", "heads_only"])
 def test_every_rank_holds_the_same_support_set(ranks: list[dict], scenario: str) -> None:
     a, b = ranks[0][scenario]["support"], ranks[1][scenario]["support"]
     assert int(a["num_filled"]) == 40 and int(a["ptr"]) == (STEPS * GLOBAL_BATCH) % 40  # wrapped

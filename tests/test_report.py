@@ -214,14 +214,15 @@ def test_unlabelled_run_without_test_split_says_what_is_missing(tmp_path: Path) 
 def test_kmclr_report_shows_prototype_usage_and_members(tmp_path: Path) -> None:
     data = write_npz(tmp_path / "data", {"train": 200, "test": 60})
     config = load_config(None, [*TINY, f"data.name={data}", "method.name=kmclr", "method.num_prototypes=8",
-                                "method.recluster_every=2", "train.max_steps=5", f"train.run_dir={tmp_path / 'run'}",
+                                "train.max_steps=5", f"train.run_dir={tmp_path / 'run'}",
                                 "train.report=false"])
     pretrain(config, progress=False, echo=lambda *a, **k: None)
     parts = sections(write_report(tmp_path / "run").read_text())
     prototypes = parts["prototypes"]
-    claimed = [int(n.replace(",", "")) for n in re.findall(r"<b>#\d+</b><br>([\d,]+) rows", prototypes)]
-    assert 1 <= len(claimed) <= 5 and claimed == sorted(claimed, reverse=True)
-    assert "The 8 k-means prototypes claim the 100 filled support-set rows" in prototypes
+    claimed = [int(n.replace(",", "")) for n in re.findall(r"<b>#\d+</b><br>([\d,]+) images", prototypes)]
+    assert 1 <= len(claimed) <= 5 and claimed == sorted(claimed, reverse=True) and sum(claimed) <= 200
+    # each training image goes to the prototype nearest to its projection z, as KMCLR's positive does
+    assert "The 8 k-means prototypes claim the 200 images of the training split" in prototypes
     assert prototypes.count("<img alt=''") >= len(claimed)  # member images
 
 

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from nnclr.config import MethodConfig, load_config
 from nnclr.errors import UserError
 from nnclr.losses import nnclr_loss, nt_xent
-from nnclr.selectors import build_selector
-from nnclr.step import contrastive_step, instance_weight
+from nnclr.methods import METHODS
+from nnclr.selectors import NearestNeighbourSelector
+from nnclr.step import StepInputs, contrastive_step, instance_weight, positive_loss
 from nnclr.support import SupportSet
 
 
@@ -37,11 +38,17 @@ def test_weight_falls_linearly_to_zero_over_the_decay_share() -> None:
 
 
 @pytest.mark.parametrize("method", [
-    MethodConfig(name="simclr"), MethodConfig(name="deepcluster"),
     MethodConfig(name="nnclr", instance_weight=0.0), MethodConfig(name="kmclr", instance_decay=0.0),
 ])
 def test_weight_is_zero_where_there_is_no_instance_term(method: MethodConfig) -> None:
     assert instance_weight(method, 0, 10) == 0.0
+
+
+def test_the_short_run_schedule_is_what_the_records_say() -> None:
+    """Methods mixing in SimCLR's loss read its keys; the trainer asks the record (test_train checks the loss)."""
+    assert {name for name, m in METHODS.items() if m.short_run} == {"nnclr", "kmclr"}
+    for method in METHODS.values():
+        assert method.short_run == ("method.instance_weight" in method.keys)
 
 
 def test_published_recipes_use_the_papers_loss_and_the_demo_mixes() -> None:
@@ -63,16 +70,17 @@ def test_mixed_loss_is_the_weighted_sum_of_nt_xent_and_nnclr(w: float) -> None:
     views = torch.randn(2 * b, dim)
     support = SupportSet(32, dim)
     support.enqueue(F.normalize(torch.randn(32, dim), dim=1), None, torch.arange(100, 132), step=0)
-    selector = build_selector("nn")
+    selector = NearestNeighbourSelector()
     out = contrastive_step(
-        model, views, method="nnclr", temperature=0.1, support=support, selector=selector,
+        model, views, loss=positive_loss, temperature=0.1, support=support, selector=selector,
         labels=torch.full((b,), -1), indices=torch.arange(b), step=1, instance_weight=w,
     )
     _, z, p = model(views)
     z1, z2 = F.normalize(z, dim=1).chunk(2)
     p1, p2 = p.chunk(2)
-    nn1 = selector(z1, support, indices=torch.arange(b), step=1).positives
-    nn2 = selector(z2, support, indices=torch.arange(b), step=1).positives
+    u = torch.zeros(b)
+    nn1 = selector(z1, support, indices=torch.arange(b), uniform=u).positives
+    nn2 = selector(z2, support, indices=torch.arange(b), uniform=u).positives
     nnclr = 0.5 * (nnclr_loss(nn1, p2, temperature=0.1) + nnclr_loss(nn2, p1, temperature=0.1))
     expected = w * nt_xent(z1, z2, temperature=0.1) + (1 - w) * nnclr
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -82,3 +90,23 @@ def test_mixed_loss_is_the_weighted_sum_of_nt_xent_and_nnclr(w: float) -> None:
     # the predictor is trained only by the NNCLR term: at w = 1 it gets no gradient
     grad = model.pred.weight.grad
     assert (grad is None or grad.abs().max() == 0) if w == 1.0 else grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("filled", [False, True])
+def test_nnclr_gradient_reaches_z_only_through_the_predictions(filled: bool) -> None:
+    """NNCLR's positive NN(z) is detached (Sec. 3.2): the loss has no gradient into z1/z2 except through p,
+    whether the positive is a support-set row or, with an empty support set, the fallback z itself."""
+    b, dim = 6, 8
+    z1, z2 = (F.normalize(torch.randn(b, dim), dim=1).requires_grad_() for _ in range(2))
+    p1, p2 = (torch.randn(b, dim, requires_grad=True) for _ in range(2))
+    support = SupportSet(32, dim)
+    if filled:
+        support.enqueue(torch.randn(32, dim), None, torch.arange(100, 132), step=0)
+    out = positive_loss(StepInputs(
+        z1=z1, z2=z2, p1=p1, p2=p2, support=support, selector=NearestNeighbourSelector(),
+        labels=torch.full((b,), -1), indices=torch.arange(b), step=1, uniforms=torch.zeros(2, b),
+        temperature=0.1, instance_weight=0.0,
+    ))
+    out.loss.backward()
+    assert z1.grad is None and z2.grad is None
+    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0

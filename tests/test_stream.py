@@ -260,7 +260,7 @@ def test_a_file_whose_data_is_cut_after_a_readable_header_is_replaced_too(tmp_pa
 @pytest.mark.parametrize("method", ["simclr", "kmclr", "deepcluster"])
 def test_every_method_pretrains_on_a_streamed_folder(tmp_path: Path, folder: Path, method: str) -> None:
     """DeepCluster clusters the streamed folder's features (decoded in slices) before its first epoch."""
-    extra = {"kmclr": ["method.num_prototypes=4", "method.recluster_every=2"], "deepcluster": ["method.num_clusters=4"]}
+    extra = {"kmclr": ["method.num_prototypes=4"], "deepcluster": ["method.num_clusters=4"]}
     config = tiny(tmp_path, folder, f"method.name={method}", "train.max_steps=3", *extra.get(method, []))
     result = pretrain(config, progress=False, echo=lambda *a, **k: None)
     assert result.steps == 3

@@ -15,13 +15,14 @@ from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
 from nnclr.data import load_dataset
 from nnclr.errors import UserError
+from nnclr.methods import METHODS
 from nnclr.train import pretrain
 
 # A tiny, fast run on the shipped demo data; no kNN (test_split="") unless a test asks for it.
 TINY = [
     "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
     "optim.batch_size=32", "optim.warmup_epochs=0", "train.epochs=1", "train.log_every=1",
-    "method.support_size=100", "method.num_prototypes=8", "method.recluster_every=2",
+    "method.support_size=100", "method.num_prototypes=8",
     "data.test_split=", "train.checkpoint_every=2",
 ]
 
@@ -39,29 +40,34 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"npz:{folder}"
 
 
+# Every registered method, and the options that draw random choices (top-k sampling of a neighbour).
+VARIANTS = {**{name: [f"method.name={name}"] for name in METHODS}, "nnclr-topk": ["method.name=nnclr", "method.topk=3"]}
+
+
 def method_overrides(method: str, small_data: str) -> list[str]:
-    """DeepCluster runs on ``small_data`` for 3 epochs, so that 7 steps cross two re-clusterings."""
-    if method != "deepcluster":
-        return [f"method.name={method}"]
-    return [f"method.name={method}", f"data.name={small_data}", "method.num_clusters=8", "train.epochs=3"]
+    """Methods that cluster the training set every epoch run on ``small_data`` for 3 epochs, so that 7 steps
+    cross two re-clusterings."""
+    if METHODS[VARIANTS[method][0].split("=")[1]].diagnostics != "clustering":
+        return VARIANTS[method]
+    return [*VARIANTS[method], f"data.name={small_data}", "method.num_clusters=8", "train.epochs=3"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["nnclr", "simclr", "kmclr", "deepcluster"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_two_step_smoke_run(tmp_path: Path, method: str, small_data: str) -> None:
     result = pretrain(tiny(tmp_path, *method_overrides(method, small_data), "train.max_steps=2"), progress=False)
     assert result.steps == 2
     records = [r for r in read_metrics(tmp_path) if r["type"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    if method in ("nnclr", "kmclr"):
+    if METHODS[method].support:
         assert "nn_label_agreement" in records[-1] and "support_fill" in records[-1]
     else:  # the neighbour diagnostics do not apply
         assert not any(key.startswith(("nn_", "support")) for key in records[-1])
-    if method == "deepcluster":
+    if METHODS[method].head == "classifier":
         assert 0 <= records[-1]["pseudo_label_accuracy"] <= 1
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert state["step"] == 2 and state["config"]["method"]["name"] == method
@@ -78,9 +84,10 @@ def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
     assert torch.bincount(support["steps"]).tolist() == [0, 4, 32, 32, 32]
 
 
-@pytest.mark.parametrize("method", ["nnclr", "kmclr", "deepcluster"])
+@pytest.mark.parametrize("method", list(VARIANTS))
 def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: str) -> None:
-    """DeepCluster: stopped at step 3, the end of its first epoch, the resumed run does the second clustering."""
+    """Every method and option. DeepCluster: stopped at step 3, the end of its first epoch, the resumed run does
+    the second clustering."""
     whole, parts, overrides = tmp_path / "whole", tmp_path / "parts", method_overrides(method, small_data)
     pretrain(tiny(whole, *overrides, "train.max_steps=7"), progress=False)
     pretrain(tiny(parts, *overrides, "train.max_steps=3"), progress=False)
@@ -89,6 +96,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: st
     a, b = load_checkpoint(whole / CHECKPOINT_NAME), load_checkpoint(parts / CHECKPOINT_NAME)
     for part in ("model", "support", "selector"):
         assert a[part].keys() == b[part].keys()
+        assert part != "model" or a[part], "the comparison covers the model"
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
     for key, value in a["optimizer"]["state"].items():

@@ -12,12 +12,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nnclr import __version__
 from nnclr.errors import UserError
 from nnclr.report import html as H
 from nnclr.report.data import REPORT_NAME, read_run
 from nnclr.report.run_sections import evaluation_section, get, summary_section, training_section
 from nnclr.report.visuals import visual_sections
+from nnclr.version import __version__
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, galleries: bool = True) -> Path:

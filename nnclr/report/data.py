@@ -99,10 +99,10 @@ def read_run(run_dir: str | Path) -> RunData:
         support = state.get("support") or {}
         if "embeddings" in support:
             data.support = {k: support[k] for k in ("embeddings", "labels", "indices", "steps", "num_filled")}
-        prototypes = (state.get("selector") or {}).get("prototypes")
-        if prototypes is not None and int(state["selector"].get("last_recluster", -1)) >= 0:
-            data.prototypes = prototypes
         selector = state.get("selector") or {}
+        prototypes = selector.get("kmeans.prototypes")  # KMCLR's online k-means (nnclr.selectors.PrototypeSelector)
+        if prototypes is not None and int(selector.get("kmeans.filled", 0)) == prototypes.shape[0]:
+            data.prototypes = prototypes
         if "labels" in selector and int(selector.get("epoch", -1)) >= 0:  # DeepCluster's PseudoLabels
             data.pseudo_labels = selector["labels"]
     records = _read_jsonl(run_dir / "metrics.jsonl")

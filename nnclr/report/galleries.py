@@ -52,7 +52,7 @@ class GalleryRow:
 
 @dataclass
 class PrototypeUsage:
-    """KMCLR: support rows claimed by each prototype (K,), and members of the largest prototypes."""
+    """KMCLR: encoded images claimed by each prototype (K,), members of the largest prototypes, images encoded."""
 
     counts: list[int]
     largest: list[tuple[int, int, list[Neighbour]]]  # (prototype, count, members nearest to it)
@@ -191,27 +191,23 @@ def galleries(
     return rows
 
 
-def prototype_usage(
-    prototypes: torch.Tensor, support: dict[str, Any], train_images: torch.Tensor | None, largest: int = 5,
-    members: int = 8,
-) -> PrototypeUsage:
-    """Assign the filled support rows (Q', D) to their nearest prototype (K, D): counts and typical members."""
-    filled = int(support["num_filled"])
-    bank = support["embeddings"][:filled].float()
+def prototype_usage(prototypes: torch.Tensor, split: Embedded, largest: int = 5, members: int = 8
+                    ) -> PrototypeUsage:
+    """Assign the split's encoded images by z (M, D) to their nearest prototype (K, D): counts and typical members.
+
+    This is how KMCLR picks a positive: the prototype nearest to the projection z.
+    """
     centres = F.normalize(prototypes.float(), dim=1)
-    sims, owner = (bank @ centres.T).max(dim=1)  # (Q',)
+    sims, owner = (split.z.float() @ centres.T).max(dim=1)  # (M,)
     counts = torch.bincount(owner, minlength=centres.shape[0])
+    samples = split.rows if split.rows is not None else torch.arange(len(split.labels))
     top = []
     for p in counts.argsort(descending=True)[:largest].tolist():
         mine = (owner == p).nonzero().flatten()
         best = mine[sims[mine].argsort(descending=True)[:members]]
-        people = []
-        for r in best.tolist():
-            sample = int(support["indices"][r])
-            image = train_images[sample] if train_images is not None and 0 <= sample < len(train_images) else None
-            people.append(Neighbour(image, int(support["labels"][r]), float(sims[r])))
+        people = [Neighbour(split.images[int(samples[r])], int(split.labels[r]), float(sims[r])) for r in best.tolist()]
         top.append((p, int(counts[p]), people))
-    return PrototypeUsage(counts.tolist(), top, filled)
+    return PrototypeUsage(counts.tolist(), top, len(split.labels))
 
 
 def gallery_grid(rows: list[GalleryRow], size: int = 32, border: int = 2) -> torch.Tensor:

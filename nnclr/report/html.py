@@ -147,25 +147,25 @@ def gallery_table(rows: list[GalleryRow], classes: list[str], with_support: bool
     return f"<table class='gallery'>{head}{''.join(body)}</table>"
 
 
-def prototype_section(usage: PrototypeUsage, bars_png: bytes, classes: list[str]) -> str:
+def prototype_section(usage: PrototypeUsage, bars_png: bytes, classes: list[str], split: str) -> str:
     """KMCLR: a sentence on prototype usage, the usage bar chart, and the largest prototypes' members."""
     counts = sorted(usage.counts, reverse=True)
     used = sum(1 for c in counts if c > 0)
     parts = [
-        f"<p>The {len(counts)} k-means prototypes claim the {usage.rows:,} filled support-set rows as follows "
-        f"(each row goes to its nearest prototype; this is how KMCLR picks positives): {used} prototypes are used, "
-        f"the largest claims {counts[0]:,} rows ({100 * counts[0] / max(1, usage.rows):.1f}%), "
-        f"the median {counts[len(counts) // 2]:,}.</p>",
+        f"<p>The {len(counts)} k-means prototypes claim the {usage.rows:,} images of {esc(split)} as follows "
+        f"(each image goes to the prototype nearest to its projection z; this is how KMCLR picks positives): "
+        f"{used} prototypes are used, the largest claims {counts[0]:,} images "
+        f"({100 * counts[0] / max(1, usage.rows):.1f}%), the median {counts[len(counts) // 2]:,}.</p>",
         plot(bars_png, "prototype usage"),
-        "<h3>Members of the largest prototypes</h3><p class='note'>The support-set rows most similar to each "
-        "prototype, shown as the training images they came from, with labels and cosine similarity.</p>",
+        "<h3>Members of the largest prototypes</h3><p class='note'>The images whose projection is most similar "
+        "to each prototype, with labels and cosine similarity.</p>",
     ]
     rows = []
     for prototype, count, members in usage.largest:
         tiles = "".join(
             tile(m.image, f"{esc(_class_name(m.label, classes))}<br>{m.similarity:.2f}") for m in members
         )
-        rows.append(f"<tr><td><b>#{prototype}</b><br>{count:,} rows</td><td>{tiles}</td></tr>")
+        rows.append(f"<tr><td><b>#{prototype}</b><br>{count:,} images</td><td>{tiles}</td></tr>")
     parts.append(f"<table class='gallery'>{''.join(rows)}</table>")
     return "".join(parts)
 

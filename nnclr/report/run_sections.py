@@ -13,6 +13,7 @@ import yaml
 
 from nnclr import runtime
 from nnclr.config import flatten
+from nnclr.methods import METHODS
 from nnclr.report import html as H
 from nnclr.report.data import RunData
 
@@ -22,11 +23,6 @@ KEY_SETTINGS = (
     "method.num_clusters", "optim.name", "optim.lr", "optim.batch_size",
     "optim.weight_decay", "train.epochs", "train.max_steps", "train.precision", "train.seed",
 )
-NOT_FOR = {"simclr": ("method.support_size", "method.instance_weight", "method.num_prototypes", "method.num_clusters"),
-           "nnclr": ("method.num_prototypes", "method.num_clusters"),
-           "kmclr": ("method.num_clusters",),
-           "deepcluster": ("method.temperature", "method.support_size", "method.instance_weight",
-                           "method.num_prototypes")}
 FINAL_TRAIN_KEYS = (("loss", "loss"), ("nn_label_agreement", "neighbour label agreement"),
                     ("positive_similarity", "cosine of z with its positive"), ("support_fill", "support-set fill"),
                     ("pseudo_label_accuracy", "classifier accuracy on the pseudo-labels"))
@@ -62,9 +58,9 @@ def summary_section(run: RunData, data_used: str | None) -> str:
     best = max((e for e in run.evals if _number(e.get("top1"))), key=lambda e: e["top1"], default=None)
     if best:
         cards.append((f"{best['top1']:.1f}%", f"best evaluation top-1 ({best.get('protocol')})"))
-    skip = NOT_FOR.get(run.method, ())
-    settings = [(H.esc(key), H.fmt(get(c, key), None)) for key in KEY_SETTINGS
-                if key not in skip and get(c, key) is not None]
+    method = METHODS.get(run.method)  # None: a method this version does not know (all keys shown)
+    settings = [(H.esc(key), H.fmt(get(c, key), None)) for key in KEY_SETTINGS if get(c, key) is not None
+                and (method is None or not key.startswith("method.") or key in ("method.name", *method.keys))]
     hardware = r.get("hardware")
     where = "as recorded by the run"
     if not isinstance(hardware, dict):
@@ -107,10 +103,12 @@ def training_section(run: RunData) -> str:
         return "<p class='muted'>No training metrics in this run directory (metrics.jsonl is absent or empty).</p>"
     curves = training_plot(run.train, run.knn)
     parts = [H.plot(curves.png, curves.title, curves.points)]
-    if run.method == "simclr":
-        return "".join(parts) + ("<p class='note'>SimCLR has no support set, so there are no nearest-neighbour "
-                                 "diagnostics.</p>")
-    if run.method == "deepcluster":
+    method = METHODS.get(run.method)
+    shown = method.diagnostics if method is not None else "neighbours"
+    if shown == "none":
+        return "".join(parts) + (f"<p class='note'>{H.esc(run.method)} has no support set, so there are no "
+                                 "nearest-neighbour diagnostics.</p>")
+    if shown == "clustering":
         return "".join(parts) + _clustering_part(run)
     diagnostics = diagnostics_plot(run.train)
     parts += [

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnclr.errors import UserError
+from nnclr.methods import METHODS
 from nnclr.report import html as H
 from nnclr.report.data import RunData
 from nnclr.report.galleries import Embedded
@@ -101,17 +102,23 @@ def visual_sections(run: RunData, galleries: bool) -> tuple[list[Section], str |
         run.missing["data"] = f"galleries and embedding map not computed: {error}"
         text = f"<p class='muted'>Not computed: {H.esc(error)}.</p>"
         sections = [("galleries", "Neighbour galleries", text), ("map", "Embedding map", text)]
-        if run.method == "kmclr":
-            sections.append(("prototypes", "KMCLR prototypes", prototype_section(run, None)))
+        if _shows_prototypes(run):
+            sections.append(("prototypes", f"{run.method.upper()} prototypes", prototype_section(run, None)))
         return sections, None
     if images.queries.labels.lt(0).all():
         run.missing["labels"] = ("no labels in the data: neighbours cannot be marked right or wrong and the map "
                                  "is not coloured by class")
     sections = [("galleries", "Neighbour galleries", gallery_section(run, images)),
                 ("map", "Embedding map", map_section(run, images))]
-    if run.method == "kmclr":
-        sections.append(("prototypes", "KMCLR prototypes", prototype_section(run, images)))
+    if _shows_prototypes(run):
+        sections.append(("prototypes", f"{run.method.upper()} prototypes", prototype_section(run, images)))
     return sections, images.used
+
+
+def _shows_prototypes(run: RunData) -> bool:
+    """Whether the run's method has prototypes to show (its record in :mod:`nnclr.methods` says)."""
+    method = METHODS.get(run.method)
+    return method is not None and method.prototypes
 
 
 def gallery_section(run: RunData, images: Images) -> str:
@@ -179,18 +186,18 @@ def map_section(run: RunData, images: Images) -> str:
 
 
 def prototype_section(run: RunData, images: Images | None) -> str:
-    """KMCLR: rows of the support set claimed by each prototype, and the members of the largest prototypes."""
+    """KMCLR: the images claimed by each prototype (by z), and the members of the largest prototypes."""
     from nnclr.report.galleries import prototype_usage
     from nnclr.report.plots import bar_plot
 
-    if run.prototypes is None or run.support is None:
-        run.missing["prototypes"] = ("no k-means prototypes in the checkpoint yet (KMCLR clusters once the support "
-                                     "set holds K rows)")
-        return "<p class='muted'>No prototypes yet: KMCLR clusters once the support set holds K rows.</p>"
-    train = images.train if images is not None else None
-    usage = prototype_usage(run.prototypes, run.support, train.images if train is not None else None)
+    if run.prototypes is None:
+        run.missing["prototypes"] = "no k-means prototypes in the checkpoint yet (KMCLR makes them at its first step)"
+        return "<p class='muted'>No prototypes yet: KMCLR initialises them at its first step.</p>"
+    if images is None:
+        return "<p class='muted'>Not computed: the report could not load the data to assign to the prototypes.</p>"
+    split, name = ((images.train, "the training split") if images.train is not None
+                   else (images.queries, f"split {images.query_split!r}"))
+    usage = prototype_usage(run.prototypes, split)
     counts = sorted(usage.counts, reverse=True)
-    bars = bar_plot(counts, "support-set rows claimed per prototype (sorted)", "prototype (by rank)", "rows")
-    note = "" if train is not None else ("<p class='note'>Member images need the training split (galleries on); "
-                                         "labels and similarities only.</p>")
-    return H.prototype_section(usage, bars, images.classes if images is not None else []) + note
+    bars = bar_plot(counts, "images claimed per prototype (sorted)", "prototype (by rank)", "images")
+    return H.prototype_section(usage, bars, images.classes, name)

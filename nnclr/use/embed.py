@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnclr import __version__, distributed
+from nnclr import distributed
 from nnclr.config import to_dict
 from nnclr.data.decode import IMAGE_EXTENSIONS, try_load_square
 from nnclr.data.folder import _images_below
@@ -47,6 +47,7 @@ from nnclr.use.embeddings import (
     open_embeddings,
     save_embeddings,
 )
+from nnclr.version import __version__
 
 BATCH = 256  # files decoded and embedded together
 SAVE_EVERY = 600.0  # seconds between saves of the progress of a long folder run

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnclr import __version__
 from nnclr.config import to_dict
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained
 from nnclr.runfiles import write_atomic
+from nnclr.version import __version__
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 PROJECTOR_PREFIX = "projector."

@@ -1,0 +1,139 @@
+"""The methods: one record each, the only place that says what a method is made of.
+
+A method is a selector (which positive or target each sample gets, :mod:`nnclr.selectors`), a loss
+(:mod:`nnclr.step`), the heads on the encoder, whether it keeps a support set, whether the short-run
+schedule mixes SimCLR's loss in, the ``method.*`` config keys it reads and what the report shows.
+The model, the training loop, the step and the report ask the record; nothing else tests a
+method's name. Adding a method (docs/methods.md, "Adding a method"): a selector class or a loss, a
+record below, its name in ``nnclr.config.METHODS`` and a recipe in ``configs/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nnclr.config import Config
+from nnclr.deepcluster import PseudoLabels
+from nnclr.errors import UserError
+from nnclr.selectors import NearestNeighbourSelector, PrototypeSelector, Selector
+from nnclr.step import Loss, instance_loss, positive_loss, pseudo_label_loss
+
+HEADS = ("predictor", "none", "classifier")
+DIAGNOSTICS = ("neighbours", "clustering", "none")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a selector may be built from besides the config."""
+
+    num_samples: int  # N, the training set's size
+    steps_per_epoch: int
+    dtype: torch.dtype  # the run's compute dtype (bf16 runs look neighbours up in bf16, then exactly)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method.
+
+    Attributes:
+        name: the ``method.name`` that selects it.
+        paper: where it comes from.
+        summary: one line for the docs and the report.
+        selector: builds the method's :class:`~nnclr.selectors.Selector` from the config.
+        loss: the step's loss from both views' z and p (:mod:`nnclr.step`).
+        head: what sits on z: ``predictor`` (p = q(z), dropped when ``model.pred_hidden_dim`` is 0), ``none``
+            (p = z) or ``classifier`` (p = logits of a linear layer over ``method.num_clusters`` classes).
+        support: keeps a FIFO support set of past z (``method.support_size`` rows), enqueued after every step.
+        short_run: the loss is mixed with SimCLR's by ``method.instance_weight``/``instance_decay``.
+        keys: the ``method.*`` keys it reads (the report shows these; ``method.name`` is implied).
+        diagnostics: the report's training diagnostics: ``neighbours`` (support-set neighbours), ``clustering``
+            (per-epoch clustering records) or ``none``.
+        prototypes: the report shows the selector's prototypes.
+    """
+
+    name: str
+    paper: str
+    summary: str
+    selector: Callable[[Config, BuildContext], Selector]
+    loss: Loss
+    head: str
+    support: bool
+    short_run: bool
+    keys: tuple[str, ...]
+    diagnostics: str
+    prototypes: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.head in HEADS and self.diagnostics in DIAGNOSTICS, self
+        assert all(key.startswith("method.") for key in self.keys), self.keys
+        assert self.support == ("method.support_size" in self.keys), "a support set is sized by method.support_size"
+        assert self.short_run == ("method.instance_weight" in self.keys), "the short-run schedule reads its keys"
+
+
+SHORT_RUN_KEYS = ("method.instance_weight", "method.instance_decay")
+
+
+def _nearest_neighbour(config: Config, context: BuildContext) -> Selector:
+    m = config.method
+    return NearestNeighbourSelector(topk=m.topk, exclude_self=m.exclude_self,
+                                    low_precision=context.dtype == torch.bfloat16)
+
+
+def _prototypes(config: Config, context: BuildContext) -> Selector:
+    m = config.method
+    return PrototypeSelector(num_prototypes=m.num_prototypes, dim=config.model.proj_dim,
+                             reset_every=round(m.kmeans_reset_epochs * context.steps_per_epoch))
+
+
+def _pseudo_labels(config: Config, context: BuildContext) -> Selector:
+    m = config.method
+    return PseudoLabels(num_samples=context.num_samples, num_clusters=m.num_clusters, iters=m.kmeans_iters)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method(
+        name="nnclr",
+        paper="Dwibedi et al., With a Little Help from My Friends: Nearest-Neighbor Contrastive Learning of "
+              "Visual Representations, ICCV 2021 (arXiv 2104.14548)",
+        summary="the positive is the nearest neighbour of z in a support set of past projections",
+        selector=_nearest_neighbour, loss=positive_loss, head="predictor", support=True, short_run=True,
+        keys=("method.temperature", "method.support_size", "method.topk", "method.exclude_self", *SHORT_RUN_KEYS),
+        diagnostics="neighbours",
+    ),
+    Method(
+        name="simclr",
+        paper="Chen et al., A Simple Framework for Contrastive Learning of Visual Representations, ICML 2020 "
+              "(arXiv 2002.05709)",
+        summary="the positive is the other view's projection (NT-Xent); no predictor, no support set",
+        selector=lambda config, context: Selector(), loss=instance_loss, head="none", support=False,
+        short_run=False, keys=("method.temperature",), diagnostics="none",
+    ),
+    Method(
+        name="kmclr",
+        paper="KMCLR (mwritescode/nnclr-cifar100): NNCLR with the nearest of K online mini-batch k-means "
+              "prototypes of the projections as the positive",
+        summary="the positive is the nearest of K prototypes of online k-means on the projections; no support set",
+        selector=_prototypes, loss=positive_loss, head="predictor", support=False, short_run=True,
+        keys=("method.temperature", "method.num_prototypes", "method.kmeans_reset_epochs", *SHORT_RUN_KEYS),
+        diagnostics="none", prototypes=True,
+    ),
+    Method(
+        name="deepcluster",
+        paper="Caron et al., Deep Clustering for Unsupervised Learning of Visual Features, ECCV 2018 "
+              "(arXiv 1807.05520)",
+        summary="classify both views into k-means pseudo-labels of the training set, re-clustered every epoch",
+        selector=_pseudo_labels, loss=pseudo_label_loss, head="classifier", support=False, short_run=False,
+        keys=("method.num_clusters", "method.kmeans_iters"), diagnostics="clustering",
+    ),
+)}
+
+
+def method_of(config: Config) -> Method:
+    """The record of ``config.method.name``."""
+    try:
+        return METHODS[config.method.name]
+    except KeyError:
+        raise UserError(f"unknown method {config.method.name!r}; choose one of: {', '.join(METHODS)}") from None
