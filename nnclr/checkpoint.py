@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nnclr.config import Config, flatten, to_dict
+from nnclr.config import RETIRED, Config, flatten, to_dict
 from nnclr.errors import UserError
 from nnclr.runfiles import write_atomic
 from nnclr.version import __version__
@@ -100,9 +100,11 @@ def written_by(state: dict[str, Any]) -> str:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ between two config dicts, ignoring :data:`RESUMABLE_CHANGES`.
 
-    A key the saved config lacks (it was added in a later nnclr version) counts as its default.
+    A key the saved config lacks (it was added in a later nnclr version) counts as its default; a key that
+    is no longer used (:data:`nnclr.config.RETIRED`) is ignored.
     """
     a, b = {**flatten(to_dict(Config())), **flatten(saved)}, flatten(current)
+    a = {key: value for key, value in a.items() if key not in RETIRED}
     keys = sorted(set(a) | set(b))
     return [
         f"{key}: {a.get(key)!r} -> {b.get(key)!r}"

@@ -139,6 +139,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Keys earlier versions had: a saved config (checkpoint, export) that has them still loads; a user's is told why.
+RETIRED = {
+    "method.recluster_every": "KMCLR's k-means learns online from every step's projections since nnclr 0.2 "
+                              "(docs/kmclr.md); method.kmeans_reset_epochs sets how often it starts afresh",
+}
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": METHODS,
     "augment.recipe": ("byol", "simclr", "crops"),
@@ -220,6 +226,8 @@ def _set(config: Config, key: str, value: Any) -> None:
         sections = ", ".join(f.name for f in dataclasses.fields(config))
         raise UserError(f"unknown config section {section_name!r} in {key!r}; sections: {sections}")
     hints = typing.get_type_hints(type(section))
+    if key in RETIRED:
+        raise UserError(f"config key {key!r} is no longer used: {RETIRED[key]}")
     if name not in hints:
         raise UserError(
             f"unknown config key {key!r}; keys in {section_name}: {', '.join(hints)}"
@@ -299,7 +307,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with :func:`to_dict` (e.g. from a checkpoint)."""
+    """Rebuild a Config saved with :func:`to_dict` (e.g. from a checkpoint); keys of :data:`RETIRED` are dropped."""
+    tree = {section: ({k: v for k, v in keys.items() if f"{section}.{k}" not in RETIRED} if isinstance(keys, dict)
+                      else keys) for section, keys in tree.items()}
     return validate(merge(Config(), tree, "saved config"))
 
 

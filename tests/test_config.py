@@ -86,3 +86,18 @@ def test_recipes_of_published_setups_state_their_number_and_source(recipe: str, 
     assert ("solo-learn" if "sololearn" in recipe else "Dwibedi") in header
     config = load_config(REPO / "configs" / f"{recipe}.yaml")
     assert config.model.backbone == ("resnet50" if "imagenet" in recipe else "resnet18")
+
+
+def test_a_retired_key_still_loads_from_a_saved_config_and_is_explained_to_a_user() -> None:
+    """Checkpoints of nnclr 0.1 saved method.recluster_every (KMCLR's old re-clustering interval): they must keep
+    loading for eval/embed/export and resuming, and a user who sets the key is told what replaced it."""
+    from nnclr.checkpoint import config_differences
+    from nnclr.config import RETIRED
+
+    saved = to_dict(load_config())
+    saved["method"]["recluster_every"] = 100
+    assert "method.recluster_every" in RETIRED
+    assert to_dict(from_dict(saved)) == to_dict(load_config())
+    assert config_differences(saved, to_dict(load_config())) == []
+    with pytest.raises(UserError, match="no longer used.*kmeans_reset_epochs"):
+        load_config(overrides=["method.recluster_every=5"])
