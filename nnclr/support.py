@@ -18,6 +18,9 @@ Compared with common implementations this one (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,7 +28,10 @@ from torch import Tensor
 from nnclr import distributed
 from nnclr.runtime import cpu_has_fast_bf16
 
-RERANK_CANDIDATES = 8  # candidates per query kept by the low-precision pass, re-scored in fp32
+GROUP = 256  # rows per maximum kept by the bf16 scan: the unit in which candidates are read again
+ALIGN = 16  # the fp32 matmuls of the low-precision path use at least this many queries and rows (see _rescore)
+BF16_ROUNDOFF, FP32_ROUNDOFF = 2.0**-8, 2.0**-24  # unit roundoff (round to nearest even) of bf16 and fp32
+CALL_COST = 2**22  # multiply-adds worth one more small matmul call (about 0.1 ms), for _rescore's choice
 
 
 class SupportSet(torch.nn.Module):
@@ -52,10 +58,12 @@ class SupportSet(torch.nn.Module):
         self.register_buffer("steps", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
-        # bf16 shadow of `embeddings` for the low-precision lookup; rebuilt lazily, kept in step by
-        # enqueue, invalidated when a state_dict is loaded. Not saved.
+        # bf16 shadow of `embeddings` for the low-precision lookup, and per row ||r|| and ||r - bf16(r)||
+        # (for its error bound); rebuilt lazily, kept in step by enqueue, invalidated when a state_dict
+        # is loaded. Not saved.
         self.register_buffer("_embeddings_lp", torch.empty(0, dim, dtype=torch.bfloat16),
                              persistent=False)
+        self.register_buffer("_lp_norms", torch.empty(0, 2), persistent=False)
         self._lp_valid = False
         self.register_load_state_dict_post_hook(SupportSet._invalidate_lp)
 
@@ -95,7 +103,8 @@ class SupportSet(torch.nn.Module):
         self.indices[rows] = indices.to(self.indices.device)
         self.steps[rows] = step
         if self._lp_valid:
-            self._embeddings_lp[rows] = z.to(self._embeddings_lp.device, torch.bfloat16)
+            z = z.to(self._embeddings_lp.device)
+            self._embeddings_lp[rows], self._lp_norms[rows] = _rounded_with_norms(z)
         self.ptr.fill_((int(self.ptr) + total) % self.size)
         self.num_filled.fill_(min(self.size, int(self.num_filled) + total))
 
@@ -114,30 +123,32 @@ class SupportSet(torch.nn.Module):
         """Nearest support row of each query by cosine similarity, among filled rows only.
 
         The default (fp32) path scans the queue in blocks of ``chunk_size`` rows with a running
-        max (running top-k for k > 1). With ``low_precision=True`` the scan runs in bf16 against
-        a cached bf16 copy of the queue, keeps the top ``max(8, k + 7)`` candidates per query,
-        and re-scores those in fp32, so the chosen row is the exact fp32 argmax unless the true
-        best row is not among the bf16 top candidates (bf16 rounding perturbs a unit-vector dot
-        product by at most ~0.006, far less than the gap to the 8th best on real data).
+        max (running top-k for k > 1). ``low_precision=True`` returns the same rows (the same
+        top-k for k > 1), faster where bf16 matmuls are fast (:func:`low_precision_is_fast`):
 
-        Measured (AMD EPYC with AVX512-BF16, torch 2.14 CPU, 1 thread, other jobs running on
-        the machine; best of 9 over two runs), 65,536 x 256 queue, B = 256 queries:
+        1. a bf16 scan of a cached bf16 copy of the queue, in blocks of ``chunk_size`` rows
+           (rounded to a multiple of 256), keeping the scores and the maximum of every 256 rows.
+           The scan computes ``q~.r~ - 1`` (an extra column), so that the rounding of its bf16
+           output is relative to the distance from a perfect match, not to the score;
+        2. the candidates of a query: every row whose bf16 output reaches a threshold below the
+           best one (k > 1: the k-th largest 256-row maximum, a lower bound of the k-th best) by a
+           proven bound on the bf16 error: 2 e + 2^-7 (1 - score), e about 0.004 for unit vectors
+           in D = 256 (:func:`_error_bound`, :func:`_threshold` derive it). The fp32 best row
+           (each of the fp32 top k) is a candidate by construction, however close the other rows;
+           only the 256-row groups whose maximum reaches the threshold are read again;
+        3. the candidates re-scored in fp32 by the fp32 path's own matmul (:func:`_rescore`:
+           bitwise the fp32 path's scores on the CPUs tested) and the best taken, ties to the lowest
+           row as in the fp32 scan.
 
-        ======================================  ========  ==========  ========
-        path                                    k = 1     k = 1 excl  k = 5
-        ======================================  ========  ==========  ========
-        one fp32 matmul + max (no blocking)     166 ms
-        fp32 blocked (default)                  122 ms    125 ms      134 ms
-        bf16 blocked + top-8 + fp32 re-rank      75 ms     79 ms       84 ms
-        ======================================  ========  ==========  ========
+        A query with more than max(64 + k, n / 16) candidates (more near-duplicates within bf16
+        resolution than that) is scanned in fp32 instead, with the other such queries of the
+        batch (at least 16 queries per such scan, the whole batch if it is smaller): such batches
+        are slower, never inexact. For k > 1 the k-th largest group maximum can lie far below the
+        k-th best score when the k best rows share a group; the candidates are then many.
 
-        (On an idle machine with 2 threads, 60 ms plain fp32 vs 16 ms bf16 blocks were reported
-        earlier; not reproduced here because the machine was shared.) Raw bf16 argmax alone
-        disagrees with fp32 on 2% of random queries (75% with near-duplicate rows); with the
-        re-rank the tests see 100% agreement. Converting each block to bf16 on the fly
-        costs more than the bf16 matmul saves, hence the cached bf16 copy (kept in step by
-        :meth:`enqueue`; write to the buffers only through :meth:`enqueue`/``load_state_dict``).
-        Use low precision where bf16 matmuls are fast (see :func:`low_precision_is_fast`).
+        The bf16 copy is kept in step by :meth:`enqueue` (write to the buffers only through
+        :meth:`enqueue`/``load_state_dict``); converting each block to bf16 on the fly costs more
+        than the bf16 matmul saves. Timings: BENCHMARKS.md, section "Support-set lookup: exact bf16".
 
         Args:
             z: (B, D) queries; normalised here.
@@ -149,7 +160,7 @@ class SupportSet(torch.nn.Module):
             uniform: (B,) uniforms in [0, 1) that choose the top-k pick: candidate ``floor(u * count)``. The
                 trainer draws them for the global batch, so that a resumed run and W processes pick alike.
             chunk_size: queue rows per block.
-            low_precision: use the bf16 scan + fp32 re-rank.
+            low_precision: use the bf16 scan + exact fp32 re-score of the candidates.
 
         Returns:
             rows: (B,) int64 support rows, -1 where no filled, non-excluded row exists.
@@ -162,7 +173,7 @@ class SupportSet(torch.nn.Module):
             exclude_indices = exclude_indices.to(self.indices.device)
         n = int(self.num_filled)
         with torch.autocast(self.embeddings.device.type, enabled=False):  # exact fp32 scores
-            if low_precision:
+            if low_precision and n > 0:
                 vals, rows = self._topk_low_precision(z, exclude_indices, k, n, chunk_size)
             else:
                 vals, rows = _scan_topk(z, self.embeddings[:n], self.indices[:n],
@@ -221,29 +232,41 @@ class SupportSet(torch.nn.Module):
     def _topk_low_precision(
         self, z: Tensor, exclude: Tensor | None, k: int, n: int, chunk_size: int
     ) -> tuple[Tensor, Tensor]:
-        """bf16 blocked scan for candidates, then exact fp32 top-k among them."""
-        bank_lp = self._low_precision_bank()[:n]  # (n, D) bf16
-        cands = max(RERANK_CANDIDATES, k + RERANK_CANDIDATES - 1)
-        vals, rows = _scan_topk(z.bfloat16(), bank_lp, self.indices[:n], exclude, cands, chunk_size)
-        valid = torch.isfinite(vals)  # (B, C)
-        exact = torch.einsum("bd,bcd->bc", z, self.embeddings[rows.clamp_min(0)])  # (B, C) fp32
-        exact = torch.where(valid, exact, torch.tensor(float("-inf"), device=z.device))
-        # Order candidates by row so ties resolve to the lowest row, as in the fp32 scan.
-        rows = torch.where(valid, rows, torch.iinfo(torch.long).max)
-        rows, order = rows.sort(dim=1)
-        exact = exact.gather(1, order)
+        """The (B, k) fp32 top-k of :func:`_scan_topk`, from a bf16 scan and an fp32 re-score of the candidates."""
+        bank_lp, norms = self._low_precision_bank()
+        zq = _shifted_queries(z, bank_lp.shape[1])  # (B, W) bf16
+        with _fp32_accumulation(z.device):
+            scores, maxima = _scan_groups(zq, bank_lp[:n], self.indices[:n], exclude, chunk_size)
         if k == 1:
-            vals, cols = exact.max(dim=1, keepdim=True)  # first maximum = lowest row
+            best = maxima.max(dim=1).values  # (B,)
+        elif maxima.shape[1] >= k:
+            best = maxima.topk(k, dim=1).values[:, -1]  # a lower bound of the k-th best score
         else:
-            vals, cols = exact.topk(k, dim=1)
-        return vals, torch.where(torch.isfinite(vals), rows.gather(1, cols), -1)
+            best = torch.full_like(maxima[:, 0], float("-inf"))  # all rows are candidates
+        threshold = _threshold(best, _error_bound(z, zq[:, : z.shape[1]], norms[:n]))
+        cand_q, cand_r = _candidates(scores, maxima, threshold)
+        del scores
+        heavy = torch.bincount(cand_q, minlength=z.shape[0]) > max(64 + k, n // ALIGN)  # (B,)
+        if bool(heavy.any()):  # denser near-ties than that: these queries are scanned in fp32 instead
+            light = ~heavy[cand_q]
+            cand_q, cand_r = cand_q[light], cand_r[light]
+        vals, rows = _rescore(z, self.embeddings, cand_q, cand_r, k)
+        if bool(heavy.any()):
+            which = _with_companions(heavy)
+            if bool(which.all()):
+                return _scan_topk(z, self.embeddings[:n], self.indices[:n], exclude, k, chunk_size)
+            sub = None if exclude is None else exclude[which]
+            vals[which], rows[which] = _scan_topk(z[which], self.embeddings[:n], self.indices[:n], sub, k,
+                                                  chunk_size)
+        return vals, rows
 
-    def _low_precision_bank(self) -> Tensor:
-        valid = self._lp_valid and self._embeddings_lp.shape == self.embeddings.shape
+    def _low_precision_bank(self) -> tuple[Tensor, Tensor]:
+        """The bf16 scan's copy of ``embeddings`` (size, W) and per row ||r||, ||r - bf16(r)|| (size, 2)."""
+        valid = self._lp_valid and self._embeddings_lp.shape[0] == self.size
         if not valid or self._embeddings_lp.device != self.embeddings.device:
-            self._embeddings_lp = self.embeddings.to(torch.bfloat16)
+            self._embeddings_lp, self._lp_norms = _rounded_with_norms(self.embeddings)
             self._lp_valid = True
-        return self._embeddings_lp
+        return self._embeddings_lp, self._lp_norms
 
     @staticmethod
     def _invalidate_lp(module: torch.nn.Module, _incompatible: object) -> None:
@@ -287,6 +310,189 @@ def _scan_topk(
         best_vals, best_rows = keep.values, merged_rows.gather(1, keep.indices)
     best_rows = torch.where(torch.isfinite(best_vals), best_rows, -1)
     return best_vals, best_rows
+
+
+def _rounded_with_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The bf16 scan's copy of ``rows`` (n, D) fp32, and per row (||r||, ||r - bf16(r)||) as (n, 2) fp32.
+
+    The copy is (n, W), W = D + 1 rounded up to a multiple of ALIGN: bf16(r), then -1 (the shift of
+    :func:`_shifted_queries`), then zeros.
+    """
+    n, d = rows.shape
+    rounded = torch.zeros(n, -(-(d + 1) // ALIGN) * ALIGN, dtype=torch.bfloat16, device=rows.device)
+    rounded[:, :d] = rows
+    rounded[:, d] = -1.0
+    errors = (rows - rounded[:, :d].float()).norm(dim=1)
+    return rounded, torch.stack([rows.norm(dim=1), errors], dim=1)
+
+
+def _shifted_queries(z: Tensor, width: int) -> Tensor:
+    """``z`` (B, D) in bf16, then 1, then zeros: (B, width). Against the copy of :func:`_rounded_with_norms`
+    the bf16 scan computes ``q~.r~ - 1`` in one matmul, whose bf16 output is rounded by
+    ``2^-8 |score - 1|``: far less than ``2^-8 |score|`` for the close rows that matter."""
+    b, d = z.shape
+    zq = torch.zeros(b, width, dtype=torch.bfloat16, device=z.device)
+    zq[:, :d] = z
+    zq[:, d] = 1.0
+    return zq
+
+
+def _error_bound(z: Tensor, zq: Tensor, row_norms: Tensor) -> Tensor:
+    """Per query, a bound e (B,) on |(q~.r~ - 1 as the bf16 scan sums it) - (fp32 score - 1)|, every row.
+
+    With q a query (fp32), r a row, q~ and r~ their bf16 roundings, g = m 2^-24 / (1 - m 2^-24) the
+    error factor of an m-term fp32 sum, and R = max ||r||, rho = max ||r - r~|| over the filled
+    rows (``row_norms``, kept with the bf16 copy):
+
+    - inputs: q.r - q~.r~ = (q - q~).r + q~.(r - r~), so by Cauchy-Schwarz
+      |q.r - q~.r~| <= ||q - q~|| R + ||q~|| rho (about 0.0017 + 0.0021 for unit vectors in
+      D = 256; the element-wise worst case (2u + u^2) ||q|| ||r||, u = 2^-8, would be 0.0078);
+    - accumulation: products of two bf16 numbers (and the shift 1 x -1) are exact in fp32, and
+      the matmul sums the D + 1 of them in fp32 (oneDNN on CPU, cuBLAS with reduced-precision
+      reduction off), which is off by at most g_{D+1} (sum |q~_i r~_i| + 1) <= g_{D+1} (||q~|| (R + rho) + 1);
+    - the fp32 path's score, which the result must match, is off from q.r by at most g_D ||q|| R.
+
+    e is the sum, times 1 + 2^-10 for the rounding of these norms and of the bound itself, plus
+    2^-24 for subnormals a bf16 kernel may flush (D 2^-126 at most). About 0.004 for unit vectors.
+    The rounding of the matmul's bf16 output is handled by :func:`_threshold`.
+    """
+    d = z.shape[1]
+    gamma = (d + 1) * FP32_ROUNDOFF / (1 - (d + 1) * FP32_ROUNDOFF)
+    norm_r, err_r = row_norms.max(dim=0).values.tolist()
+    zq = zq.float()
+    norm_q, norm_zq, err_q = z.norm(dim=1), zq.norm(dim=1), (z - zq).norm(dim=1)  # (B,) each
+    bound = err_q * norm_r + norm_zq * err_r + gamma * (norm_zq * (norm_r + err_r) + 1) + gamma * norm_q * norm_r
+    return bound * (1 + 2.0**-10) + FP32_ROUNDOFF
+
+
+def _threshold(best: Tensor, error: Tensor) -> Tensor:
+    """The lowest bf16 scan output (B,) that an fp32 top-k row can have, given a bf16 output ``best`` (B,)
+    that at least k rows reach and the bound ``error`` (B,) of :func:`_error_bound`.
+
+    Write a for the fp32 sum inside the bf16 matmul and x = bf16(a) for its output, so that
+    |x - a| <= u |a| (u = 2^-8) and a >= x - u |x| / (1 - u). The k rows with x >= best have fp32
+    scores - 1 >= best - u |best| / (1 - u) - e, so the k-th best fp32 score does too, and every
+    fp32 top-k row has a >= L = best - u |best| / (1 - u) - 2 e. Rounding is monotonic, so its output
+    is x >= bf16(L) >= L - u |L|. For a best output near 0 (a score near 1: the shift) the two
+    roundings cost almost nothing; the margin best - threshold is about 2 e + 2 u |best|.
+    """
+    u = BF16_ROUNDOFF
+    low = best - u * best.abs() / (1 - u) - 2 * error
+    margin = (best - (low - u * low.abs())) * (1 + 2.0**-10) + FP32_ROUNDOFF
+    return torch.where(torch.isfinite(best), best - margin, float("-inf"))
+
+
+@contextlib.contextmanager
+def _fp32_accumulation(device: torch.device) -> Iterator[None]:
+    """On CUDA, bf16 matmuls that accumulate in fp32 throughout (the bound of :func:`_error_bound`)."""
+    if device.type != "cuda":
+        yield
+        return
+    settings = torch.backends.cuda.matmul
+    before = settings.allow_bf16_reduced_precision_reduction
+    settings.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        settings.allow_bf16_reduced_precision_reduction = before
+
+
+def _scan_groups(
+    zq: Tensor, bank: Tensor, bank_indices: Tensor, exclude: Tensor | None, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """bf16 scores of every query against every row, block by block, and every GROUP rows' maximum.
+
+    Returns the scores (blocks, B, c) bf16, c a multiple of GROUP, -inf at excluded rows and past
+    the last row (block j holds rows [j c, (j + 1) c)), and the maxima (B, blocks * c / GROUP) fp32.
+    Each block's maxima are taken while it is still in cache (``amax`` costs a third of ``topk``).
+    """
+    b, n = zq.shape[0], bank.shape[0]
+    c = min(max(GROUP, chunk_size // GROUP * GROUP), -(-n // GROUP) * GROUP)
+    blocks = -(-n // c)
+    scores = torch.empty(blocks, b, c, dtype=torch.bfloat16, device=zq.device)
+    maxima = torch.empty(blocks, b, c // GROUP, dtype=torch.bfloat16, device=zq.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.bfloat16, device=zq.device)
+    pair_q, pair_r = _exclusion_pairs(bank_indices, exclude)  # (P,), (P,)
+    for j in range(blocks):
+        start, block = j * c, scores[j]
+        if start + c <= n:
+            torch.mm(zq, bank[start : start + c].T, out=block)
+        else:
+            block[:, : n - start] = zq @ bank[start:].T
+            block[:, n - start :] = neg_inf
+        if pair_q.numel():
+            inside = (pair_r >= start) & (pair_r < start + c)
+            block.index_put_((pair_q[inside], pair_r[inside] - start), neg_inf)
+        torch.amax(block.view(b, c // GROUP, GROUP), dim=2, out=maxima[j])
+    return scores, maxima.permute(1, 0, 2).reshape(b, -1).float()
+
+
+def _candidates(scores: Tensor, maxima: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """(query, row) pairs with a bf16 score >= the query's ``threshold`` (B,), ordered by query, then
+    row; only the GROUP-row groups whose maximum reaches it are read. Excluded rows never."""
+    b = maxima.shape[0]
+    query, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)  # (G,) groups to read
+    per_block = scores.shape[2] // GROUP
+    values = scores.view(scores.shape[0], b, per_block, GROUP)[group // per_block, query, group % per_block]
+    hit = (values.float() >= threshold[query, None]) & (values > float("-inf"))  # (G, GROUP)
+    which, col = hit.nonzero(as_tuple=True)
+    return query[which], group[which] * GROUP + col
+
+
+def _rescore(z: Tensor, bank: Tensor, cand_q: Tensor, cand_r: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """fp32 top-k of each query among its candidate rows (sorted by query, then row): (B, k) values, rows.
+
+    The scores come from ``z[queries] @ bank[rows].T``, the fp32 scan's own matmul on the same
+    operands, with at least ALIGN queries and the distinct candidate rows padded to a multiple of
+    ALIGN: on the CPUs tested this gives bitwise the scan's numbers (a matmul with one query, or
+    a few rows, takes another kernel that sums in another order, and near-ties could then order
+    differently). All queries in one matmul when that is cheap, else ALIGN queries at a time (when
+    the queries have many candidates, mostly different ones). Ties go to the lowest row (the first
+    maximum), as in the scan.
+    """
+    b = z.shape[0]
+    counts = torch.bincount(cand_q, minlength=b)  # (B,)
+    width = max(k, int(counts.max()) if b else 0)
+    vals = torch.full((b, width), float("-inf"), device=z.device)
+    rows = torch.full((b, width), -1, dtype=torch.long, device=z.device)
+    if cand_q.numel():
+        starts = counts.cumsum(0) - counts  # (B,) first pair of each query
+        exact = torch.empty(cand_q.numel(), device=z.device)  # (P,) fp32 score of each pair
+        distinct, inverse = torch.unique(cand_r, return_inverse=True)
+        calls = CALL_COST // z.shape[1] * (b // ALIGN)  # row products worth b / ALIGN matmul calls
+        step = b if b * distinct.numel() <= ALIGN * cand_q.numel() + calls else ALIGN
+        bounds = list(range(0, b, step))
+        if len(bounds) > 1 and b - bounds[-1] < ALIGN:
+            bounds.pop()  # the last chunk has ALIGN queries or more too
+        bounds.append(b)
+        starts_list = torch.cat([starts, counts.sum()[None]]).tolist()
+        for q0, q1 in zip(bounds[:-1], bounds[1:], strict=True):
+            p0, p1 = starts_list[q0], starts_list[q1]
+            if p0 == p1:
+                continue
+            these, where = (distinct, inverse) if step == b else torch.unique(cand_r[p0:p1], return_inverse=True)
+            padded = torch.cat([these, these[:1].expand((-these.numel()) % ALIGN)])
+            scores = z[q0:q1] @ bank[padded].T  # (q1 - q0, U)
+            exact[p0:p1] = scores[cand_q[p0:p1] - q0, where]
+        col = torch.arange(cand_q.numel(), device=z.device) - starts[cand_q]
+        vals[cand_q, col] = exact
+        rows[cand_q, col] = cand_r
+    if k == 1:
+        best, cols = vals.max(dim=1, keepdim=True)  # first maximum = lowest row
+    else:
+        best, cols = vals.topk(k, dim=1)
+    return best, torch.where(torch.isfinite(best), rows.gather(1, cols), -1)
+
+
+def _with_companions(which: Tensor) -> Tensor:
+    """``which`` (B,) bool with the first other queries added up to ALIGN in all (or all B): a fallback
+    scan of so many queries runs the fp32 scan's kernel (one or two queries take another, summing in
+    another order)."""
+    missing = ALIGN - int(which.sum())
+    if missing > 0:
+        which = which.clone()
+        which[(~which).nonzero()[:missing, 0]] = True
+    return which
 
 
 def _exclusion_pairs(bank_indices: Tensor, exclude: Tensor | None) -> tuple[Tensor, Tensor]:

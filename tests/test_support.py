@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
+from nnclr import runtime
+from nnclr import support as support_module
 from nnclr.support import SupportSet, low_precision_is_fast
 
 
@@ -161,18 +164,132 @@ def test_low_precision_agrees_with_fp32_argmax() -> None:
     exact_rows, exact_sims = support.nearest(queries)
     low_rows, low_sims = support.nearest(queries, low_precision=True)
     assert torch.equal(exact_rows, low_rows)
-    assert torch.allclose(exact_sims, low_sims, atol=1e-5)
+    assert torch.equal(exact_sims, low_sims)  # re-scored by the fp32 scan's own matmul
 
 
-def test_low_precision_agrees_on_near_duplicates() -> None:
-    """Neighbours closer than bf16 resolution are still told apart by the fp32 re-rank."""
-    g = torch.Generator().manual_seed(5)
-    base = F.normalize(torch.randn(64, 32, generator=g), dim=1)
-    bank = torch.cat([base + 1e-3 * torch.randn(64, 32, generator=g) for _ in range(4)])
-    support = SupportSet(256, 32)
-    support.enqueue(bank, None, None, step=0)
-    queries = base + 1e-3 * torch.randn(64, 32, generator=g)
-    assert torch.equal(support.nearest(queries)[0], support.nearest(queries, low_precision=True)[0])
+def _near_duplicates(bases: int, copies: int, dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``copies`` copies of each of ``bases`` unit vectors, each moved by about 0.05, shuffled; and a
+    query near each base. A query's scores against the copies of its base spread over about 6e-4:
+    all of them within bf16 resolution (0.004) of the best, and mostly far apart in fp32 (1e-7)."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(bases, dim, generator=g), dim=1)
+    bank = base.repeat(copies, 1) + 0.05 * torch.randn(bases * copies, dim, generator=g) / dim**0.5
+    queries = base + 0.05 * torch.randn(bases, dim, generator=g) / dim**0.5
+    return bank[torch.randperm(bases * copies, generator=g)], queries
+
+
+def _topk(support: SupportSet, queries: Tensor, k: int, **kwargs: object) -> tuple[Tensor, Tensor]:
+    """(B, k) rows and similarities of the top-k in order, read through ``uniform`` (the i-th of k
+    for u in [i/k, (i+1)/k))."""
+    picks = [support.nearest(queries, k=k, uniform=torch.full((len(queries),), (i + 0.5) / k), **kwargs)
+             for i in range(k)]
+    return torch.stack([rows for rows, _ in picks], dim=1), torch.stack([sims for _, sims in picks], dim=1)
+
+
+@pytest.mark.parametrize("copies", [16, 64, 400])  # 400: more than the candidate cap, the fp32 fallback
+@pytest.mark.parametrize("k", [1, 3])
+def test_low_precision_agrees_on_near_duplicates(copies: int, k: int) -> None:
+    """More rows within bf16 resolution of the best than any fixed number of candidates (the old
+    top-8 re-rank picked another row than fp32 for 49 of 256 queries with 16 copies, 33 of 64 with
+    64): the fp32 path's rows.
+    For k > 1 the same top-k scores in the same order (an exact fp32 tie may order two rows
+    either way in torch.topk), and the same rows wherever a query's top-k scores are distinct."""
+    bases = max(1, 4096 // copies)
+    bank, queries = _near_duplicates(bases, copies, 32, seed=5)
+    support = SupportSet(len(bank), 32)
+    support.enqueue(bank, None, torch.arange(len(bank)) % 97, step=0)
+    exclude = torch.arange(bases) % 97  # a few of each query's copies are its own stale copies
+    exact_rows, exact_sims = _topk(support, queries, k, exclude_indices=exclude)
+    low_rows, low_sims = _topk(support, queries, k, exclude_indices=exclude, low_precision=True)
+    assert (exact_rows >= 0).all() and (support.indices[exact_rows] != exclude[:, None]).all()
+    assert torch.equal(low_sims, exact_sims)
+    distinct = (exact_sims[:, 1:] != exact_sims[:, :-1]).all(dim=1)  # (B,) no tie inside the top-k
+    assert torch.equal(low_rows[distinct], exact_rows[distinct])
+    assert distinct.float().mean() > 0.9
+
+
+def test_low_precision_agrees_on_a_tightly_clustered_set() -> None:
+    """65,536 x 256 rows in 64 tight clusters (pairwise cosine about 0.92 inside a cluster): the old
+    top-8 re-rank picked another row than fp32 for 17 of 512 queries, the bounded candidates for none."""
+    g = torch.Generator().manual_seed(7)
+    centres = F.normalize(torch.randn(64, 256, generator=g), dim=1)
+    bank = centres[torch.randint(0, 64, (65_536,), generator=g)] + 0.3 * torch.randn(65_536, 256, generator=g) / 16
+    queries = centres[torch.randint(0, 64, (512,), generator=g)] + 0.3 * torch.randn(512, 256, generator=g) / 16
+    support = SupportSet(65_536, 256)
+    support.enqueue(bank, None, torch.arange(65_536) % 4096, step=0)
+    exclude = torch.randint(0, 4096, (512,), generator=g)  # 16 rows each
+    exact_rows, exact_sims = support.nearest(queries, exclude_indices=exclude)
+    low_rows, low_sims = support.nearest(queries, exclude_indices=exclude, low_precision=True)
+    assert torch.equal(low_rows, exact_rows)
+    assert torch.equal(low_sims, exact_sims)
+
+
+def test_low_precision_error_bound_holds_where_roundings_add_up() -> None:
+    """Unit vectors whose elements all round down by almost 2^-8 (relative) in bf16: the bf16 score
+    of a row with itself is off by about 0.0037. The bound covers it (and is within 2x of it)."""
+    g = torch.Generator().manual_seed(8)
+    d = 256
+    low = (1 + 2.0**-8 * (1 - 2.0**-4)) * 2.0**-4  # just below the midpoint between 2^-4 and its bf16 successor
+    rest = (2 / d - low**2) ** 0.5
+    signs = torch.randint(0, 2, (300, d), generator=g) * 2.0 - 1
+    vectors = signs * torch.cat([torch.full((d // 2,), low), torch.full((d // 2,), rest)])
+    support = SupportSet(300, d)
+    support.enqueue(vectors, None, None, step=0)
+    z = F.normalize(vectors[:40], dim=1)
+    bank_lp, norms = support._low_precision_bank()
+    zq = support_module._shifted_queries(z, bank_lp.shape[1])
+    scores, _ = support_module._scan_groups(zq, bank_lp, support.indices, None, 4096)
+    shifted = scores.permute(1, 0, 2).reshape(40, -1)[:, :300].float()  # (40, 300) bf16 outputs
+    error = support_module._error_bound(z, zq[:, :d], norms)[:, None]  # (40, 1)
+    fp32 = z @ support.embeddings.T - 1
+    u = 2.0**-8
+    off = (shifted - fp32).abs() - u * shifted.abs() / (1 - u)  # what the bf16 output rounding leaves
+    assert (off <= error).all()
+    assert off.diagonal().min() > error.max() / 2  # the rows with themselves come close to the bound
+    best = shifted.max(dim=1).values
+    assert (shifted.diagonal() >= support_module._threshold(best, error[:, 0])).all()
+
+def test_low_precision_threshold_admits_the_worst_case() -> None:
+    """The fp32 best row at its worst: the bf16 best output x came from the lowest fp32 sum that rounds
+    to x, the fp32 best ties with it and the scan's sum for it is 2 e lower; its rounded output must
+    still reach the threshold. Also 10,000 random cases at every magnitude of the shifted score."""
+    g = torch.Generator().manual_seed(9)
+    best = (-1.6 * torch.rand(10_000, generator=g) + 0.01).bfloat16()  # shifted outputs: scores 1 + x
+    error = 10 ** (-4 + 2 * torch.rand(10_000, generator=g))  # 1e-4 .. 1e-2
+    below = torch.nextafter(best, torch.full_like(best, float("-inf"))).float()
+    lowest = torch.nextafter((best.float() + below) / 2, best.float())  # the lowest fp32 that rounds to best
+    assert torch.equal(lowest.bfloat16(), best)
+    worst = (lowest.double() - 2 * error.double()).float().bfloat16().float()
+    assert (worst >= support_module._threshold(best.float(), error)).all()
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 20])
+def test_low_precision_scores_are_the_fp32_scans_bitwise(b: int) -> None:
+    """The candidates are re-scored by the fp32 scan's own matmul (at least 16 rows): the same numbers,
+    so exact fp32 ties and 1-ulp differences order alike on both paths."""
+    support = _filled(5000, 64, 5000, seed=10)
+    queries = torch.randn(b, 64, generator=torch.Generator().manual_seed(11))
+    exact_rows, exact_sims = support.nearest(queries)
+    low_rows, low_sims = support.nearest(queries, low_precision=True)
+    assert torch.equal(low_rows, exact_rows) and torch.equal(low_sims, exact_sims)
+
+
+def test_low_precision_falls_back_to_fp32_for_dense_queries_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One query sits in 600 near-duplicates (more candidates than the cap): it is scanned in fp32, in
+    one scan with 15 other queries (a one-query scan sums in another order); the rest are re-scored."""
+    scans = []
+    scan = support_module._scan_topk
+    monkeypatch.setattr(support_module, "_scan_topk", lambda z, *args: scans.append(len(z)) or scan(z, *args))
+    bank, near = _near_duplicates(1, 600, 64, seed=12)
+    g = torch.Generator().manual_seed(13)
+    support = SupportSet(4096, 64)
+    support.enqueue(torch.cat([bank, torch.randn(3496, 64, generator=g)]), None, None, step=0)
+    queries = torch.cat([torch.randn(30, 64, generator=g), near])
+    exact_rows, exact_sims = support.nearest(queries)
+    assert exact_rows[-1] < 600 and scans == [31]
+    low_rows, low_sims = support.nearest(queries, low_precision=True)
+    assert torch.equal(low_rows, exact_rows) and torch.equal(low_sims, exact_sims)
+    assert scans == [31, 16]
 
 
 @pytest.mark.parametrize("low", [False, True])
@@ -205,11 +322,15 @@ def test_topk_with_fewer_filled_rows_than_k() -> None:
     assert set(rows.tolist()) <= {0, 1}
 
 
-def test_nearest_has_no_grad() -> None:
+@pytest.mark.parametrize("low", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_has_no_grad(low: bool, k: int) -> None:
+    """The neighbours are targets: nothing flows back into the queries (or the queue)."""
     support = _filled(10, 4, 10)
     z = torch.randn(3, 4, requires_grad=True)
-    _, sims = support.nearest(z)
-    assert not sims.requires_grad
+    rows, sims = support.nearest(z * 2, k=k, low_precision=low, generator=torch.Generator().manual_seed(0))
+    assert not sims.requires_grad and sims.grad_fn is None and rows.grad_fn is None
+    assert not support.embeddings.requires_grad and torch.isfinite(sims).all()
 
 
 def test_rows_info_and_diagnostics() -> None:
@@ -232,9 +353,25 @@ def test_rows_info_and_diagnostics() -> None:
     assert empty["nn_found"] == 0.0
 
 
-def test_low_precision_is_fast_returns_bool() -> None:
-    assert isinstance(low_precision_is_fast("cpu"), bool)
+def test_low_precision_is_fast_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU: what the /proc/cpuinfo probe says (AVX512-BF16 or AMX); CUDA: bf16 support; others: never."""
+    monkeypatch.setattr("nnclr.support.cpu_has_fast_bf16", runtime.cpu_has_fast_bf16.__wrapped__)  # uncached
+    for flags, fast in [("fpu avx2 avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True),
+                        ("fpu amx_bf16 amx_tile", True)]:
+        monkeypatch.setattr("nnclr.runtime.open", lambda *_args, flags=flags, **_kw: io.StringIO(f"flags\t: {flags}\n"),
+                            raising=False)
+        assert low_precision_is_fast("cpu") is fast
+        assert low_precision_is_fast(torch.device("cpu")) is fast
+    monkeypatch.setattr("nnclr.runtime.open", lambda *_args, **_kw: (_ for _ in ()).throw(OSError("no /proc")),
+                        raising=False)
+    assert low_precision_is_fast("cpu") is False
+    monkeypatch.setattr("nnclr.support.cpu_has_fast_bf16", lambda: True)
     assert low_precision_is_fast("meta") is False
+    for available, bf16, fast in [(True, True, True), (True, False, False), (False, True, False)]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert low_precision_is_fast("cuda") is fast
+        assert low_precision_is_fast("cuda:1") is fast
 
 
 @settings(max_examples=60, deadline=None)
