@@ -59,6 +59,39 @@ def nnclr_loss(positives: Tensor, predictions: Tensor, temperature: float = 0.1)
         return F.cross_entropy(logits, labels)
 
 
+def multi_positive_loss(positives: Tensor, weights: Tensor, predictions: Tensor, temperature: float = 0.1) -> Tensor:
+    """NNCLR's loss with k positives per sample, weighted: one direction, averaged over the local anchors.
+
+    With q_ij the j-th positive of sample i (e.g. its j-th nearest support-set neighbour) and p⁺ the
+    other view's predictions over the global batch of n samples, everything L2-normalised::
+
+        L_i = Σ_j w_ij · -log( exp(q_ij·p⁺_i / τ) / Σ_{b=1..n} exp(q_ij·p⁺_b / τ) )
+
+    Each positive is contrasted with the batch's predictions as NNCLR's single neighbour is (Eq. 2 of
+    Dwibedi et al., ICCV 2021); with k = 1 and w = 1 this is :func:`nnclr_loss`. Uniform weights 1/k make
+    every one of the k nearest neighbours a positive, as the "NNCLR top-k" rows of pc-cp/Benchmark-Methods-For-MNN
+    do (its ``network/NNCLR.py``, this direction of its loss); similarity-softmax weights make them soft.
+
+    Args:
+        positives: (B, k, D) positives of this rank's samples (detached neighbours).
+        weights: (B, k) non-negative, each row summing to 1 (rows of a padded neighbour set carry weight 0).
+        predictions: (B, D) the other view's predictions; gathered across ranks with gradient.
+        temperature: softmax temperature τ.
+
+    Returns:
+        Scalar float32 tensor: the mean of L_i over the local batch.
+    """
+    with torch.autocast(device_type=predictions.device.type, enabled=False):
+        dtype = torch.promote_types(at_least_fp32(positives).dtype, at_least_fp32(predictions).dtype)
+        pos = F.normalize(at_least_fp32(positives), dim=-1).to(dtype)  # (B, k, D)
+        pred = _fp32_normalised(predictions).to(dtype)  # (B, D)
+        pred_all = distributed.gather_with_grad(pred)  # (W*B, D)
+        logits = pos @ pred_all.T / temperature  # (B, k, W*B)
+        own = torch.arange(pos.shape[0], device=pos.device) + distributed.rank() * pos.shape[0]  # (B,)
+        log_prob = logits.log_softmax(dim=-1).gather(-1, own[:, None, None].expand(-1, pos.shape[1], 1))[..., 0]
+        return -(weights.to(dtype) * log_prob).sum(dim=1).mean()
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """SimCLR's NT-Xent loss (Chen et al., ICML 2020, arXiv 2002.05709, Eq. 1).
 

@@ -18,8 +18,8 @@ import torch
 from nnclr.config import Config
 from nnclr.deepcluster import PseudoLabels
 from nnclr.errors import UserError
-from nnclr.selectors import NearestNeighbourSelector, PrototypeSelector, Selector
-from nnclr.step import Loss, instance_loss, positive_loss, pseudo_label_loss
+from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector, PrototypeSelector, Selector
+from nnclr.step import Loss, instance_loss, neighbours_loss, positive_loss, pseudo_label_loss
 
 HEADS = ("predictor", "none", "classifier")
 DIAGNOSTICS = ("neighbours", "clustering", "none")
@@ -74,12 +74,22 @@ class Method:
 
 
 SHORT_RUN_KEYS = ("method.instance_weight", "method.instance_decay")
+NEIGHBOURS_KEYS = ("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
+                   *SHORT_RUN_KEYS)
 
 
 def _nearest_neighbour(config: Config, context: BuildContext) -> Selector:
     m = config.method
     return NearestNeighbourSelector(topk=m.topk, exclude_self=m.exclude_self,
                                     low_precision=context.dtype == torch.bfloat16)
+
+
+def _neighbours(weighting: str) -> Callable[[Config, BuildContext], Selector]:
+    def build(config: Config, context: BuildContext) -> Selector:
+        m = config.method
+        return NeighboursSelector(k=m.neighbours, weighting=weighting, soft_temperature=m.soft_temperature,
+                                  exclude_self=m.exclude_self, low_precision=context.dtype == torch.bfloat16)
+    return build
 
 
 def _prototypes(config: Config, context: BuildContext) -> Selector:
@@ -127,6 +137,30 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         summary="classify both views into k-means pseudo-labels of the training set, re-clustered every epoch",
         selector=_pseudo_labels, loss=pseudo_label_loss, head="classifier", support=False, short_run=False,
         keys=("method.num_clusters", "method.kmeans_iters"), diagnostics="clustering",
+    ),
+    Method(
+        name="nnclr_multi",
+        paper="NNCLR with its k nearest neighbours all as positives (the 'NNCLR top-5' of "
+              "pc-cp/Benchmark-Methods-For-MNN; Long et al., Pattern Recognition 2025)",
+        summary="each of the k nearest support-set neighbours of z is a positive, with weight 1/k",
+        selector=_neighbours("uniform"), loss=neighbours_loss, head="predictor", support=True, short_run=True,
+        keys=NEIGHBOURS_KEYS, diagnostics="neighbours",
+    ),
+    Method(
+        name="nnclr_soft",
+        paper="NNCLR with soft neighbours: the k nearest weighted by similarity (after SNCLR's soft neighbours, "
+              "Ge et al., ICLR 2023, with cosine-softmax weights instead of its attention module)",
+        summary="the k nearest support-set neighbours of z are positives weighted by softmax(cosine / T)",
+        selector=_neighbours("soft"), loss=neighbours_loss, head="predictor", support=True, short_run=True,
+        keys=(*NEIGHBOURS_KEYS, "method.soft_temperature"), diagnostics="neighbours",
+    ),
+    Method(
+        name="nnclr_mean",
+        paper="NNCLR with a mean-shift positive: the mean of the k nearest neighbours (MSF, Koohpayegani et al., "
+              "ICCV 2021; CMSF, Navaneet et al., ECCV 2022; here without their momentum target)",
+        summary="the positive is the normalised mean of the k nearest support-set neighbours of z",
+        selector=_neighbours("uniform"), loss=positive_loss, head="predictor", support=True, short_run=True,
+        keys=NEIGHBOURS_KEYS, diagnostics="neighbours",
     ),
 )}
 

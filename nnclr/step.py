@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from nnclr import deepcluster
 from nnclr.config import MethodConfig
-from nnclr.losses import at_least_fp32, nnclr_loss, nt_xent
-from nnclr.selectors import PositiveSelector, Selector
+from nnclr.losses import at_least_fp32, multi_positive_loss, nnclr_loss, nt_xent
+from nnclr.selectors import NeighboursSelector, PositiveSelector, Selector
 from nnclr.support import SupportSet
 
 
@@ -108,6 +108,29 @@ def positive_loss(x: StepInputs) -> StepOutput:
     diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item(), "instance_weight": w}
     if x.support is not None:  # the neighbour diagnostics, computed before this step's enqueue
         diagnostics |= x.support.diagnostics(s1.rows, s1.similarity, labels=x.labels, indices=x.indices, step=x.step)
+    return StepOutput(loss, x.z1.detach(), diagnostics)
+
+
+def neighbours_loss(x: StepInputs) -> StepOutput:
+    """NNCLR's loss with the k nearest neighbours of each z as weighted positives
+    (:func:`~nnclr.losses.multi_positive_loss`), symmetrised over the views and mixed with NT-Xent by
+    ``x.instance_weight`` as :func:`positive_loss` is; the diagnostics are over all k neighbours."""
+    selector = x.selector
+    assert isinstance(selector, NeighboursSelector) and x.support is not None
+    n1 = selector.neighbours(x.z1, x.support, indices=x.indices)
+    n2 = selector.neighbours(x.z2, x.support, indices=x.indices)
+    loss = 0.5 * (
+        multi_positive_loss(n1.positives, n1.weights, x.p2, temperature=x.temperature)
+        + multi_positive_loss(n2.positives, n2.weights, x.p1, temperature=x.temperature)
+    )
+    w = x.instance_weight
+    if w > 0:
+        loss = w * nt_xent(x.z1, x.z2, temperature=x.temperature) + (1 - w) * loss
+    similarity = (n1.weights * n1.similarity).sum(dim=1)  # (b,) weighted cosine of z with its positives
+    diagnostics: dict[str, float] = {"positive_similarity": similarity.float().mean().item(), "instance_weight": w}
+    k = n1.rows.shape[1]  # label agreement, age and self-hits over every neighbour used
+    diagnostics |= x.support.diagnostics(n1.rows.flatten(), n1.similarity.flatten(), step=x.step,
+                                         labels=x.labels.repeat_interleave(k), indices=x.indices.repeat_interleave(k))
     return StepOutput(loss, x.z1.detach(), diagnostics)
 
 

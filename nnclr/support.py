@@ -166,6 +166,26 @@ class SupportSet(torch.nn.Module):
             rows: (B,) int64 support rows, -1 where no filled, non-excluded row exists.
             similarity: (B,) float32 cosine similarity to that row, -inf where rows is -1.
         """
+        vals, rows = self.topk(z, k=k, exclude_indices=exclude_indices, chunk_size=chunk_size,
+                               low_precision=low_precision)
+        return _pick(vals, rows, generator, uniform)
+
+    @torch.no_grad()
+    def topk(
+        self,
+        z: Tensor,
+        *,
+        k: int,
+        exclude_indices: Tensor | None = None,
+        chunk_size: int = 4096,
+        low_precision: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """The k nearest filled, non-excluded rows of each query, nearest first (see :meth:`nearest`).
+
+        Returns:
+            similarity: (B, k) float32 cosine similarities, descending; -inf where fewer than k rows exist.
+            rows: (B, k) int64 support rows; -1 where fewer than k rows exist.
+        """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         z = F.normalize(z.detach().float(), dim=1).to(self.embeddings.device)  # (B, D)
@@ -174,11 +194,8 @@ class SupportSet(torch.nn.Module):
         n = int(self.num_filled)
         with torch.autocast(self.embeddings.device.type, enabled=False):  # exact fp32 scores
             if low_precision and n > 0:
-                vals, rows = self._topk_low_precision(z, exclude_indices, k, n, chunk_size)
-            else:
-                vals, rows = _scan_topk(z, self.embeddings[:n], self.indices[:n],
-                                        exclude_indices, k, chunk_size)
-        return _pick(vals, rows, generator, uniform)
+                return self._topk_low_precision(z, exclude_indices, k, n, chunk_size)
+            return _scan_topk(z, self.embeddings[:n], self.indices[:n], exclude_indices, k, chunk_size)
 
     def rows_info(self, rows: Tensor) -> dict[str, Tensor]:
         """Labels, sample indices and write steps of ``rows`` (B,); -1 where ``rows`` is -1."""

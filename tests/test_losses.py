@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnclr.losses import nnclr_loss, nt_xent
+from nnclr.losses import multi_positive_loss, nnclr_loss, nt_xent
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -104,3 +104,33 @@ def test_perfect_alignment_gives_low_loss() -> None:
     z = torch.eye(8)
     assert nnclr_loss(z, z).item() < 1e-2
     assert nt_xent(z, z).item() < 1e-2
+
+
+def _multi_positive_reference(positives: torch.Tensor, weights: torch.Tensor, predictions: torch.Tensor,
+                              temperature: float) -> float:
+    """L = mean_i sum_j w_ij * -log(exp(q_ij.p_i/T) / sum_b exp(q_ij.p_b/T)), one scalar at a time (float64)."""
+    q = torch.nn.functional.normalize(positives.double(), dim=-1)
+    p = torch.nn.functional.normalize(predictions.double(), dim=-1)
+    b, k, _ = q.shape
+    total = 0.0
+    for i in range(b):
+        for j in range(k):
+            logits = [float(q[i, j] @ p[m]) / temperature for m in range(b)]
+            top = max(logits)
+            log_denominator = top + math.log(sum(math.exp(v - top) for v in logits))
+            total += float(weights[i, j]) * -(logits[i] - log_denominator)
+    return total / b
+
+
+def test_multi_positive_loss_matches_a_reference_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    positives, predictions = torch.randn(6, 3, 8, generator=g), torch.randn(6, 8, generator=g)
+    weights = torch.rand(6, 3, generator=g).softmax(dim=1)
+    loss = multi_positive_loss(positives, weights, predictions, temperature=0.2)
+    assert loss.item() == pytest.approx(_multi_positive_reference(positives, weights, predictions, 0.2), rel=1e-5)
+
+
+def test_multi_positive_loss_with_one_positive_is_nnclr_loss() -> None:
+    positives, predictions = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
+    one = multi_positive_loss(positives[:, None], torch.ones(5, 1), predictions, temperature=0.1)
+    assert one.item() == pytest.approx(nnclr_loss(positives, predictions, temperature=0.1).item(), rel=1e-6)

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from nnclr.errors import UserError
-from nnclr.selectors import NearestNeighbourSelector, PrototypeSelector, Selection, Selector, self_positive
+from nnclr.selectors import (
+    NearestNeighbourSelector,
+    NeighboursSelector,
+    PrototypeSelector,
+    Selection,
+    Selector,
+    self_positive,
+)
 from nnclr.support import SupportSet
 
 
@@ -146,3 +153,31 @@ def test_topk_below_one_is_a_user_error() -> None:
         NearestNeighbourSelector(topk=0)
     with pytest.raises(UserError, match="method.num_prototypes"):
         PrototypeSelector(num_prototypes=0, dim=4)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "soft"])
+def test_neighbours_are_the_k_nearest_rows_with_their_weights(weighting: str) -> None:
+    stored = F.normalize(torch.randn(40, 8), dim=1)
+    support = _support_with(stored)
+    z = torch.randn(5, 8)
+    sims = F.normalize(z, dim=1) @ stored.T  # (5, 40) brute force
+    top = sims.topk(4, dim=1)
+    selector = NeighboursSelector(k=4, weighting=weighting, soft_temperature=0.2, exclude_self=False)
+    n = selector.neighbours(z, support, indices=torch.arange(5))
+    assert torch.equal(n.rows, top.indices)
+    assert torch.equal(n.positives, support.embeddings[top.indices]) and not n.positives.requires_grad
+    expected = (top.values / 0.2).softmax(dim=1) if weighting == "soft" else torch.full((5, 4), 0.25)
+    assert torch.allclose(n.weights, expected, atol=1e-6)
+    mean = F.normalize((expected[..., None] * support.embeddings[top.indices]).sum(dim=1), dim=1)
+    assert torch.allclose(selector(z, support, indices=torch.arange(5), uniform=_u(5)).positives, mean, atol=1e-6)
+
+
+def test_neighbours_weigh_only_the_rows_there_are_and_fall_back_to_z() -> None:
+    support = _support_with(torch.randn(2, 8), size=10)  # 2 filled rows, k = 4
+    selector = NeighboursSelector(k=4, exclude_self=False)
+    z = torch.randn(3, 8)
+    n = selector.neighbours(z, support, indices=torch.arange(3))
+    assert (n.rows[:, 2:] == -1).all() and torch.allclose(n.weights, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 3))
+    empty = selector.neighbours(z, SupportSet(10, 8), indices=torch.arange(3))
+    assert torch.allclose(empty.weights, torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3))
+    assert torch.allclose(empty.positives[:, 0], F.normalize(z, dim=1))

@@ -10,8 +10,8 @@ from nnclr.config import MethodConfig, load_config
 from nnclr.errors import UserError
 from nnclr.losses import nnclr_loss, nt_xent
 from nnclr.methods import METHODS
-from nnclr.selectors import NearestNeighbourSelector
-from nnclr.step import StepInputs, contrastive_step, instance_weight, positive_loss
+from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector
+from nnclr.step import StepInputs, contrastive_step, instance_weight, neighbours_loss, positive_loss
 from nnclr.support import SupportSet
 
 
@@ -46,7 +46,8 @@ def test_weight_is_zero_where_there_is_no_instance_term(method: MethodConfig) ->
 
 def test_the_short_run_schedule_is_what_the_records_say() -> None:
     """Methods mixing in SimCLR's loss read its keys; the trainer asks the record (test_train checks the loss)."""
-    assert {name for name, m in METHODS.items() if m.short_run} == {"nnclr", "kmclr"}
+    assert not METHODS["simclr"].short_run and not METHODS["deepcluster"].short_run
+    assert METHODS["nnclr"].short_run and METHODS["kmclr"].short_run
     for method in METHODS.values():
         assert method.short_run == ("method.instance_weight" in method.keys)
 
@@ -110,3 +111,31 @@ def test_nnclr_gradient_reaches_z_only_through_the_predictions(filled: bool) -> 
     out.loss.backward()
     assert z1.grad is None and z2.grad is None
     assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "soft"])
+def test_neighbours_loss_is_nnclrs_loss_weighted_over_the_k_nearest(weighting: str) -> None:
+    """L = 1/2 [sum_j w_j nnclr(NN_j(z1), p2) + sum_j w_j nnclr(NN_j(z2), p1)], neighbours found by brute force."""
+    torch.manual_seed(0)
+    b, dim, k = 6, 8, 3
+    stored = F.normalize(torch.randn(32, dim), dim=1)
+    support = SupportSet(32, dim)
+    support.enqueue(stored, torch.arange(32) % 4, torch.arange(100, 132), step=0)
+    z1, z2 = (F.normalize(torch.randn(b, dim), dim=1) for _ in range(2))
+    p1, p2 = torch.randn(b, dim), torch.randn(b, dim)
+    selector = NeighboursSelector(k=k, weighting=weighting, soft_temperature=0.5)
+    out = neighbours_loss(StepInputs(
+        z1=z1, z2=z2, p1=p1, p2=p2, support=support, selector=selector, labels=torch.arange(b) % 4,
+        indices=torch.arange(b), step=1, uniforms=torch.zeros(2, b), temperature=0.1, instance_weight=0.0,
+    ))
+
+    def direction(z: torch.Tensor, p: torch.Tensor) -> float:
+        top = (z @ stored.T).topk(k, dim=1)
+        w = (top.values / 0.5).softmax(dim=1) if weighting == "soft" else torch.full((b, k), 1 / k)
+        return sum(float((w[:, j] * F.cross_entropy(stored[top.indices[:, j]] @ F.normalize(p, dim=1).T / 0.1,
+                                                      torch.arange(b), reduction="none")).mean()) for j in range(k))
+
+    assert out.loss.item() == pytest.approx(0.5 * (direction(z1, p2) + direction(z2, p1)), rel=1e-5)
+    top = (z1 @ stored.T).topk(k, dim=1).indices
+    agreement = ((top % 4) == (torch.arange(b) % 4)[:, None]).float().mean().item()
+    assert out.diagnostics["nn_label_agreement"] == pytest.approx(agreement)
