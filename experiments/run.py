@@ -14,6 +14,8 @@ Tables (Dwibedi et al., ICCV 2021):
 - ``prototypes``: KMCLR's number of prototypes and what each keeps against NNCLR's support set;
 - ``budget``: NNCLR against SimCLR with the default recipe at a fixed wall-clock budget (``--budget``, the
   issue's 10-minute target: NNCLR's kNN at least 62% and at least SimCLR's);
+- ``neighbours``: the several-neighbour methods (issue 21: ``nnclr_multi``, ``nnclr_soft``, ``nnclr_mean``)
+  against NNCLR and SimCLR, with the label agreement of each run's positives at its end;
 - ``recipe``: NNCLR settings studied against that target at the same budget (a larger support set, a
   shorter fade of the SimCLR part of the short-run schedule) beside the default NNCLR and SimCLR, so that
   the table compares on one machine; ``--rows`` runs some of them.
@@ -77,6 +79,8 @@ TABLES: dict[str, tuple[Row, ...]] = {
                         for k in (50, 200, 400))
     + (Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),),
     "budget": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",))),
+    "neighbours": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft",
+                                                                 "nnclr_mean")),
     "recipe": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",)),  # the references
                Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),
                Row("nnclr, support 16,384, instance_decay 0.5",
@@ -154,7 +158,15 @@ def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_di
             "knn_before": results["knn_before"]["top1"], "knn_after": results["knn_after"]["top1"],
             "linear": probe["top1"], "wall_time_s": wall, "train_time_s": results["wall_time"],
             "epochs": epochs, "images_per_second": results["images_per_second"],
-            "stored_bytes": stored_bytes(run_dir)}
+            "stored_bytes": stored_bytes(run_dir), "label_agreement": final_agreement(run_dir)}
+
+
+def final_agreement(run_dir: Path) -> float | None:
+    """The share of positives with the query's label in the run's last ``train`` record (%), None without one."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in records if r.get("type") == "train"][-1:]
+    value = last[0].get("nn_label_agreement") if last else None
+    return None if value is None else 100 * value
 
 
 def cpu_name() -> str:
@@ -181,6 +193,12 @@ def _mean_of(records: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.0f}" if len(values) == len(records) else "-"
 
 
+def _agreement(records: list[dict]) -> str:
+    """Mean ± sd of the runs' final label agreement, '-' where the method has no neighbours (or older records)."""
+    values = [r["label_agreement"] for r in records if r.get("label_agreement") is not None]
+    return mean_std(values) if len(values) == len(records) else "-"
+
+
 def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> str:
     """The table of one experiment with its machine, versions, budget, wall time and exact commands."""
     import torch
@@ -198,8 +216,8 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
              f"{args.threads or 'all'} threads; torch {torch.__version__}, Python {platform.python_version()}. "
              f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| row | kNN top-1 before | kNN top-1 after | linear top-1 | training per run (s) | wall time per run (s) "
-             "| kept besides the network |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| kept besides the network | positives' label agreement at the end (%) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     after: dict[str, float] = {}
     for label in rows:
         rs = [r for r in records if r["row"] == label]
@@ -207,7 +225,8 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
         lines.append(f"| {label} | {mean_std([r['knn_before'] for r in rs])} | {mean_std([r['knn_after'] for r in rs])}"
                      f" | {mean_std([r['linear'] for r in rs])} | {_mean_of(rs, 'train_time_s')}"
                      f" | {statistics.mean(r['wall_time_s'] for r in rs):.0f}"
-                     f" | {storage(rs[0]['stored_bytes']) if 'stored_bytes' in rs[0] else rs[0].get('storage', '-')} |")
+                     f" | {storage(rs[0]['stored_bytes']) if 'stored_bytes' in rs[0] else rs[0].get('storage', '-')}"
+                     f" | {_agreement(rs)} |")
     groups = list(dict.fromkeys(r["group"] for r in records if r["group"]))
     if groups:
         lines += ["", "Relative drop of the kNN top-1 from the full recipe to random crops only:", ""]

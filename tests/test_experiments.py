@@ -13,7 +13,7 @@ import pytest
 from robust_helpers import tiny_npz
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("methods", "crops", "support", "prototypes", "budget", "recipe")
+TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "recipe")
 
 
 def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
@@ -42,6 +42,9 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
     assert cpu and f"Machine: {cpu}, " in text
     crops = text[text.index("<!-- table crops -->"):]
     assert "relative drop" in crops and "nnclr:" in crops
+    neighbours = {r["row"]: r for r in json.loads((json_dir / "neighbours.json").read_text())}
+    assert neighbours["simclr"]["label_agreement"] is None  # no neighbours
+    assert 0 <= neighbours["nnclr"]["label_agreement"] <= 100
     prototypes = {r["row"]: r for r in json.loads((json_dir / "prototypes.json").read_text())}
     kept = {row: r["stored_bytes"] for row, r in prototypes.items()}
     # the smoke run's two rows: KMCLR keeps K prototypes x 16 fp32 and a count per prototype, no support set
