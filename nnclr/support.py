@@ -28,7 +28,7 @@ from torch import Tensor
 from nnclr import distributed
 from nnclr.runtime import cpu_has_fast_bf16
 
-GROUP = 256  # rows per maximum kept by the bf16 scan: the unit in which candidates are read again
+GROUP = 512  # rows per maximum kept by the bf16 scan: the unit in which candidates are read again
 ALIGN = 16  # the fp32 matmuls of the low-precision path use at least this many queries and rows (see _rescore)
 BF16_ROUNDOFF, FP32_ROUNDOFF = 2.0**-8, 2.0**-24  # unit roundoff (round to nearest even) of bf16 and fp32
 CALL_COST = 2**22  # multiply-adds worth one more small matmul call (about 0.1 ms), for _rescore's choice
@@ -127,24 +127,28 @@ class SupportSet(torch.nn.Module):
         top-k for k > 1), faster where bf16 matmuls are fast (:func:`low_precision_is_fast`):
 
         1. a bf16 scan of a cached bf16 copy of the queue, in blocks of ``chunk_size`` rows
-           (rounded to a multiple of 256), keeping the scores and the maximum of every 256 rows.
+           (rounded to a multiple of 512), keeping the scores and the maximum of every 512 rows.
            The scan computes ``q~.r~ - 1`` (an extra column), so that the rounding of its bf16
            output is relative to the distance from a perfect match, not to the score;
         2. the candidates of a query: every row whose bf16 output reaches a threshold below the
-           best one (k > 1: the k-th largest 256-row maximum, a lower bound of the k-th best) by a
+           best one (k > 1: the k-th largest 512-row maximum, a lower bound of the k-th best) by a
            proven bound on the bf16 error: 2 e + 2^-7 (1 - score), e about 0.004 for unit vectors
            in D = 256 (:func:`_error_bound`, :func:`_threshold` derive it). The fp32 best row
            (each of the fp32 top k) is a candidate by construction, however close the other rows;
-           only the 256-row groups whose maximum reaches the threshold are read again;
+           only the 512-row groups whose maximum reaches the threshold are read again;
         3. the candidates re-scored in fp32 by the fp32 path's own matmul (:func:`_rescore`:
            bitwise the fp32 path's scores on the CPUs tested) and the best taken, ties to the lowest
            row as in the fp32 scan.
 
-        A query with more than max(64 + k, n / 16) candidates (more near-duplicates within bf16
-        resolution than that) is scanned in fp32 instead, with the other such queries of the
-        batch (at least 16 queries per such scan, the whole batch if it is smaller): such batches
-        are slower, never inexact. For k > 1 the k-th largest group maximum can lie far below the
-        k-th best score when the k best rows share a group; the candidates are then many.
+        A query whose threshold is reached in more than 3/4 of the 512-row groups (and more
+        than 16), or by more than max(256, n / 256) + k rows (near-duplicates within bf16
+        resolution all over the queue) is scanned in fp32 instead, with the other such queries of
+        the batch (at least 16 queries per such scan, the whole batch if it is smaller): such
+        batches cost the bf16 scan on top of the fp32 one (1.3x fp32 at 98,304 rows), never
+        exactness. Early in training, when the projections are nearly collapsed (nearest-neighbour
+        similarity 0.995 at initialisation), most queries take that path; the queue is short
+        then. For k > 1 the k-th largest group maximum can lie far below the k-th best score when
+        the k best rows share a group; the candidates are then more.
 
         The bf16 copy is kept in step by :meth:`enqueue` (write to the buffers only through
         :meth:`enqueue`/``load_state_dict``); converting each block to bf16 on the fly costs more
@@ -261,10 +265,14 @@ class SupportSet(torch.nn.Module):
         else:
             best = torch.full_like(maxima[:, 0], float("-inf"))  # all rows are candidates
         threshold = _threshold(best, _error_bound(z, zq[:, : z.shape[1]], norms[:n]))
-        cand_q, cand_r = _candidates(scores, maxima, threshold)
+        flagged = maxima >= threshold[:, None]  # (B, groups) the groups to read again
+        # Near-ties all over the queue (in 3/4 of the groups, or more candidates than the cap): those
+        # queries are scanned in fp32 instead, which costs less than reading and re-scoring them.
+        heavy = flagged.sum(dim=1) > max(16, flagged.shape[1] * 3 // 4)  # (B,)
+        cand_q, cand_r = _candidates(scores, flagged & ~heavy[:, None], threshold)
         del scores
-        heavy = torch.bincount(cand_q, minlength=z.shape[0]) > max(64 + k, n // ALIGN)  # (B,)
-        if bool(heavy.any()):  # denser near-ties than that: these queries are scanned in fp32 instead
+        heavy |= torch.bincount(cand_q, minlength=z.shape[0]) > max(256, n // 256) + k
+        if bool(heavy.any()):
             light = ~heavy[cand_q]
             cand_q, cand_r = cand_q[light], cand_r[light]
         vals, rows = _rescore(z, self.embeddings, cand_q, cand_r, k)
@@ -332,11 +340,11 @@ def _scan_topk(
 def _rounded_with_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
     """The bf16 scan's copy of ``rows`` (n, D) fp32, and per row (||r||, ||r - bf16(r)||) as (n, 2) fp32.
 
-    The copy is (n, W), W = D + 1 rounded up to a multiple of ALIGN: bf16(r), then -1 (the shift of
-    :func:`_shifted_queries`), then zeros.
+    The copy is (n, D + 2): bf16(r), then -1 (the shift of :func:`_shifted_queries`), then 0 (an even
+    width: 0.6 ms slower than D = 256 alone at 98,304 x 256, a width of 272 cost 2 ms).
     """
     n, d = rows.shape
-    rounded = torch.zeros(n, -(-(d + 1) // ALIGN) * ALIGN, dtype=torch.bfloat16, device=rows.device)
+    rounded = torch.zeros(n, d + 2, dtype=torch.bfloat16, device=rows.device)
     rounded[:, :d] = rows
     rounded[:, d] = -1.0
     errors = (rows - rounded[:, :d].float()).norm(dim=1)
@@ -421,15 +429,16 @@ def _scan_groups(
 
     Returns the scores (blocks, B, c) bf16, c a multiple of GROUP, -inf at excluded rows and past
     the last row (block j holds rows [j c, (j + 1) c)), and the maxima (B, blocks * c / GROUP) fp32.
-    Each block's maxima are taken while it is still in cache (``amax`` costs a third of ``topk``).
+    Each block's maxima are taken while it is still in cache (``amax`` costs a third of ``topk``);
+    the excluded rows are masked after the scan, and only their groups' maxima taken again (masking
+    block by block cost 3 ms at 98,304 rows, in small calls).
     """
     b, n = zq.shape[0], bank.shape[0]
     c = min(max(GROUP, chunk_size // GROUP * GROUP), -(-n // GROUP) * GROUP)
-    blocks = -(-n // c)
+    blocks, per_block = -(-n // c), c // GROUP
     scores = torch.empty(blocks, b, c, dtype=torch.bfloat16, device=zq.device)
-    maxima = torch.empty(blocks, b, c // GROUP, dtype=torch.bfloat16, device=zq.device)
+    maxima = torch.empty(blocks, b, per_block, dtype=torch.bfloat16, device=zq.device)
     neg_inf = torch.tensor(float("-inf"), dtype=torch.bfloat16, device=zq.device)
-    pair_q, pair_r = _exclusion_pairs(bank_indices, exclude)  # (P,), (P,)
     for j in range(blocks):
         start, block = j * c, scores[j]
         if start + c <= n:
@@ -437,18 +446,22 @@ def _scan_groups(
         else:
             block[:, : n - start] = zq @ bank[start:].T
             block[:, n - start :] = neg_inf
-        if pair_q.numel():
-            inside = (pair_r >= start) & (pair_r < start + c)
-            block.index_put_((pair_q[inside], pair_r[inside] - start), neg_inf)
-        torch.amax(block.view(b, c // GROUP, GROUP), dim=2, out=maxima[j])
-    return scores, maxima.permute(1, 0, 2).reshape(b, -1).float()
+        torch.amax(block.view(b, per_block, GROUP), dim=2, out=maxima[j])
+    maxima = maxima.permute(1, 0, 2).reshape(b, -1)  # (B, groups)
+    query, row = _exclusion_pairs(bank_indices, exclude)  # (P,), (P,)
+    if query.numel():
+        scores.index_put_((row // c, query, row % c), neg_inf)
+        group = row // GROUP
+        grouped = scores.view(blocks, b, per_block, GROUP)[group // per_block, query, group % per_block]
+        maxima[query, group] = grouped.amax(dim=1)
+    return scores, maxima.float()
 
 
-def _candidates(scores: Tensor, maxima: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """(query, row) pairs with a bf16 score >= the query's ``threshold`` (B,), ordered by query, then
-    row; only the GROUP-row groups whose maximum reaches it are read. Excluded rows never."""
-    b = maxima.shape[0]
-    query, group = (maxima >= threshold[:, None]).nonzero(as_tuple=True)  # (G,) groups to read
+def _candidates(scores: Tensor, flagged: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """(query, row) pairs with a bf16 score >= the query's ``threshold`` (B,) in the ``flagged`` (B, groups)
+    GROUP-row groups, ordered by query, then row. Excluded rows never."""
+    b = flagged.shape[0]
+    query, group = flagged.nonzero(as_tuple=True)  # (G,) groups to read
     per_block = scores.shape[2] // GROUP
     values = scores.view(scores.shape[0], b, per_block, GROUP)[group // per_block, query, group % per_block]
     hit = (values.float() >= threshold[query, None]) & (values > float("-inf"))  # (G, GROUP)

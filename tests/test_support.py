@@ -274,22 +274,30 @@ def test_low_precision_scores_are_the_fp32_scans_bitwise(b: int) -> None:
     assert torch.equal(low_rows, exact_rows) and torch.equal(low_sims, exact_sims)
 
 
-def test_low_precision_falls_back_to_fp32_for_dense_queries_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One query sits in 600 near-duplicates (more candidates than the cap): it is scanned in fp32, in
-    one scan with 15 other queries (a one-query scan sums in another order); the rest are re-scored."""
-    scans = []
-    scan = support_module._scan_topk
+@pytest.mark.parametrize("size", [4096, 16384])
+def test_low_precision_falls_back_to_fp32_for_dense_queries_only(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One query sits in 600 near-duplicates: more candidates than the cap (4,096 rows), or its threshold
+    reached in more than 3/4 of the 512-row groups (16,384 rows), so its candidates are not even
+    read. It is scanned in fp32, in one scan with 15 other queries (a one-query scan sums in another
+    order); the rest are re-scored."""
+    scans, reads = [], []
+    scan, candidates = support_module._scan_topk, support_module._candidates
     monkeypatch.setattr(support_module, "_scan_topk", lambda z, *args: scans.append(len(z)) or scan(z, *args))
+    monkeypatch.setattr(support_module, "_candidates",
+                        lambda s, flagged, t: reads.append(flagged.sum(dim=1)) or candidates(s, flagged, t))
     bank, near = _near_duplicates(1, 600, 64, seed=12)
     g = torch.Generator().manual_seed(13)
-    support = SupportSet(4096, 64)
-    support.enqueue(torch.cat([bank, torch.randn(3496, 64, generator=g)]), None, None, step=0)
+    rows = torch.cat([bank, torch.randn(size - 600, 64, generator=g)])
+    order = torch.randperm(size, generator=g)
+    support = SupportSet(size, 64)
+    support.enqueue(rows[order], None, None, step=0)
     queries = torch.cat([torch.randn(30, 64, generator=g), near])
     exact_rows, exact_sims = support.nearest(queries)
-    assert exact_rows[-1] < 600 and scans == [31]
+    assert order[exact_rows[-1]] < 600 and scans == [31]
     low_rows, low_sims = support.nearest(queries, low_precision=True)
     assert torch.equal(low_rows, exact_rows) and torch.equal(low_sims, exact_sims)
     assert scans == [31, 16]
+    assert (reads[0][-1] == 0) == (size == 16384) and (reads[0][:30] > 0).all()
 
 
 @pytest.mark.parametrize("low", [False, True])
