@@ -50,13 +50,19 @@ def nnclr_loss(positives: Tensor, predictions: Tensor, temperature: float = 0.1)
         Scalar float32 tensor: the mean of L_i over the local batch.
     """
     with torch.autocast(device_type=predictions.device.type, enabled=False):
-        dtype = torch.promote_types(at_least_fp32(positives).dtype, at_least_fp32(predictions).dtype)
-        pos = _fp32_normalised(positives).to(dtype)  # (B, D)
-        pred = _fp32_normalised(predictions).to(dtype)  # (B, D)
-        pred_all = distributed.gather_with_grad(pred)  # (W*B, D)
-        logits = pos @ pred_all.T / temperature  # (B, W*B)
-        labels = torch.arange(pos.shape[0], device=pos.device) + distributed.rank() * pos.shape[0]
-        return F.cross_entropy(logits, labels)
+        logits, own = _logits_against_batch(positives, predictions, temperature)  # (B, W*B), (B,)
+        return F.cross_entropy(logits, own)
+
+
+def _logits_against_batch(positives: Tensor, predictions: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Logits q·p⁺_b / τ of positives (B, ..., D) against the global batch's predictions (gathered with gradient),
+    everything L2-normalised in at least fp32, and each anchor's own column (B,). Call with autocast off."""
+    dtype = torch.promote_types(at_least_fp32(positives).dtype, at_least_fp32(predictions).dtype)
+    pos = F.normalize(at_least_fp32(positives), dim=-1).to(dtype)  # (B, ..., D)
+    pred = _fp32_normalised(predictions).to(dtype)  # (B, D)
+    pred_all = distributed.gather_with_grad(pred)  # (W*B, D)
+    own = torch.arange(pos.shape[0], device=pos.device) + distributed.rank() * pos.shape[0]  # (B,)
+    return pos @ pred_all.T / temperature, own  # (B, ..., W*B)
 
 
 def multi_positive_loss(positives: Tensor, weights: Tensor, predictions: Tensor, temperature: float = 0.1) -> Tensor:
@@ -82,14 +88,9 @@ def multi_positive_loss(positives: Tensor, weights: Tensor, predictions: Tensor,
         Scalar float32 tensor: the mean of L_i over the local batch.
     """
     with torch.autocast(device_type=predictions.device.type, enabled=False):
-        dtype = torch.promote_types(at_least_fp32(positives).dtype, at_least_fp32(predictions).dtype)
-        pos = F.normalize(at_least_fp32(positives), dim=-1).to(dtype)  # (B, k, D)
-        pred = _fp32_normalised(predictions).to(dtype)  # (B, D)
-        pred_all = distributed.gather_with_grad(pred)  # (W*B, D)
-        logits = pos @ pred_all.T / temperature  # (B, k, W*B)
-        own = torch.arange(pos.shape[0], device=pos.device) + distributed.rank() * pos.shape[0]  # (B,)
-        log_prob = logits.log_softmax(dim=-1).gather(-1, own[:, None, None].expand(-1, pos.shape[1], 1))[..., 0]
-        return -(weights.to(dtype) * log_prob).sum(dim=1).mean()
+        logits, own = _logits_against_batch(positives, predictions, temperature)  # (B, k, W*B), (B,)
+        log_prob = logits.log_softmax(dim=-1).gather(-1, own[:, None, None].expand(-1, logits.shape[1], 1))[..., 0]
+        return -(weights.to(logits.dtype) * log_prob).sum(dim=1).mean()
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
