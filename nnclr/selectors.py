@@ -39,7 +39,7 @@ class Selection(NamedTuple):
     """What a positive selector returns for a batch of B projections."""
 
     positives: Tensor  # (B, D) L2-normalised
-    rows: Tensor  # (B,) support rows used (-1 = none / not from the support set)
+    rows: Tensor  # (B,) or (B, k) support rows the positive was made of (-1 = none / not from the support set)
     similarity: Tensor  # (B,) cosine similarity between z and its positive (detached)
 
 
@@ -198,7 +198,7 @@ class NeighboursSelector(PositiveSelector):
         n = self.neighbours(z, support, indices=indices)
         positives = F.normalize((n.weights[..., None] * n.positives).sum(dim=1), dim=1)  # (b, D)
         similarity = (F.normalize(z.detach(), dim=1) * positives).sum(dim=1)
-        return Selection(positives, n.rows[:, 0], similarity)
+        return Selection(positives, n.rows, similarity)
 
 
 class Neighbours(NamedTuple):

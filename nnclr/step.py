@@ -106,8 +106,12 @@ def positive_loss(x: StepInputs) -> StepOutput:
     if w > 0:
         loss = w * nt_xent(x.z1, x.z2, temperature=x.temperature) + (1 - w) * loss
     diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item(), "instance_weight": w}
-    if x.support is not None:  # the neighbour diagnostics, computed before this step's enqueue
-        diagnostics |= x.support.diagnostics(s1.rows, s1.similarity, labels=x.labels, indices=x.indices, step=x.step)
+    if x.support is not None:  # the neighbour diagnostics, computed before this step's enqueue, over every row used
+        rows = s1.rows.reshape(len(x.z1), -1)  # (b, k): k = 1 for NNCLR, the neighbours averaged for nnclr_mean
+        k = rows.shape[1]
+        diagnostics |= x.support.diagnostics(
+            rows.flatten(), s1.similarity.repeat_interleave(k), step=x.step,
+            labels=x.labels.repeat_interleave(k), indices=x.indices.repeat_interleave(k))
     return StepOutput(loss, x.z1.detach(), diagnostics)
 
 

@@ -139,3 +139,21 @@ def test_neighbours_loss_is_nnclrs_loss_weighted_over_the_k_nearest(weighting: s
     top = (z1 @ stored.T).topk(k, dim=1).indices
     agreement = ((top % 4) == (torch.arange(b) % 4)[:, None]).float().mean().item()
     assert out.diagnostics["nn_label_agreement"] == pytest.approx(agreement)
+
+
+def test_mean_shift_diagnostics_count_every_neighbour_averaged() -> None:
+    """nnclr_mean's positive is the mean of k neighbours: its label agreement is over those k rows."""
+    torch.manual_seed(1)
+    b, dim, k = 6, 8, 3
+    stored = F.normalize(torch.randn(32, dim), dim=1)
+    support = SupportSet(32, dim)
+    support.enqueue(stored, torch.arange(32) % 4, torch.arange(100, 132), step=0)
+    z1, z2 = (F.normalize(torch.randn(b, dim), dim=1) for _ in range(2))
+    out = positive_loss(StepInputs(
+        z1=z1, z2=z2, p1=torch.randn(b, dim), p2=torch.randn(b, dim), support=support,
+        selector=NeighboursSelector(k=k), labels=torch.arange(b) % 4, indices=torch.arange(b), step=1,
+        uniforms=torch.zeros(2, b), temperature=0.1, instance_weight=0.0,
+    ))
+    top = (z1 @ support.embeddings.T).topk(k, dim=1).indices
+    agreement = ((top % 4) == (torch.arange(b) % 4)[:, None]).float().mean().item()
+    assert out.diagnostics["nn_label_agreement"] == pytest.approx(agreement)
