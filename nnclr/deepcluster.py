@@ -22,7 +22,7 @@ clustering objective of its own and put the classifier on a layer that is not th
 
 Where this differs from the paper, and why:
 
-- k-means is spherical (cosine) k-means from :mod:`nnclr.kmeans`, the code KMCLR uses, seeded by
+- k-means is spherical (cosine) k-means from :mod:`nnclr.kmeans`, seeded by
   greedy k-means++ from a generator seeded with (``train.seed``, epoch), so that a resumed run
   clusters exactly as the uninterrupted one; the paper runs Faiss's Euclidean k-means on the
   whitened, normalised features (for unit vectors the two objectives agree up to the centroids'

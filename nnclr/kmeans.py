@@ -1,7 +1,7 @@
 """Spherical (cosine) k-means, chunked and distributed-ready.
 
-Used by KMCLR (positives = the nearest of K online prototypes of the support set; K = 400 matched
-NNCLR on CIFAR-100 while storing 0.4% of the vectors) and by DeepCluster-style pseudo-labels.
+Used by DeepCluster's pseudo-labels (:mod:`nnclr.deepcluster`), which cluster the whole training set
+every epoch. KMCLR's prototypes learn online instead (:mod:`nnclr.online_kmeans`).
 
 Distributed pattern (as solo-learn's ``kmeans.py``): every rank holds its own rows; per-cluster
 sums and counts are summed over ranks with :func:`nnclr.distributed.all_reduce_sum`, the initial
