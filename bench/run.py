@@ -121,17 +121,7 @@ def accuracy_section(r: dict[str, Any]) -> list[str]:
 
 
 def lookup_section(r: dict[str, Any]) -> list[str]:
-    lines = ["## Support-set lookup", "",
-             f"`SupportSet.nearest` for {r['batch']} queries (one view of a step), {r['threads']} threads, on real "
-             f"embeddings (z of augmented CIFAR-10 training images through the model trained {r['model']}; queries "
-             "exclude their own older copies). ms per call, min / median / max of the interleaved repeats; "
-             "agreement = same neighbour as the exact fp32 scan (or an exact fp32 tie).", "",
-             "| entries | fp32 exact (ms) | bf16 + fp32 re-rank of top 8 (ms) | agreement | bf16 argmax alone |",
-             "| --- | --- | --- | --- | --- |"]
-    for size, s in r["results"].items():
-        lines.append(f"| {size:,} | {_fmt(s['fp32_ms'])} | {_fmt(s['bf16_ms'])} | "
-                     f"{100 * s['agreement']:.2f}% of {s['queries']:,} | {100 * s['agreement_no_rerank']:.2f}% |")
-    return [*lines, ""]
+    return lookup.section(r)
 
 
 def eval_section(r: dict[str, Any]) -> list[str]:
