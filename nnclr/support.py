@@ -148,7 +148,7 @@ class SupportSet(torch.nn.Module):
         exactness. Early in training, when the projections are nearly collapsed (nearest-neighbour
         similarity 0.995 at initialisation), most queries take that path; the queue is short
         then. For k > 1 the k-th largest group maximum can lie far below the k-th best score when
-        the k best rows share a group; the candidates are then more.
+        the k best rows share a group; there are then more candidates.
 
         The bf16 copy is kept in step by :meth:`enqueue` (write to the buffers only through
         :meth:`enqueue`/``load_state_dict``); converting each block to bf16 on the fly costs more
