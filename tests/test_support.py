@@ -316,12 +316,20 @@ def test_topk_picks_only_among_topk(low: bool) -> None:
     assert seen == {0, 1, 2}
 
 
-def test_topk_is_reproducible_with_a_generator() -> None:
+@pytest.mark.parametrize("low", [False, True])
+def test_topk_pick_is_the_uniforms_candidate_whatever_the_global_rng(low: bool) -> None:
+    """The trainer's path: uniforms u (drawn for the global batch) pick candidate floor(u * k) of the top k;
+    the global RNG plays no part (issue 20: it did, and a resumed run diverged)."""
     support = _filled(100, 8, 100)
     queries = torch.randn(20, 8)
-    a = support.nearest(queries, k=5, generator=torch.Generator().manual_seed(1))[0]
-    b = support.nearest(queries, k=5, generator=torch.Generator().manual_seed(1))[0]
-    assert torch.equal(a, b)
+    _, top = support.topk(queries, k=5)  # (20, 5) nearest first
+    u = torch.rand(20, generator=torch.Generator().manual_seed(3))
+    picks = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        picks.append(support.nearest(queries, k=5, uniform=u, low_precision=low)[0])
+    assert torch.equal(picks[0], picks[1])
+    assert torch.equal(picks[0], top.gather(1, (u * 5).long()[:, None])[:, 0])
 
 
 def test_topk_with_fewer_filled_rows_than_k() -> None:
