@@ -113,21 +113,24 @@ def test_nnclr_gradient_reaches_z_only_through_the_predictions(filled: bool) -> 
     assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
 
 
+def _labelled_inputs(selector: NeighboursSelector, b: int, dim: int, seed: int) -> StepInputs:
+    """A full 32-row support set whose row r has label r % 4, and b random queries with labels 0..3."""
+    torch.manual_seed(seed)
+    support = SupportSet(32, dim)
+    support.enqueue(torch.randn(32, dim), torch.arange(32) % 4, torch.arange(100, 132), step=0)
+    z1, z2 = (F.normalize(torch.randn(b, dim), dim=1) for _ in range(2))
+    return StepInputs(z1=z1, z2=z2, p1=torch.randn(b, dim), p2=torch.randn(b, dim), support=support,
+                      selector=selector, labels=torch.arange(b) % 4, indices=torch.arange(b), step=1,
+                      uniforms=torch.zeros(2, b), temperature=0.1, instance_weight=0.0)
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "soft"])
 def test_neighbours_loss_is_nnclrs_loss_weighted_over_the_k_nearest(weighting: str) -> None:
     """L = 1/2 [sum_j w_j nnclr(NN_j(z1), p2) + sum_j w_j nnclr(NN_j(z2), p1)], neighbours found by brute force."""
-    torch.manual_seed(0)
     b, dim, k = 6, 8, 3
-    stored = F.normalize(torch.randn(32, dim), dim=1)
-    support = SupportSet(32, dim)
-    support.enqueue(stored, torch.arange(32) % 4, torch.arange(100, 132), step=0)
-    z1, z2 = (F.normalize(torch.randn(b, dim), dim=1) for _ in range(2))
-    p1, p2 = torch.randn(b, dim), torch.randn(b, dim)
-    selector = NeighboursSelector(k=k, weighting=weighting, soft_temperature=0.5)
-    out = neighbours_loss(StepInputs(
-        z1=z1, z2=z2, p1=p1, p2=p2, support=support, selector=selector, labels=torch.arange(b) % 4,
-        indices=torch.arange(b), step=1, uniforms=torch.zeros(2, b), temperature=0.1, instance_weight=0.0,
-    ))
+    x = _labelled_inputs(NeighboursSelector(k=k, weighting=weighting, soft_temperature=0.5), b, dim, seed=0)
+    stored, z1, z2, p1, p2 = x.support.embeddings, x.z1, x.z2, x.p1, x.p2
+    out = neighbours_loss(x)
 
     def direction(z: torch.Tensor, p: torch.Tensor) -> float:
         top = (z @ stored.T).topk(k, dim=1)
@@ -143,17 +146,9 @@ def test_neighbours_loss_is_nnclrs_loss_weighted_over_the_k_nearest(weighting: s
 
 def test_mean_shift_diagnostics_count_every_neighbour_averaged() -> None:
     """nnclr_mean's positive is the mean of k neighbours: its label agreement is over those k rows."""
-    torch.manual_seed(1)
     b, dim, k = 6, 8, 3
-    stored = F.normalize(torch.randn(32, dim), dim=1)
-    support = SupportSet(32, dim)
-    support.enqueue(stored, torch.arange(32) % 4, torch.arange(100, 132), step=0)
-    z1, z2 = (F.normalize(torch.randn(b, dim), dim=1) for _ in range(2))
-    out = positive_loss(StepInputs(
-        z1=z1, z2=z2, p1=torch.randn(b, dim), p2=torch.randn(b, dim), support=support,
-        selector=NeighboursSelector(k=k), labels=torch.arange(b) % 4, indices=torch.arange(b), step=1,
-        uniforms=torch.zeros(2, b), temperature=0.1, instance_weight=0.0,
-    ))
-    top = (z1 @ support.embeddings.T).topk(k, dim=1).indices
+    x = _labelled_inputs(NeighboursSelector(k=k), b, dim, seed=1)
+    out = positive_loss(x)
+    top = (x.z1 @ x.support.embeddings.T).topk(k, dim=1).indices
     agreement = ((top % 4) == (torch.arange(b) % 4)[:, None]).float().mean().item()
     assert out.diagnostics["nn_label_agreement"] == pytest.approx(agreement)
