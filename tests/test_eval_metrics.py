@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from nnclr.augment import RECIPES, apply_view, eval_transform, sample_view_params
 from nnclr.backbones import build_backbone
 from nnclr.errors import UserError
 from nnclr.evaluate.knn import knn_accuracy, knn_sweep
-from nnclr.evaluate.linear import fast_linear_probe, fit_logistic, paper_linear_probe, standardise, state_snapshot
+from nnclr.evaluate.linear import (
+    fast_linear_probe,
+    fit_logistic,
+    paper_linear_probe,
+    standardise,
+    state_snapshot,
+    topk_accuracy,
+)
 from nnclr.evaluate.linear import unchanged as backbone_unchanged
 from nnclr.evaluate.retrieval import retrieval_metrics
 from nnclr.evaluate.semi import balanced_subset, finetune, read_subset, write_subset
@@ -227,3 +235,95 @@ def test_paper_linear_probe_leaves_the_backbone_bit_identical_and_notices_when_i
 
     with pytest.raises(RuntimeError, match="backbone changed"):
         paper_linear_probe(Drifting(), x, y, x[:32], y[:32], epochs=1, batch_size=64, **EVAL_KWARGS)
+
+
+def reference_sgd(
+    logits_of: Callable[[torch.Tensor], torch.Tensor], parameters: list[torch.nn.Parameter], images: torch.Tensor,
+    labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float, seed: int,
+    equal_batches: bool,
+) -> list[float]:
+    """The SGD of the paper linear probe and of fine-tuning, written out from their description; every step's loss.
+
+    Per epoch a permutation from a CPU generator seeded ``seed``; batches of ``batch_size`` (or, with
+    ``equal_batches``, the same number of batches cut near-equal); one random-resized-crop + flip view per image
+    from a second generator seeded ``seed``; cross-entropy; SGD with Nesterov momentum
+    (``v <- m v + g``, ``p <- p - lr_t (g + m v)``, ``g`` including ``weight_decay * p``), learning rate
+    ``lr x batch / 256`` (the largest batch) cosine-annealed to 0 over all steps.
+    """
+    recipe = RECIPES["crops"][0]
+    steps = max(1, math.ceil(images.shape[0] / batch_size))
+    if equal_batches:
+        batch_size = math.ceil(images.shape[0] / steps)
+    total, base = epochs * steps, lr * batch_size / 256
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (EVAL_KWARGS["mean"], EVAL_KWARGS["std"]))
+    views, shuffles = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    velocity = [torch.zeros_like(p) for p in parameters]
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(images.shape[0], generator=shuffles)
+        for idx in order.tensor_split(steps) if equal_batches else order.split(batch_size):
+            params = sample_view_params(recipe, len(idx), images.shape[2], images.shape[3], views, images.device)
+            x = apply_view(images[idx].float().mul_(1.0 / 255), params, recipe, EVAL_KWARGS["size"], mean, std)
+            loss = torch.nn.functional.cross_entropy(logits_of(x), labels[idx])
+            grads = torch.autograd.grad(loss, parameters)
+            step_lr = base * (1 + math.cos(math.pi * len(losses) / total)) / 2
+            with torch.no_grad():
+                for p, g, v in zip(parameters, grads, velocity):
+                    g = g + weight_decay * p
+                    v.mul_(momentum).add_(g)
+                    p.sub_(step_lr * (g + momentum * v))
+            losses.append(loss.item())
+    return losses
+
+
+def reference_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1/top-5 of ``model`` in eval mode on centre (un-augmented) images."""
+    x = eval_transform(images, EVAL_KWARGS["size"], mean=EVAL_KWARGS["mean"], std=EVAL_KWARGS["std"])
+    with torch.no_grad():
+        return topk_accuracy(model.eval()(x), labels)
+
+
+def test_paper_linear_probe_is_the_described_sgd_on_a_frozen_encoder() -> None:
+    x, y = colour_images(60, side=10)
+    test_x, test_y = colour_images(24, seed=1, side=10)
+    settings = {"epochs": 2, "batch_size": 16, "lr": 2.0, "momentum": 0.8, "weight_decay": 1e-3, "seed": 3}
+    result = paper_linear_probe(tiny_encoder(), x, y, test_x, test_y, **settings, **EVAL_KWARGS)
+
+    encoder = tiny_encoder()
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(16, affine=False), torch.nn.Linear(16, 4))
+    torch.nn.init.zeros_(head[1].weight)
+    torch.nn.init.zeros_(head[1].bias)
+
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = encoder(images)
+        return head(features)
+
+    losses = reference_sgd(logits_of, list(head.parameters()), x, y, equal_batches=False, **settings)
+    assert len(losses) == result.extra["steps"] == 2 * 4  # batches of 16, 16, 16 and 12
+    assert result.extra["final_loss"] == pytest.approx(losses[-1], rel=1e-4)
+    assert (result.top1, result.top5) == reference_accuracy(torch.nn.Sequential(encoder, head), test_x, test_y)
+
+
+def test_semi_finetune_is_the_described_sgd_then_precise_batch_norm() -> None:
+    x, y = colour_images(60, side=10)
+    test_x, test_y = colour_images(24, seed=1, side=10)
+    settings = {"epochs": 2, "batch_size": 16, "lr": 0.3, "momentum": 0.8, "seed": 2}
+    result = finetune(tiny_encoder(1), x, y, test_x, test_y, **settings, **EVAL_KWARGS)
+
+    model = torch.nn.Sequential(tiny_encoder(1).train(), torch.nn.Linear(16, 4))
+    torch.nn.init.zeros_(model[1].weight)
+    torch.nn.init.zeros_(model[1].bias)
+    losses = reference_sgd(model, list(model.parameters()), x, y, equal_batches=True, weight_decay=0.0, **settings)
+    assert result.extra["steps"] == len(losses) == 2 * 4 and result.extra["batch_size"] == 15  # 4 batches of 15
+    assert result.extra["final_loss"] == pytest.approx(losses[-1], rel=1e-4)
+    assert result.extra["epoch_losses"] == pytest.approx([sum(losses[:4]) / 4, sum(losses[4:]) / 4], abs=2e-4)
+    # precise BN: running statistics = the average over the labelled images' centre views, in batches of 15
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    with torch.no_grad():
+        for batch in x.split(15):
+            model(eval_transform(batch, EVAL_KWARGS["size"], mean=EVAL_KWARGS["mean"], std=EVAL_KWARGS["std"]))
+    assert (result.top1, result.top5) == reference_accuracy(model, test_x, test_y)
