@@ -33,7 +33,9 @@ Usage (from the repository root; experiments are not part of the installed packa
     python experiments/run.py --table all --smoke      # a few steps on tiny data (the test suite)
 
 Raw results: ``experiments/results/<table>.json`` (one record per run); the table is written into
-``RESULTS.md`` between markers, so that tables from separate commands sit side by side.
+``RESULTS.md`` between markers, so that tables from separate commands sit side by side. The runs start
+in the repository root, and every path in a table and its commands (data, run directories) is relative
+to it, so that the commands printed run as they are from a checkout anywhere.
 """
 
 from __future__ import annotations
@@ -108,11 +110,24 @@ def storage(count: int) -> str:
     return f"{count / 2**20:.2f} MiB" if count >= 2**16 else f"{count / 2**10:.1f} KiB"
 
 
+def relative(path: Path | str) -> str:
+    """``path`` (absolute, or relative to the current directory) relative to the repository root, where the runs
+    start: RESULTS.md's commands then hold no path of the machine that ran them."""
+    return os.path.relpath(os.path.realpath(path), REPO)
+
+
+def relative_data(name: str) -> str:
+    """A data source with its path relative to the repository root (``npz:PATH``, ``folder:PATH``); names as is."""
+    kind, colon, path = name.partition(":")
+    return f"{kind}:{relative(path)}" if colon and kind in ("npz", "folder") else name
+
+
 def nnclr(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user runs it; a failure stops the experiment with the CLI's own message."""
+    """Run the CLI as a user runs it, from the repository root (the tables' paths are relative to it); a failure
+    stops the experiment with the CLI's own message."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
     command = [sys.executable, "-m", "nnclr", *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"experiment failed: {shlex.join(command)}\n{result.stderr.strip()}")
     return result
@@ -129,7 +144,7 @@ def fresh_pretrain(run_dir: Path, overrides: list[str]) -> list[str]:
     """``nnclr pretrain`` in an emptied ``run_dir`` (a finished run left there would only resume, in no time);
     its arguments, for the table's commands."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    pretrain = ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
+    pretrain = ["pretrain", "--run-dir", relative(run_dir), "--no-progress", "--set", *overrides]
     nnclr(*pretrain)
     return pretrain
 
@@ -150,7 +165,7 @@ def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_di
     pretrain = fresh_pretrain(run_dir, overrides)
     wall = time.perf_counter() - start
     results = json.loads((run_dir / "results.json").read_text())
-    linear = ["eval", "linear", "--checkpoint", str(run_dir), "--threads", str(args.threads)]
+    linear = ["eval", "linear", "--checkpoint", relative(run_dir), "--threads", str(args.threads)]
     nnclr(*linear)
     probe = json.loads(next((run_dir / "eval").glob("linear-*.json")).read_text())
     return {"row": row.label, "group": row.group, "seed": seed, "overrides": overrides,
@@ -242,7 +257,7 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
 def write_results_md(path: Path, name: str, block: str) -> None:
     """Replace table ``name`` in RESULTS.md (between its markers) or append it."""
     text = path.read_text() if path.exists() else (
-        "# Results\n\nThe paper's claims at CPU scale, written by `experiments/run.py` (see its docstring).\n")
+        "# Results\n\nThe paper's claims at CPU scale, written by `experiments/run.py` (see docs/experiments.md).\n")
     begin, end = f"<!-- table {name} -->", f"<!-- end table {name} -->"
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
@@ -254,7 +269,8 @@ def write_results_md(path: Path, name: str, block: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", choices=(*TABLES, "all"), required=True)
-    parser.add_argument("--data", default="npz:" + str(REPO.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--data", default="npz:" + str(REPO.parent / "shared" / "data" / "cifar10"),
+                        help="data source of every run (default: the CIFAR-10 arrays in ../shared/data/cifar10)")
     parser.add_argument("--epochs", type=float, default=2.0, help="the budget of every run")
     parser.add_argument("--budget", type=float, default=0.0,
                         help="seconds of training per run instead of --epochs (epochs fitted per row)")
@@ -284,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         from nnclr.data import load_dataset
 
         images = len(load_dataset(args.data, "train", download=False))
+    args.data, args.runs = relative_data(args.data), Path(os.path.realpath(args.runs))  # the runs start in REPO
     names = list(TABLES) if args.table == "all" else [args.table]
     args.json_dir.mkdir(parents=True, exist_ok=True)
     for name in names:

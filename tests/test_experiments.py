@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +36,14 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
         for r in records:
             assert 0 <= r["knn_after"] <= 100 and 0 <= r["linear"] <= 100 and r["wall_time_s"] > 0
             assert r["commands"][0].startswith("nnclr pretrain") and f"train.seed={r['seed']}" in r["commands"][0]
+            _assert_relative_to_the_repository(r["commands"], tmp_path / "runs" / name, data)
         assert text.count(f"<!-- table {name} -->") == 1
         block = text[text.index(f"<!-- table {name} -->"):text.index(f"<!-- end table {name} -->")]
         for label in dict.fromkeys(r["row"] for r in records):
             assert f"| {label} |" in block
     cpu = _run_module().cpu_name()
     assert cpu and f"Machine: {cpu}, " in text
+    assert f"Data `npz:{os.path.relpath(data, REPO)}`" in text and f"npz:{data}" not in text
     crops = text[text.index("<!-- table crops -->"):]
     assert "relative drop" in crops and "nnclr:" in crops
     neighbours = {r["row"]: r for r in json.loads((json_dir / "neighbours.json").read_text())}
@@ -73,6 +77,17 @@ def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(tmp_path: Path) -> None
     assert "a budget of 7 s of training per run" in results.read_text()
     bad = subprocess.run([*command[:2], "--table", "budget", "--budget", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--budget must be" in bad.stderr
+
+
+def _assert_relative_to_the_repository(commands: list[str], runs: Path, data: Path) -> None:
+    """The commands RESULTS.md prints name the run directory and the data relative to the repository root (where
+    the runs start), never by an absolute path of the machine that ran them; run from there, they find both."""
+    pretrain, linear = (shlex.split(c) for c in commands)
+    run_dir = pretrain[pretrain.index("--run-dir") + 1]
+    assert not os.path.isabs(run_dir) and linear[linear.index("--checkpoint") + 1] == run_dir
+    assert (REPO / run_dir).resolve().parent == runs.resolve()
+    source = next(v.removeprefix("data.name=npz:") for v in pretrain if v.startswith("data.name="))
+    assert not os.path.isabs(source) and (REPO / source).resolve() == data.resolve()
 
 
 def _run_module():
