@@ -106,12 +106,12 @@ class OurLoop:
         self.step, self.epoch, self.order = 0, -1, None
 
     def _one_step(self) -> float:
-        from nnclr.train import _epoch_order, train_step
+        from nnclr.train import epoch_order, train_step
 
         run = self.run
         if self.step // run.steps_per_epoch != self.epoch:
             self.epoch = self.step // run.steps_per_epoch
-            self.order = _epoch_order(run, self.epoch)
+            self.order = epoch_order(run, self.epoch)
         loss, _ = train_step(run, self.step, self.order)
         self.step += 1
         return loss

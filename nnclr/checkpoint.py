@@ -20,11 +20,11 @@ import torch
 
 from nnclr.config import RETIRED, Config, flatten, to_dict
 from nnclr.errors import UserError
-from nnclr.runfiles import write_atomic
+from nnclr.rundir import CHECKPOINT, write_atomic
 from nnclr.version import __version__
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = CHECKPOINT  # the file in a run directory (nnclr.rundir names it)
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 RESUMABLE_CHANGES = (
@@ -34,7 +34,7 @@ RESUMABLE_CHANGES = (
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, previous_step: int | None = None) -> None:
-    """Write ``state`` to ``path`` atomically (:func:`nnclr.runfiles.write_atomic`).
+    """Write ``state`` to ``path`` atomically (:func:`nnclr.rundir.write_atomic`).
 
     Raises:
         UserError: The disk is full or read-only; the previous checkpoint (``previous_step``)

@@ -8,7 +8,10 @@ are the same whatever way a global batch is split across ranks (DESIGN.md sectio
 Also here: the process group made from torchrun's environment (:func:`process_group`), the split
 of a global batch (:func:`local_slice`) and of an evaluation set (:func:`shard`,
 :func:`gather_in_order`) over ranks, and a batch-norm over the global batch that also runs on
-the CPU (:class:`GlobalBatchNorm`). docs/distributed.md says what is gathered where and why.
+the CPU (:class:`GlobalBatchNorm`), and the training loop's collectives: the model wrapped for
+data parallelism (:func:`data_parallel`), a stop request any rank received (:func:`any_rank`), the
+loss averaged over ranks (:func:`global_mean`) and the checkpoint sent from rank 0
+(:func:`broadcast_object`). docs/distributed.md says what is gathered where and why.
 """
 
 from __future__ import annotations
@@ -320,3 +323,62 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module
+
+
+# --- the training loop's collectives ------------------------------------------------------------------
+
+
+def data_parallel(model: nn.Module, sync_bn: str, device: torch.device) -> nn.Module:
+    """Under a process group: global batch-norm where ``sync_bn`` says, then DDP; else ``model``.
+
+    ``sync_bn`` is ``model.sync_bn``: ``heads`` converts the ``projector`` and ``predictor``,
+    ``all`` the ``backbone`` too (:func:`convert_sync_batchnorm`). DDP averages gradients over
+    ranks; each rank's loss is the mean over its anchors of a loss whose negatives are gathered
+    with gradient (``nnclr.losses``), so the average is the gradient of the global batch's mean
+    loss, as in one process.
+    """
+    if world_size() == 1:
+        return model
+    for name in {"heads": ("projector", "predictor"), "all": ("backbone", "projector", "predictor")}.get(sync_bn, ()):
+        if getattr(model, name) is not None:
+            setattr(model, name, convert_sync_batchnorm(getattr(model, name), device))
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on any rank (a Ctrl-C/SIGTERM may reach the ranks at different steps)."""
+    if world_size() == 1:
+        return flag
+    return bool(all_reduce_max(torch.tensor([int(flag)], device=device)))
+
+
+def global_mean(loss: Tensor, diagnostics: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The loss and diagnostics averaged over ranks (one all-reduce); NaN diagnostics are skipped.
+
+    Every rank's loss is the mean over its equally many anchors, so the average is the global
+    batch's loss, the number one process would report; every rank gets the same values.
+    """
+    if world_size() == 1:
+        return loss.item(), {k: float(v) for k, v in diagnostics.items()}
+    keys = sorted(diagnostics)
+    values = torch.tensor([float(loss)] + [float(diagnostics[k]) for k in keys], dtype=torch.float64,
+                          device=loss.device)
+    finite = torch.isfinite(values)
+    finite[0] = True  # a non-finite loss must reach every rank
+    packed = all_reduce_sum(torch.cat([torch.where(finite, values, 0.0), finite.double()]))
+    sums, counts = packed.chunk(2)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).tolist()
+    return means[0], dict(zip(keys, means[1:]))
+
+
+def broadcast_object(obj: object, device: torch.device) -> object:
+    """Rank 0's picklable ``obj`` on every rank (``obj`` itself when single); e.g. the checkpoint to resume from.
+
+    ``device`` is this rank's: NCCL sends the pickled bytes through it, gloo through the CPU.
+    """
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]

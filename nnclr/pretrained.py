@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from nnclr import runtime
+from nnclr import rundir, runtime
 from nnclr.augment import eval_transform, normalization_for
-from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state_strict, written_by
+from nnclr.checkpoint import load_checkpoint, load_state_strict, written_by
 from nnclr.config import Config, from_dict
 from nnclr.data.decode import _square_box, to_rgb
 from nnclr.data.resize import resize_images
@@ -47,9 +47,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory -> its ``checkpoint.pt``; a file -> itself; anything else is a UserError."""
     path = Path(path).expanduser()
     if path.is_dir():
-        candidate = path / CHECKPOINT_NAME
+        candidate = path / rundir.CHECKPOINT
         if not candidate.is_file():
-            raise UserError(f"{path} has no {CHECKPOINT_NAME}; is it a run directory of `nnclr pretrain`?")
+            raise UserError(f"{path} has no {rundir.CHECKPOINT}; is it a run directory of `nnclr pretrain`?")
         return candidate
     if not path.exists():
         raise UserError(f"checkpoint {path} not found; pass a run directory or a checkpoint file")

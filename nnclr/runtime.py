@@ -85,6 +85,17 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def to_device(tree: Any, device: torch.device) -> Any:
+    """Every tensor of ``tree`` (nested dicts, lists and tuples, e.g. a checkpoint's state) moved to ``device``."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(value, device) for value in tree)
+    return tree
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on: the CPUs of its affinity mask with SMT siblings
     counted once (Linux sysfs topology), capped by a cgroup CPU quota (containers); at least 1.

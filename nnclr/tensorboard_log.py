@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from nnclr.rundir import TENSORBOARD
+
 SKIP = ("type", "step", "epoch")
-LOG_DIR = "tensorboard"
 
 
 def available() -> bool:
@@ -40,7 +41,7 @@ class TensorBoardLog:
         if enabled and available():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / LOG_DIR), purge_step=purge_step)
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD), purge_step=purge_step)
 
     @property
     def active(self) -> bool:

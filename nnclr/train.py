@@ -22,13 +22,9 @@ batch-norm over the global batch in the heads by default), and rank 0 alone writ
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,38 +32,27 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nnclr import distributed, nonfinite, runlock, runtime
+from nnclr import distributed, nonfinite, rundir, runtime
 from nnclr.augment import BatchAugment, normalization_for
-from nnclr.checkpoint import (
-    CHECKPOINT_NAME,
-    config_differences,
-    load_checkpoint,
-    load_state_strict,
-    save_checkpoint,
-    written_by,
-)
+from nnclr.checkpoint import config_differences, load_checkpoint, load_state_strict, save_checkpoint, written_by
 from nnclr.config import Config, dump_yaml, to_dict
 from nnclr.data import ImageDataset
 from nnclr.data.index import FileIndex
-from nnclr.data.lazy import FolderImages
 from nnclr.data.loaders import LoaderChoice, load_training_data
 from nnclr.data.stream import StreamBatch, StreamFeed, default_workers
 from nnclr.deepcluster import classifier_without_lars
 from nnclr.errors import Interrupted, UserError
-from nnclr.evaluate.features import extract_features
-from nnclr.evaluate.knn import KnnResult, knn_accuracy
+from nnclr.evaluate import monitor
+from nnclr.evaluate.knn import KnnResult
 from nnclr.methods import BuildContext, Method, method_of
 from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
-from nnclr.runfiles import append_line, write_text_atomic
 from nnclr.seeding import AUGMENT, CLUSTER, ORDER, SELECT, derive_seed
 from nnclr.selectors import EpochContext, Selector
 from nnclr.step import contrastive_step, instance_weight
+from nnclr.stopping import stop_requests
 from nnclr.support import SupportSet
-from nnclr.tensorboard_log import LOG_DIR as TENSORBOARD_DIR
 from nnclr.tensorboard_log import TensorBoardLog
-
-DATA_INDEX = "data-index.npz"  # the files of a folder: training split when the run started
 
 
 @dataclass
@@ -94,7 +79,7 @@ class Run:
     feed: StreamFeed | None = None  # the streaming loader's workers (data.loader chose stream)
     knn_before: dict[str, Any] | None = None
     last_checkpoint_step: int | None = None
-    lock: runlock.RunLock | None = None  # rank 0's hold on the run directory
+    lock: rundir.RunLock | None = None  # rank 0's hold on the run directory
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
     consecutive_skips: int = 0
 
@@ -110,12 +95,6 @@ class RunResult:
     wall_time: float
     images_per_second: float
     resumed_from: int
-
-
-def default_run_dir(config: Config) -> Path:
-    """``runs/<method>-<data>``, with the data name made safe for a path."""
-    data = "".join(c if c.isalnum() or c in "-_." else "-" for c in config.data.name).strip("-")
-    return Path("runs") / f"{config.method.name}-{data}"
 
 
 def build_run(config: Config, device: torch.device | None = None, loader: str | None = None) -> Run:
@@ -148,7 +127,7 @@ def build_run(config: Config, device: torch.device | None = None, loader: str | 
     model = build_model(config).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    network = _distribute(model, config.model.sync_bn, device)
+    network = distributed.data_parallel(model, config.model.sync_bn, device)
     network = torch.compile(network) if t.compile else network  # shares model's parameters
     method = method_of(config)
     support = SupportSet(m.support_size, config.model.proj_dim).to(device) if method.support else None
@@ -175,30 +154,13 @@ def build_run(config: Config, device: torch.device | None = None, loader: str | 
             rows=distributed.local_slice(o.batch_size),
             workers=d.workers if d.workers >= 0 else default_workers(device), prefetch=d.prefetch, device=device,
         )
+    run_dir = Path(t.run_dir) if t.run_dir else rundir.default_run_dir(m.name, d.name)
     return Run(
-        loader=data.choice, feed=feed,
-        config=config, method=method, run_dir=Path(t.run_dir) if t.run_dir else default_run_dir(config), device=device,
+        loader=data.choice, feed=feed, config=config, method=method, run_dir=run_dir, device=device,
         dtype=dtype, train_set=train_set, test_set=test_set, model=model, network=network, support=support,
-        selector=selector,
-        optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
+        selector=selector, optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
         total_steps=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps,
     )
-
-
-def _distribute(model: ContrastiveModel, sync_bn: str, device: torch.device) -> torch.nn.Module:
-    """Under a process group: global batch-norm where ``sync_bn`` says, then DDP; else ``model``.
-
-    DDP averages gradients over ranks; each rank's loss is the mean over its anchors of a loss
-    whose negatives are gathered with gradient (``nnclr.losses``), so the average is the
-    gradient of the global batch's mean loss, as in one process.
-    """
-    if distributed.world_size() == 1:
-        return model
-    for name in {"heads": ("projector", "predictor"), "all": ("backbone", "projector", "predictor")}.get(sync_bn, ()):
-        if getattr(model, name) is not None:
-            setattr(model, name, distributed.convert_sync_batchnorm(getattr(model, name), device))
-    ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def _state(run: Run, step: int) -> dict[str, Any]:
@@ -239,34 +201,20 @@ def _restore(run: Run, state: dict[str, Any]) -> int:
 
 
 def knn_monitor(run: Run) -> KnnResult | None:
-    """Weighted kNN top-1/top-5 of backbone features: train split as memory, test split as queries."""
-    if run.test_set is None or not run.test_set.has_labels:
-        return None
-    extract = _extract_options(run)
-    train_features = _extract_in_shards(run.model.backbone, run.train_set.images, extract)
-    test_features = _extract_in_shards(run.model.backbone, run.test_set.images, extract)
-    return knn_accuracy(
-        train_features, run.train_set.labels.to(run.device), test_features, run.test_set.labels.to(run.device),
-        k=run.config.train.knn_k, temperature=run.config.train.knn_temperature,
-    )
+    """The run's kNN monitor (:func:`nnclr.evaluate.monitor.knn_monitor`); None without a labelled test split."""
+    return monitor.knn_monitor(run.model.backbone, run.train_set, run.test_set, run.config, run.device, run.dtype)
 
 
-def _extract_options(run: Run) -> dict[str, Any]:
-    """The keyword arguments of ``extract_features`` for this run's data, device and precision."""
-    mean, std = normalization_for(run.config.data.name)
-    return dict(image_size=run.config.data.image_size, mean=mean, std=std, device=run.device,
-                dtype=run.dtype, channels_last=run.config.train.channels_last)
-
-
-def _start_epoch(run: Run, epoch: int, step: int, log: Log) -> None:
+def start_epoch(run: Run, epoch: int, step: int, log: rundir.Log) -> None:
     """The selector's hook before ``epoch`` (DeepCluster clusters the training set); logs what it returns.
 
     ``features()`` gives z of the whole training set, the model in eval mode without augmentation
-    (``extract_features``), computed only if the hook asks.
+    (:func:`nnclr.evaluate.monitor.extract_in_shards`), computed only if the hook asks.
     """
     def features() -> torch.Tensor:
         encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
-        return _extract_in_shards(encoder, run.train_set.images, _extract_options(run))  # (N, D) L2-normalised
+        options = monitor.extract_options(run.config, run.device, run.dtype)
+        return monitor.extract_in_shards(encoder, run.train_set.images, options)  # (N, D) L2-normalised
 
     generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, CLUSTER, epoch))
     stats = run.selector.start_epoch(EpochContext(
@@ -275,104 +223,6 @@ def _start_epoch(run: Run, epoch: int, step: int, log: Log) -> None:
     ))
     if stats is not None:
         log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
-
-
-def _extract_in_shards(backbone: torch.nn.Module, images: torch.Tensor | FolderImages, extract: dict[str, Any]
-                       ) -> torch.Tensor:
-    """Features (N, F) of all images on every rank; each rank extracts its shard (no duplicates).
-
-    A folder that is not in memory (:class:`FolderImages`) is decoded one batch at a time.
-    """
-    n = images.shape[0]
-    part = distributed.shard(n)
-    mine = images[part.start : part.stop] if isinstance(images, torch.Tensor) else images.rows(part.start, part.stop)
-    local = extract_features(backbone, mine, **extract)
-    return distributed.gather_in_order(local, n)
-
-
-class MetricsLog:
-    """``metrics.jsonl``: one JSON record per line; on resume, records past the checkpoint are dropped.
-
-    A record of step s was written before the checkpoint of step s, except DeepCluster's
-    ``clustering`` record, written after it at the start of the next epoch: resuming from step s
-    drops that one too (the resumed run clusters again).
-
-    The file is rewritten atomically on resume and appended to one line at a time
-    (:mod:`nnclr.runfiles`), so a kill costs at most the records after the checkpoint. Every
-    record is also sent to ``mirror`` (TensorBoard, when installed).
-    """
-
-    KEPT = "the last checkpoint is intact"
-
-    def __init__(self, path: Path, resume_step: int, mirror: TensorBoardLog | None = None) -> None:
-        self.path = path
-        self.mirror = mirror
-        kept: list[tuple[str, dict[str, Any]]] = []  # (line, record)
-        if resume_step > 0 and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                    step = record.get("step", 0)
-                    if step < resume_step or (step == resume_step and record.get("type") != "clustering"):
-                        kept.append((line, record))
-                except (json.JSONDecodeError, AttributeError):
-                    continue  # a line cut by a kill
-        self.logged = {(record.get("type"), record.get("step")) for _, record in kept}
-        write_text_atomic(path, "".join(line + "\n" for line, _ in kept), what="the metrics", kept=self.KEPT)
-
-    def has(self, kind: str, step: int) -> bool:
-        """Whether a record of this type and step was logged (by this or an interrupted session)."""
-        return (kind, step) in self.logged
-
-    def write(self, record: dict[str, Any]) -> None:
-        append_line(self.path, json.dumps(record), what="the metrics", kept=self.KEPT)
-        self.logged.add((record.get("type"), record.get("step")))
-        if self.mirror is not None:
-            self.mirror.write(record)
-
-    def close(self) -> None:
-        if self.mirror is not None:
-            self.mirror.close()
-
-
-class _NoLog:
-    """What ranks other than 0 log to: nothing."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def has(self, kind: str, step: int) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-Log = MetricsLog | _NoLog
-
-
-@contextmanager
-def stop_requests() -> Iterator[list[int]]:
-    """Turn the first Ctrl-C/SIGTERM into a request to stop at the next step boundary.
-
-    Yields a one-element list holding the signal's number once one came (0 before).
-    """
-    requested = [0]
-
-    def handler(signum: int, frame: Any) -> None:
-        if requested[0]:
-            raise Interrupted(signum)
-        requested[0] = signum
-
-    try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: no signal handling
-        previous = {}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -393,7 +243,8 @@ def _batch(run: Run, step: int, order: torch.Tensor) -> tuple[torch.Tensor, torc
     return images.to(**move), labels.to(**move), indices.to(**move)
 
 
-def _epoch_order(run: Run, epoch: int) -> torch.Tensor:
+def epoch_order(run: Run, epoch: int) -> torch.Tensor:
+    """The selector's order of the training set for ``epoch`` (a permutation, or DeepCluster's balanced draw)."""
     generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, ORDER, epoch))
     return run.selector.epoch_order(len(run.train_set), generator)
 
@@ -439,7 +290,7 @@ def train_step(
             support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
             uniforms=uniforms, instance_weight=weight,
         )
-    loss, diagnostics = _global_mean(out.loss.detach(), out.diagnostics)
+    loss, diagnostics = distributed.global_mean(out.loss.detach(), out.diagnostics)
     run.optimizer.zero_grad(set_to_none=True)
     problem = None if math.isfinite(loss) else f"the loss became {loss}"
     if problem is None:
@@ -471,25 +322,6 @@ def _nonfinite_step(run: Run, step: int, problem: str, buffers: list) -> tuple[f
         )
     nonfinite.skip(problem, step + 1, run.skipped_steps)
     return math.nan, {}
-
-
-def _global_mean(loss: torch.Tensor, diagnostics: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """The loss and diagnostics averaged over ranks (one all-reduce); NaN diagnostics are skipped.
-
-    Every rank's loss is the mean over its equally many anchors, so the average is the global
-    batch's loss, the number one process would report; every rank gets the same values.
-    """
-    if distributed.world_size() == 1:
-        return loss.item(), {k: float(v) for k, v in diagnostics.items()}
-    keys = sorted(diagnostics)
-    values = torch.tensor([float(loss)] + [float(diagnostics[k]) for k in keys], dtype=torch.float64,
-                          device=loss.device)
-    finite = torch.isfinite(values)
-    finite[0] = True  # a non-finite loss must reach every rank
-    packed = distributed.all_reduce_sum(torch.cat([torch.where(finite, values, 0.0), finite.double()]))
-    sums, counts = packed.chunk(2)
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), float("nan")).tolist()
-    return means[0], dict(zip(keys, means[1:]))
 
 
 def pretrain(
@@ -525,11 +357,9 @@ def _resume_state(run: Run, path: Path, fresh: bool, accept_changes: bool, echo:
     state: Any = None
     if distributed.is_main():
         try:
-            run.lock = runlock.acquire(run.run_dir)  # before --fresh deletes anything
+            run.lock = rundir.acquire_lock(run.run_dir)  # before --fresh deletes anything
             if fresh:
-                for name in (CHECKPOINT_NAME, "metrics.jsonl", "results.json", DATA_INDEX):
-                    (run.run_dir / name).unlink(missing_ok=True)
-                shutil.rmtree(run.run_dir / TENSORBOARD_DIR, ignore_errors=True)
+                rundir.clear_for_fresh(run.run_dir)
             _check_folder(run, path.is_file(), accept_changes, echo)
             if path.is_file():  # one process loads onto its device; several share a CPU copy
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
@@ -538,11 +368,10 @@ def _resume_state(run: Run, path: Path, fresh: bool, accept_changes: bool, echo:
                 raise
             state = error  # raised on every rank below, so that no rank waits for the others
     if distributed.world_size() > 1:
-        box = [state]
-        torch.distributed.broadcast_object_list(box, src=0, device=run.device if run.device.type == "cuda" else None)
-        if isinstance(box[0], UserError):
-            raise box[0]
-        state = _to_device(box[0], run.device) if box[0] is not None else None
+        state = distributed.broadcast_object(state, run.device)
+        if isinstance(state, UserError):
+            raise state
+        state = runtime.to_device(state, run.device)
     return state
 
 
@@ -552,7 +381,7 @@ def _check_folder(run: Run, resuming: bool, accept_changes: bool, echo: Any) -> 
     Sample ``i`` of a resumed run must be the file it was before the interruption, so files added,
     removed or modified since the run started make the resumed run a different one.
     """
-    index, saved = run.train_set.index, run.run_dir / DATA_INDEX
+    index, saved = run.train_set.index, run.run_dir / rundir.DATA_INDEX
     if index is None:
         return
     if resuming and saved.is_file():
@@ -568,25 +397,15 @@ def _check_folder(run: Run, resuming: bool, accept_changes: bool, echo: Any) -> 
     index.save(saved)
 
 
-def _to_device(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    if isinstance(tree, dict):
-        return {key: _to_device(value, device) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_device(value, device) for value in tree)
-    return tree
-
-
 def _pretrain(
     config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any, accept_data_changes: bool
 ) -> RunResult:
     run = build_run(config, device)
     if run.loader.reason:
         echo(run.loader.reason)
-    path = run.run_dir / CHECKPOINT_NAME
+    path = run.run_dir / rundir.CHECKPOINT
     main = distributed.is_main()
-    log: Log = _NoLog()
+    log: rundir.Log = rundir.NoLog()
     try:
         state = _resume_state(run, path, fresh, accept_data_changes, echo)
         saved_loader = state.get("loader", "memory") if state is not None else run.loader.loader
@@ -599,10 +418,10 @@ def _pretrain(
         start = _restore(run, state) if state is not None else 0
         del state
         if main:
-            write_text_atomic(run.run_dir / "config.yaml", dump_yaml(config), what="the config")
+            rundir.write_config(run.run_dir, dump_yaml(config))
             # TensorBoard drops what an interrupted session logged after the checkpoint, as metrics.jsonl does
             tensorboard = TensorBoardLog(run.run_dir, purge_step=start + 1 if start else 0)
-            log = MetricsLog(run.run_dir / "metrics.jsonl", start, mirror=tensorboard)
+            log = rundir.MetricsLog(run.run_dir / rundir.METRICS, start, mirror=tensorboard)
         return _train(run, log, start, progress=progress, echo=echo)
     finally:
         log.close()
@@ -616,9 +435,9 @@ def _close_feed(run: Run) -> None:
         run.feed.close()
 
 
-def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunResult:
+def _train(run: Run, log: rundir.Log, start: int, *, progress: bool, echo: Any) -> RunResult:
     """The loop from step ``start`` to ``run.total_steps``, then the final kNN and ``results.json``."""
-    config, path, main = run.config, run.run_dir / CHECKPOINT_NAME, distributed.is_main()
+    config, path, main = run.config, run.run_dir / rundir.CHECKPOINT, distributed.is_main()
     if start:
         echo(f"resuming {run.run_dir} from step {start}/{run.total_steps}")
     if start == 0:
@@ -637,14 +456,14 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
         while step < run.total_steps and not stopping:
             if step // run.steps_per_epoch != epoch:
                 epoch = step // run.steps_per_epoch
-                _start_epoch(run, epoch, step, log)
-                order = _epoch_order(run, epoch)
+                start_epoch(run, epoch, step, log)
+                order = epoch_order(run, epoch)
                 if run.feed is not None:
                     run.feed.epoch(order, step, min((epoch + 1) * run.steps_per_epoch, run.total_steps))
             streamed = run.feed.next(step) if run.feed is not None else None
             loss, diagnostics = train_step(run, step, order, streamed)
             step += 1
-            stopping = _any_rank(bool(stop[0]), run.device)  # every rank stops after the same step
+            stopping = distributed.any_rank(bool(stop[0]), run.device)  # every rank stops after the same step
             images_seen += config.optim.batch_size
             window.append((loss, diagnostics))
             bar.update(1)
@@ -686,14 +505,7 @@ def _train(run: Run, log: Log, start: int, *, progress: bool, echo: Any) -> RunR
     return _finish(run, log, step, start, train_time, images_seen)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is True on any rank (a Ctrl-C/SIGTERM may reach the ranks at different steps)."""
-    if distributed.world_size() == 1:
-        return flag
-    return bool(distributed.all_reduce_max(torch.tensor([int(flag)], device=device)))
-
-
-def _log_unreadable(run: Run, log: Log) -> None:
+def _log_unreadable(run: Run, log: rundir.Log) -> None:
     """One ``unreadable`` record per file the loaders replaced since the last log (gathered from every rank)."""
     if run.feed is None:
         return
@@ -719,7 +531,7 @@ def _log_record(run: Run, step: int, window: list, images_per_s: float) -> dict[
     return record
 
 
-def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
+def _finish(run: Run, log: rundir.Log, step: int, start: int, train_time: float, images_seen: int) -> RunResult:
     after = knn_monitor(run)
     if after and not log.has("knn", step):  # also when a kill came between the last checkpoint and this record
         log.write({"type": "knn", "step": step, "epoch": step / run.steps_per_epoch,
@@ -732,8 +544,7 @@ def _finish(run: Run, log: Log, step: int, start: int, train_time: float, images
     if distributed.is_main():
         results = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
         results["hardware"] = runtime.hardware_info(run.device, run.dtype, distributed.world_size())
-        write_text_atomic(run.run_dir / "results.json", json.dumps(results, indent=2), what="the results",
-                          kept="the final checkpoint is intact")
+        rundir.write_results(run.run_dir, results)
     distributed.barrier()  # every file is written before any rank returns
     return result
 

@@ -21,6 +21,7 @@ from nnclr.data import load_dataset
 from nnclr.deepcluster import CLASSIFIER_INIT_STD, PseudoLabels, balanced_order
 from nnclr.errors import UserError
 from nnclr.report import write_report
+from nnclr.rundir import NoLog
 from nnclr.train import build_run, pretrain, train_step
 
 TINY = [
@@ -89,16 +90,16 @@ def test_recluster_finds_separated_classes_and_measures_nmi() -> None:
 def test_classifier_is_reinitialised_after_each_clustering(small_data: str, tmp_path: Path) -> None:
     run = build_run(load_config(None, [*TINY, f"data.name={small_data}", "data.test_split=", "train.epochs=2",
                                        f"train.run_dir={tmp_path}"]))
-    classifier, log = run.model.classifier, train._NoLog()
+    classifier, log = run.model.classifier, NoLog()
 
     def fresh() -> bool:
         std = float(classifier.weight.detach().std())
         return abs(std - CLASSIFIER_INIT_STD) < 0.2 * CLASSIFIER_INIT_STD and not classifier.bias.any()
 
-    train._start_epoch(run, 0, 0, log)
+    train.start_epoch(run, 0, 0, log)
     initial = classifier.weight.detach().clone()
     assert fresh() and int(run.selector.epoch) == 0 and run.selector.labels.min() >= 0
-    order = train._epoch_order(run, 0)
+    order = train.epoch_order(run, 0)
     train_step(run, 0, order)
     trained = classifier.weight.detach().clone()
     assert not torch.equal(trained, initial) and classifier.bias.any()
@@ -106,13 +107,13 @@ def test_classifier_is_reinitialised_after_each_clustering(small_data: str, tmp_
     first_conv = next(run.model.backbone.parameters())
     momentum = run.optimizer.state[first_conv]["momentum_buffer"].clone()
 
-    train._start_epoch(run, 1, 1, log)
+    train.start_epoch(run, 1, 1, log)
     assert fresh() and int(run.selector.epoch) == 1
     assert not torch.equal(classifier.weight, trained) and not torch.equal(classifier.weight, initial)
     assert not any(p in run.optimizer.state for p in classifier.parameters())  # its momentum is gone too
     assert torch.equal(run.optimizer.state[first_conv]["momentum_buffer"], momentum)  # the rest keeps its own
     again = classifier.weight.detach().clone()
-    train._start_epoch(run, 1, 1, log)  # this epoch is clustered already (a resumed run): nothing changes
+    train.start_epoch(run, 1, 1, log)  # this epoch is clustered already (a resumed run): nothing changes
     assert torch.equal(classifier.weight, again)
 
 
@@ -166,7 +167,7 @@ def test_the_trainer_samples_uniformly_over_pseudo_labels(tmp_path: Path, small_
     labels[: c - 1] = torch.arange(1, c)  # class 0 holds n - c + 1 images, the others one each
     run.selector.labels.copy_(labels)
     run.selector.epoch.fill_(0)
-    order = train._epoch_order(run, 0)
+    order = train.epoch_order(run, 0)
     assert order.shape == (n,)
     counts = torch.bincount(labels[order], minlength=c)
     assert int(counts.max()) <= n // c + 1 and int(counts.min()) >= n // c + 1 - c

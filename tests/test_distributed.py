@@ -38,6 +38,7 @@ from nnclr.data import load_dataset
 from nnclr.evaluate import features
 from nnclr.methods import METHODS as REGISTRY
 from nnclr.model import build_model
+from nnclr.rundir import NoLog
 from nnclr.train import build_run, pretrain, train_step
 
 METHODS = (*REGISTRY, "nnclr-topk")  # every registered method, and top-k sampling of a neighbour
@@ -98,8 +99,8 @@ def run_steps(config) -> dict:
     the pseudo-labels).
     """
     run = build_run(config)
-    train._start_epoch(run, 0, 0, train._NoLog())
-    order = train._epoch_order(run, 0)
+    train.start_epoch(run, 0, 0, NoLog())
+    order = train.epoch_order(run, 0)
     read: list[list[int]] = []  # the streaming loader's samples of each step, this rank's
     if run.feed is not None:
         batches = run.feed.epoch(order, 0, STEPS)

@@ -12,7 +12,7 @@ Kill points are drawn with a fixed seed, of three kinds:
 * ``timer``: the parent sends SIGKILL after a random delay (anywhere: start-up, data loading,
   kNN, a step, a write);
 * ``byte``: the process SIGKILLs itself after writing the n-th byte through
-  :mod:`nnclr.runfiles` (n uniform over what is left to write: most land inside checkpoint
+  :mod:`nnclr.rundir`'s atomic writers (n uniform over what is left to write: most land inside checkpoint
   writes, which are most of the bytes, the rest inside metrics, config and results writes);
 * ``rename``: the process SIGKILLs itself just before or just after the k-th atomic rename.
 
@@ -57,7 +57,7 @@ def _say(text: str) -> None:
 
 
 class _DyingFile:
-    """A file that SIGKILLs its process once the process has written ``budget[0]`` bytes through runfiles."""
+    """A file that SIGKILLs its process once the process has written ``budget[0]`` bytes through rundir."""
 
     def __init__(self, file, path: Path, budget: list[int]) -> None:
         self.file, self.path, self.budget, self.written = file, path, budget, 0
@@ -84,16 +84,16 @@ class _DyingFile:
 
 
 def _install(fault: tuple) -> None:
-    from nnclr import runfiles
+    from nnclr import rundir
 
     kind = fault[0]
     if kind == "byte":
         budget = [fault[1]]
-        real_open = runfiles._open
-        runfiles._open = lambda path, mode: _DyingFile(real_open(path, mode), Path(path), budget)
+        real_open = rundir._open
+        rundir._open = lambda path, mode: _DyingFile(real_open(path, mode), Path(path), budget)
     elif kind == "rename":
         count, when = [0], fault[2]
-        real_replace = runfiles._replace
+        real_replace = rundir._replace
 
         def replace(src, dst) -> None:
             count[0] += 1
@@ -105,7 +105,7 @@ def _install(fault: tuple) -> None:
                 _say(f"campaign: killed at after renaming {Path(src).name}")
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        runfiles._replace = replace
+        rundir._replace = replace
 
 
 def _child(args: list[str], fault: tuple | None, log: str) -> None:
@@ -183,7 +183,7 @@ def test_kill_campaign_loses_nothing(forkserver, tmp_path: Path, figures: list[s
     process.join(120)
     duration = time.monotonic() - started
     assert process.exitcode == 0, (tmp_path / "reference.log").read_text()
-    # what a whole run writes through nnclr.runfiles: 8 checkpoints, the small files (about) once
+    # what a whole run writes through nnclr.rundir: 8 checkpoints, the small files (about) once
     written = sum(f.stat().st_size for f in reference.iterdir() if f.is_file())
     written += (reference / CHECKPOINT_NAME).stat().st_size * (TOTAL_STEPS // 2 - 1)
     renames = TOTAL_STEPS // 2 + 3  # checkpoints; config.yaml, metrics.jsonl (rewritten), results.json

@@ -102,7 +102,7 @@ def _module(path: Path) -> str:
 
 METHOD_MATH = ("losses", "support", "selectors", "kmeans", "online_kmeans", "step", "methods", "deepcluster",
                "heads", "backbones", "model")
-LOOP_DRIVERS_AND_RUN_FILES = ("nnclr.train", "nnclr.commands", "nnclr.cli", "nnclr.runfiles", "nnclr.runlock",
+LOOP_DRIVERS_AND_RUN_FILES = ("nnclr.train", "nnclr.commands", "nnclr.cli", "nnclr.rundir", "nnclr.stopping",
                               "nnclr.checkpoint", "nnclr.report", "nnclr.use", "nnclr.evaluate", "nnclr.pretrained")
 
 

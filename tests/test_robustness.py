@@ -25,7 +25,7 @@ from use_helpers import assert_user_error, make_checkpoint, run_main
 import nnclr.train
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.errors import UserError
-from nnclr.runfiles import tmp_path as partial_file
+from nnclr.rundir import tmp_path as partial_file
 from nnclr.train import pretrain
 
 

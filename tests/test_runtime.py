@@ -10,7 +10,7 @@ import torch
 
 from nnclr import runtime
 from nnclr.config import load_config
-from nnclr.train import _epoch_order, build_run, train_step
+from nnclr.train import build_run, epoch_order, train_step
 
 
 def _fake_sysfs(root: Path, cores_of_cpus: list[tuple[int, int]]) -> Path:
@@ -87,7 +87,7 @@ def _two_losses(overrides: list[str]) -> list[float]:
         "method.support_size=64", "data.test_split=", "train.precision=fp32", "train.threads=1", *overrides,
     ])
     run = build_run(config)
-    order = _epoch_order(run, 0)
+    order = epoch_order(run, 0)
     return [train_step(run, step, order)[0] for step in range(2)]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nnclr.report.data import REPORT_NAME
+from nnclr.rundir import REPORT as REPORT_NAME
 
 __all__ = ["REPORT_NAME", "write_report"]
 

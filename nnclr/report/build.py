@@ -14,9 +14,10 @@ from pathlib import Path
 
 from nnclr.errors import UserError
 from nnclr.report import html as H
-from nnclr.report.data import REPORT_NAME, read_run
+from nnclr.report.data import read_run
 from nnclr.report.run_sections import evaluation_section, get, summary_section, training_section
 from nnclr.report.visuals import visual_sections
+from nnclr.rundir import REPORT
 from nnclr.version import __version__
 
 
@@ -34,7 +35,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, galleries: 
     """
     started = time.perf_counter()
     run = read_run(run_dir)
-    out = Path(out).expanduser() if out else run.run_dir / REPORT_NAME
+    out = Path(out).expanduser() if out else run.run_dir / REPORT
     visual, data_used = visual_sections(run, galleries)
     sections = [("summary", "Summary", summary_section(run, data_used)),
                 ("training", "Training", training_section(run)),

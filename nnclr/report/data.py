@@ -8,17 +8,13 @@ with a sentence that says what is missing and how to get it, so the report can s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nnclr import rundir
 from nnclr.errors import UserError
-
-CHECKPOINT = "checkpoint.pt"
-REPORT_NAME = "report.html"
+from nnclr.rundir import CHECKPOINT, CONFIG, EVAL, METRICS, RESULTS
 
 
 @dataclass
@@ -69,9 +65,9 @@ def require_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found; pass the --run-dir of an `nnclr pretrain` run")
-    if not (run_dir / CHECKPOINT).is_file() and not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CHECKPOINT).is_file() and not (run_dir / CONFIG).is_file():
         raise UserError(
-            f"{run_dir} has neither {CHECKPOINT} nor config.yaml; is it a run directory of `nnclr pretrain`?"
+            f"{run_dir} has neither {CHECKPOINT} nor {CONFIG}; is it a run directory of `nnclr pretrain`?"
         )
     return run_dir
 
@@ -81,14 +77,11 @@ def read_run(run_dir: str | Path) -> RunData:
     run_dir = require_run_dir(run_dir)
     state = _read_checkpoint(run_dir / CHECKPOINT)
     config = state.get("config") if state else None
-    if config is None and (run_dir / "config.yaml").is_file():
-        try:
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except yaml.YAMLError:
-            config = None
+    if config is None and (run_dir / CONFIG).is_file():
+        config = rundir.read_yaml(run_dir / CONFIG)
     if not isinstance(config, dict):
         raise UserError(
-            f"{run_dir}/config.yaml cannot be read and there is no {CHECKPOINT}; "
+            f"{run_dir}/{CONFIG} cannot be read and there is no {CHECKPOINT}; "
             "is it a run directory of `nnclr pretrain`?"
         )
     data = RunData(run_dir=run_dir, config=config)
@@ -105,24 +98,24 @@ def read_run(run_dir: str | Path) -> RunData:
             data.prototypes = prototypes
         if "labels" in selector and int(selector.get("epoch", -1)) >= 0:  # DeepCluster's PseudoLabels
             data.pseudo_labels = selector["labels"]
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    records = rundir.read_jsonl(run_dir / METRICS)
     data.train = [r for r in records if r.get("type") == "train"]
     data.knn = [r for r in records if r.get("type") == "knn"]
     data.clustering = [r for r in records if r.get("type") == "clustering"]
     if not data.train:
-        data.missing["metrics"] = "no training metrics (metrics.jsonl is absent or empty)"
+        data.missing["metrics"] = f"no training metrics ({METRICS} is absent or empty)"
     if not data.knn:
         data.missing["knn"] = ("no kNN monitor records (the test split is unlabelled or absent, "
                                "or data.test_split is empty)")
-    results = run_dir / "results.json"
+    results = run_dir / RESULTS
     if results.is_file():
-        data.results = record if isinstance(record := _read_json(results), dict) else None
+        data.results = record if isinstance(record := rundir.read_json(results), dict) else None
         if data.results is None:
-            data.missing["results"] = "results.json cannot be read (wall time and final kNN unknown)"
+            data.missing["results"] = f"{RESULTS} cannot be read (wall time and final kNN unknown)"
     else:
-        data.missing["results"] = "no results.json: the run has not finished (wall time and final kNN unknown)"
-    for path in sorted((run_dir / "eval").glob("*.json")):
-        record = _read_json(path)
+        data.missing["results"] = f"no {RESULTS}: the run has not finished (wall time and final kNN unknown)"
+    for path in sorted((run_dir / EVAL).glob("*.json")):
+        record = rundir.read_json(path)
         if isinstance(record, dict) and "protocol" in record:
             data.evals.append(record | {"_file": path.name})
     if not data.evals:
@@ -137,23 +130,3 @@ def _read_checkpoint(path: Path) -> dict[str, Any] | None:
 
     return load_checkpoint(path)
 
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(record, dict):
-            records.append(record)
-    return records

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nnclr import runfiles
+from nnclr import rundir
 from nnclr.errors import UserError
-from nnclr.runfiles import tmp_path
+from nnclr.rundir import tmp_path
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -101,7 +101,7 @@ def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     Raises:
         UserError: The disk is full or read-only (``path`` is left as it was).
     """
-    runfiles.write_atomic(path, write, what="the file")
+    rundir.write_atomic(path, write, what="the file")
 
 
 def vectors_hash(vectors: np.ndarray) -> str:

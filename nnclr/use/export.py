@@ -34,7 +34,7 @@ from torch import nn
 from nnclr.config import to_dict
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained
-from nnclr.runfiles import write_atomic
+from nnclr.rundir import write_atomic
 from nnclr.version import __version__
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -102,7 +102,7 @@ def _module(pretrained: Pretrained, with_projector: bool) -> ExportedEncoder:
 
 
 def _write(out: Path, data: bytes, fmt: str) -> None:
-    """Write the finished file in one go (:func:`nnclr.runfiles.write_atomic`): a full or read-only disk is a
+    """Write the finished file in one go (:func:`nnclr.rundir.write_atomic`): a full or read-only disk is a
     one-line error and leaves nothing behind (the writers of TorchScript and ONNX abort or hide the reason when
     they write to such a disk themselves, so they write to memory first)."""
     write_atomic(out, lambda file: file.write(data), what=f"the {fmt} export", kept=f"nothing was written to {out}")
