@@ -10,6 +10,8 @@ projection MLP [2048, 2048, d=256], prediction MLP [4096, d], temperature 0.1, L
 lr 0.3 x batch/256, weight decay 1e-6, 10 warm-up epochs, cosine decay, BYOL augmentations).
 The data, backbone, support-set size, learning rate (0.6) and run length default to the shipped demo, so that
 ``nnclr pretrain`` with no arguments is a three-minute CPU run.
+
+Evaluation (``nnclr eval``) has its defaults here too, apart from the run's config: :data:`EVAL`.
 """
 
 from __future__ import annotations
@@ -139,6 +141,46 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class EvalDefaults:
+    """The defaults of ``nnclr eval`` and of the :mod:`nnclr.evaluate` protocols it runs.
+
+    Not part of :class:`Config`: a run's saved config (``config.yaml``, checkpoints) does not hold them, and
+    evaluation never changes it. The values are the published protocols' (README.md, section Evaluation):
+
+    * kNN: Wu et al. 2018 (as used by DINO, Caron et al. 2021): k = 20, vote weight exp(sim / 0.07).
+    * paper linear probe: SGD, Nesterov momentum 0.9, learning rate 0.1 x batch / 256, batch 256, 100 epochs,
+      cosine schedule, no weight decay (the standard linear protocol of SimCLR, BYOL and NNCLR).
+    * semi-supervised fine-tuning: SimCLR (Chen et al. 2020, Appendix B.5): 1% and 10% of the labels,
+      learning rate 0.05 x batch / 256, 60 epochs for 1% of the labels (or fewer), 30 above.
+    * retrieval: recall@1/5/10 (Musgrave et al. 2020).
+    """
+
+    train_split: str = "train"  # memory / classifier training split
+    test_split: str = "test"
+    device: str = "auto"
+    seed: int = 0  # validation splits, label subsets, SGD
+    threads: int = 0  # CPU threads; 0 = one per physical core, as train.threads
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_mode: str = "fast"  # fast: L-BFGS on cached features | paper: SGD on augmented images
+    batch_size: int = 256  # SGD batch of the paper linear probe and of fine-tuning
+    momentum: float = 0.9  # SGD's Nesterov momentum, both
+    paper_epochs: int = 100
+    paper_lr: float = 0.1  # at batch 256, scaled linearly
+    paper_weight_decay: float = 0.0
+    semi_fractions: tuple[float, ...] = (0.01, 0.1)
+    semi_few_labels: float = 0.01  # fine-tuning on at most this fraction of the labels runs semi_epochs_few epochs
+    semi_epochs_few: int = 60
+    semi_epochs_many: int = 30
+    semi_lr: float = 0.05  # at batch 256, scaled linearly
+    retrieval_ks: tuple[int, ...] = (1, 5, 10)
+
+
+EVAL = EvalDefaults()
+"""The evaluation defaults (one instance; frozen)."""
 
 
 # Keys earlier versions had: a saved config (checkpoint, export) that has them still loads; a user's is told why.

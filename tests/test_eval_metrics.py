@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from nnclr.backbones import build_backbone
 from nnclr.errors import UserError
 from nnclr.evaluate.knn import knn_accuracy, knn_sweep
 from nnclr.evaluate.linear import (
+    PAPER_SGD,
     fast_linear_probe,
     fit_logistic,
     paper_linear_probe,
@@ -22,8 +24,10 @@ from nnclr.evaluate.linear import (
     topk_accuracy,
 )
 from nnclr.evaluate.linear import unchanged as backbone_unchanged
+from nnclr.evaluate.preprocess import Preprocess
 from nnclr.evaluate.retrieval import retrieval_metrics
-from nnclr.evaluate.semi import balanced_subset, finetune, read_subset, write_subset
+from nnclr.evaluate.semi import FINETUNE_SGD, balanced_subset, finetune, read_subset, write_subset
+from nnclr.evaluate.sgd import ClassifierTask, SGDSettings
 
 
 @pytest.fixture(autouse=True)
@@ -182,8 +186,8 @@ def tiny_encoder(seed: int = 0) -> torch.nn.Module:
     return encoder.eval()
 
 
-EVAL_KWARGS = {"num_classes": 4, "num_features": 16, "size": 8, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-               "device": torch.device("cpu")}
+PREPROCESS = Preprocess(size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=torch.device("cpu"))
+EVAL_KWARGS = {"num_classes": 4, "num_features": 16, "preprocess": PREPROCESS}
 
 
 def test_semi_finetune_trains_batch_norm_and_stays_finite_where_frozen_statistics_diverged() -> None:
@@ -198,8 +202,8 @@ def test_semi_finetune_trains_batch_norm_and_stays_finite_where_frozen_statistic
     before = state_snapshot(encoder)
     x, y = colour_images(256)
     test_x, test_y = colour_images(64, seed=1)
-    result = finetune(encoder, x, y, test_x, test_y, epochs=15, batch_size=256, lr=1.0,
-                      **(EVAL_KWARGS | {"num_features": num_features}))
+    task = ClassifierTask(encoder, x, y, test_x, test_y, **(EVAL_KWARGS | {"num_features": num_features}))
+    result = finetune(task, SGDSettings(epochs=15, batch_size=256, lr=1.0))
     assert all(math.isfinite(v) for v in result.extra["epoch_losses"]) and len(result.extra["epoch_losses"]) == 15
     assert result.top1 > 90.0, result
     assert backbone_unchanged(encoder, before)  # a copy was fine-tuned
@@ -210,14 +214,15 @@ def test_semi_finetune_that_diverges_is_a_user_error() -> None:
     torch.nn.init.constant_(encoder[1].weight, float("nan"))
     x, y = colour_images(16)
     with pytest.raises(UserError, match="diverged.*lower --lr"):
-        finetune(encoder, x, y, x, y, epochs=1, **EVAL_KWARGS)
+        finetune(ClassifierTask(encoder, x, y, x, y, **EVAL_KWARGS), replace(FINETUNE_SGD, epochs=1))
 
 
 def test_paper_linear_probe_leaves_the_backbone_bit_identical_and_notices_when_it_is_not() -> None:
     encoder = tiny_encoder()
     before = state_snapshot(encoder)
     x, y = colour_images(128)
-    result = paper_linear_probe(encoder, x, y, x[:32], y[:32], epochs=3, batch_size=64, lr=1.0, **EVAL_KWARGS)
+    task = ClassifierTask(encoder, x, y, x[:32], y[:32], **EVAL_KWARGS)
+    result = paper_linear_probe(task, SGDSettings(epochs=3, batch_size=64, lr=1.0))
     assert backbone_unchanged(encoder, before) and result.extra["backbone_bit_identical"] is True
     assert not encoder.training and all(p.requires_grad for p in encoder.parameters())  # restored as it was
 
@@ -234,13 +239,13 @@ def test_paper_linear_probe_leaves_the_backbone_bit_identical_and_notices_when_i
             return self.inner(images)
 
     with pytest.raises(RuntimeError, match="backbone changed"):
-        paper_linear_probe(Drifting(), x, y, x[:32], y[:32], epochs=1, batch_size=64, **EVAL_KWARGS)
+        paper_linear_probe(ClassifierTask(Drifting(), x, y, x[:32], y[:32], **EVAL_KWARGS),
+                           replace(PAPER_SGD, epochs=1, batch_size=64))
 
 
 def reference_sgd(
     logits_of: Callable[[torch.Tensor], torch.Tensor], parameters: list[torch.nn.Parameter], images: torch.Tensor,
-    labels: torch.Tensor, *, epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float, seed: int,
-    equal_batches: bool,
+    labels: torch.Tensor, settings: SGDSettings, *, equal_batches: bool,
 ) -> list[float]:
     """The SGD of the paper linear probe and of fine-tuning, written out from their description; every step's loss.
 
@@ -250,12 +255,14 @@ def reference_sgd(
     (``v <- m v + g``, ``p <- p - lr_t (g + m v)``, ``g`` including ``weight_decay * p``), learning rate
     ``lr x batch / 256`` (the largest batch) cosine-annealed to 0 over all steps.
     """
+    epochs, batch_size, lr, momentum, weight_decay, seed = (
+        settings.epochs, settings.batch_size, settings.lr, settings.momentum, settings.weight_decay, settings.seed)
     recipe = RECIPES["crops"][0]
     steps = max(1, math.ceil(images.shape[0] / batch_size))
     if equal_batches:
         batch_size = math.ceil(images.shape[0] / steps)
     total, base = epochs * steps, lr * batch_size / 256
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (EVAL_KWARGS["mean"], EVAL_KWARGS["std"]))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (PREPROCESS.mean, PREPROCESS.std))
     views, shuffles = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     velocity = [torch.zeros_like(p) for p in parameters]
     losses: list[float] = []
@@ -263,7 +270,7 @@ def reference_sgd(
         order = torch.randperm(images.shape[0], generator=shuffles)
         for idx in order.tensor_split(steps) if equal_batches else order.split(batch_size):
             params = sample_view_params(recipe, len(idx), images.shape[2], images.shape[3], views, images.device)
-            x = apply_view(images[idx].float().mul_(1.0 / 255), params, recipe, EVAL_KWARGS["size"], mean, std)
+            x = apply_view(images[idx].float().mul_(1.0 / 255), params, recipe, PREPROCESS.size, mean, std)
             loss = torch.nn.functional.cross_entropy(logits_of(x), labels[idx])
             grads = torch.autograd.grad(loss, parameters)
             step_lr = base * (1 + math.cos(math.pi * len(losses) / total)) / 2
@@ -278,7 +285,7 @@ def reference_sgd(
 
 def reference_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Top-1/top-5 of ``model`` in eval mode on centre (un-augmented) images."""
-    x = eval_transform(images, EVAL_KWARGS["size"], mean=EVAL_KWARGS["mean"], std=EVAL_KWARGS["std"])
+    x = eval_transform(images, PREPROCESS.size, mean=PREPROCESS.mean, std=PREPROCESS.std)
     with torch.no_grad():
         return topk_accuracy(model.eval()(x), labels)
 
@@ -286,8 +293,8 @@ def reference_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: tor
 def test_paper_linear_probe_is_the_described_sgd_on_a_frozen_encoder() -> None:
     x, y = colour_images(60, side=10)
     test_x, test_y = colour_images(24, seed=1, side=10)
-    settings = {"epochs": 2, "batch_size": 16, "lr": 2.0, "momentum": 0.8, "weight_decay": 1e-3, "seed": 3}
-    result = paper_linear_probe(tiny_encoder(), x, y, test_x, test_y, **settings, **EVAL_KWARGS)
+    settings = SGDSettings(epochs=2, batch_size=16, lr=2.0, momentum=0.8, weight_decay=1e-3, seed=3)
+    result = paper_linear_probe(ClassifierTask(tiny_encoder(), x, y, test_x, test_y, **EVAL_KWARGS), settings)
 
     encoder = tiny_encoder()
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(16, affine=False), torch.nn.Linear(16, 4))
@@ -299,7 +306,7 @@ def test_paper_linear_probe_is_the_described_sgd_on_a_frozen_encoder() -> None:
             features = encoder(images)
         return head(features)
 
-    losses = reference_sgd(logits_of, list(head.parameters()), x, y, equal_batches=False, **settings)
+    losses = reference_sgd(logits_of, list(head.parameters()), x, y, settings, equal_batches=False)
     assert len(losses) == result.extra["steps"] == 2 * 4  # batches of 16, 16, 16 and 12
     assert result.extra["final_loss"] == pytest.approx(losses[-1], rel=1e-4)
     assert (result.top1, result.top5) == reference_accuracy(torch.nn.Sequential(encoder, head), test_x, test_y)
@@ -308,13 +315,13 @@ def test_paper_linear_probe_is_the_described_sgd_on_a_frozen_encoder() -> None:
 def test_semi_finetune_is_the_described_sgd_then_precise_batch_norm() -> None:
     x, y = colour_images(60, side=10)
     test_x, test_y = colour_images(24, seed=1, side=10)
-    settings = {"epochs": 2, "batch_size": 16, "lr": 0.3, "momentum": 0.8, "seed": 2}
-    result = finetune(tiny_encoder(1), x, y, test_x, test_y, **settings, **EVAL_KWARGS)
+    settings = SGDSettings(epochs=2, batch_size=16, lr=0.3, momentum=0.8, seed=2)
+    result = finetune(ClassifierTask(tiny_encoder(1), x, y, test_x, test_y, **EVAL_KWARGS), settings)
 
     model = torch.nn.Sequential(tiny_encoder(1).train(), torch.nn.Linear(16, 4))
     torch.nn.init.zeros_(model[1].weight)
     torch.nn.init.zeros_(model[1].bias)
-    losses = reference_sgd(model, list(model.parameters()), x, y, equal_batches=True, weight_decay=0.0, **settings)
+    losses = reference_sgd(model, list(model.parameters()), x, y, settings, equal_batches=True)
     assert result.extra["steps"] == len(losses) == 2 * 4 and result.extra["batch_size"] == 15  # 4 batches of 15
     assert result.extra["final_loss"] == pytest.approx(losses[-1], rel=1e-4)
     assert result.extra["epoch_losses"] == pytest.approx([sum(losses[:4]) / 4, sum(losses[4:]) / 4], abs=2e-4)
@@ -325,5 +332,5 @@ def test_semi_finetune_is_the_described_sgd_then_precise_batch_norm() -> None:
         norm.momentum = None
     with torch.no_grad():
         for batch in x.split(15):
-            model(eval_transform(batch, EVAL_KWARGS["size"], mean=EVAL_KWARGS["mean"], std=EVAL_KWARGS["std"]))
+            model(eval_transform(batch, PREPROCESS.size, mean=PREPROCESS.mean, std=PREPROCESS.std))
     assert (result.top1, result.top5) == reference_accuracy(model, test_x, test_y)

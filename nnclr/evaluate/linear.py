@@ -10,27 +10,25 @@ Two modes:
   train. This is scikit-learn's ``LogisticRegression(C=1 / (l2 * N))`` solved with PyTorch
   (tested against it).
 * ``paper``: SGD on augmented images (random resized crop + horizontal flip, the ``crops``
-  recipe of :mod:`nnclr.augment`) with the backbone frozen in eval mode, a cosine learning-rate
-  schedule, evaluated on centre (un-augmented) test images. The head is batch-norm without
-  affine parameters followed by a linear layer (as in MAE, He et al. 2022, Sec. A.1, which is a
-  linear map at test time). The backbone's weights and buffers are checked to be bit-identical
-  before and after.
+  recipe of :mod:`nnclr.augment`; the loop of :mod:`nnclr.evaluate.sgd`) with the backbone frozen
+  in eval mode, a cosine learning-rate schedule, evaluated on centre (un-augmented) test images.
+  The head is batch-norm without affine parameters followed by a linear layer (as in MAE, He et
+  al. 2022, Sec. A.1, which is a linear map at test time). The backbone's weights and buffers
+  are checked to be bit-identical before and after.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from nnclr import runtime
-from nnclr.augment import RECIPES, apply_view, eval_transform, sample_view_params
+from nnclr.config import EVAL
 from nnclr.data.lazy import FolderImages, batch_slices, prefetched
+from nnclr.evaluate.preprocess import Preprocess
+from nnclr.evaluate.sgd import ClassifierTask, SGDSettings, train_classifier
 
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 EVAL_BATCH = 512  # test images per forward pass (and per decode of a folder read on demand)
@@ -156,110 +154,63 @@ def unchanged(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
     return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in snapshot)
 
 
-def augmented_batch(
-    images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> one random-resized-crop + flip view, float32 (B, 3, S, S), normalised."""
-    recipe = RECIPES["crops"][0]
-    params = sample_view_params(recipe, images.shape[0], images.shape[2], images.shape[3], generator, images.device)
-    return apply_view(images.float().mul_(1.0 / 255), params, recipe, size, mean, std)
-
-
 @torch.no_grad()
 def evaluate_head(
-    backbone: nn.Module, head: nn.Module, images: torch.Tensor | FolderImages, labels: torch.Tensor, *, size: int,
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype,
-    batch_size: int | None = None,
+    backbone: nn.Module, head: nn.Module, images: torch.Tensor | FolderImages, labels: torch.Tensor,
+    preprocess: Preprocess, batch_size: int | None = None,
 ) -> tuple[float, float]:
-    """Top-1/top-5 (percent) of ``head(backbone(x))`` on centre test images (uint8 (M, 3, H, W)), ``batch_size``
-    (default ``EVAL_BATCH``) at a time."""
+    """Top-1/top-5 (percent) of ``head(backbone(x))``, both in eval mode, on centre test images x (uint8 (M, 3, H, W))
+    with labels (M,), ``batch_size`` (default ``EVAL_BATCH``) at a time."""
     batch_size = batch_size or EVAL_BATCH
     backbone.eval()
     head.eval()
     logits = []
     for batch in prefetched(images, batch_slices(images.shape[0], batch_size)):
-        x = eval_transform(batch.to(device), size, mean=mean, std=std)
-        with runtime.autocast(device, dtype):
+        x = preprocess.centre(batch)
+        with preprocess.autocast():
             h = backbone(x)
         logits.append(head(h.float()).float().cpu())
     return topk_accuracy(torch.cat(logits), labels.cpu())
 
 
+PAPER_SGD = SGDSettings(epochs=EVAL.paper_epochs, lr=EVAL.paper_lr, weight_decay=EVAL.paper_weight_decay)
+"""The paper linear probe's SGD: 100 epochs, learning rate 0.1 at batch 256, batch 256, no weight decay."""
+
+
 def paper_linear_probe(
-    backbone: nn.Module,
-    train_images: torch.Tensor | FolderImages,
-    train_labels: torch.Tensor,
-    test_images: torch.Tensor | FolderImages,
-    test_labels: torch.Tensor,
-    *,
-    num_classes: int,
-    num_features: int,
-    size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    epochs: int = 100,
-    batch_size: int = 256,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    progress: bool | None = None,
+    task: ClassifierTask, settings: SGDSettings = PAPER_SGD, *, progress: bool | None = None
 ) -> LinearResult:
-    """The standard linear protocol: SGD on augmented images, frozen backbone, cosine schedule.
+    """The standard linear protocol: SGD on augmented images (:func:`nnclr.evaluate.sgd.train_classifier`), frozen
+    encoder, cosine schedule; the head is ``BatchNorm1d(affine=False)`` + ``Linear``, the latter initialised at zero.
 
     Args:
-        backbone: the encoder f; kept in eval mode and checked bit-identical afterwards.
-        train_images, test_images: uint8 (N, 3, H, W) / (M, 3, H, W): tensors, or folders decoded on demand
-            (:class:`~nnclr.data.lazy.FolderImages`; read one mini-batch at a time, by index).
-        train_labels, test_labels: int64 (N,) / (M,), all known.
-        lr: learning rate for batch 256, scaled linearly with ``batch_size``.
+        task: the encoder (kept in eval mode and checked bit-identical afterwards), the labelled training and
+            test images and their preprocessing.
+        settings: epochs, batch size, learning rate at batch 256 (scaled linearly), momentum, weight decay, seed.
+        progress: a progress bar (default: when stderr is a terminal).
 
     Raises:
-        RuntimeError: if the backbone's weights or buffers changed (a bug, never expected).
+        RuntimeError: if the encoder's weights or buffers changed (a bug, never expected).
     """
-    if progress is None:
-        progress = sys.stderr.isatty()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    order_generator = torch.Generator().manual_seed(seed)
-    head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes)).to(device)
+    backbone, num_features = task.encoder, task.num_features
+    head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, task.num_classes))
+    head = head.to(task.preprocess.device)
     nn.init.zeros_(head[1].weight)
     nn.init.zeros_(head[1].bias)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=lr * batch_size / 256, momentum=momentum, weight_decay=weight_decay, nesterov=True,
-    )
-    steps_per_epoch = max(1, math.ceil(train_images.shape[0] / batch_size))
-    total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     snapshot = state_snapshot(backbone)
     was_training = backbone.training
     requires_grad = [p.requires_grad for p in backbone.parameters()]
     backbone.eval().requires_grad_(False)
-    losses = []
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), task.preprocess.autocast():
+            h = backbone(x)
+        return head(h.float())
+
     try:
-        with tqdm(total=total, disable=not progress, unit="step", desc="linear (paper)", dynamic_ncols=True,
-                  leave=False) as bar:
-            for _ in range(epochs):
-                head.train()
-                order = torch.randperm(train_images.shape[0], generator=order_generator)
-                batches = [order[start : start + batch_size] for start in range(0, order.shape[0], batch_size)]
-                for idx, images in zip(batches, prefetched(train_images, batches)):
-                    x = augmented_batch(images.to(device), size, mean_t, std_t, generator)
-                    with torch.no_grad(), runtime.autocast(device, dtype):
-                        h = backbone(x)
-                    loss = F.cross_entropy(head(h.float()), train_labels[idx].to(device))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    losses.append(loss.item())
-                    bar.update(1)
-        top1, top5 = evaluate_head(
-            backbone, head, test_images, test_labels, size=size, mean=mean, std=std, device=device, dtype=dtype,
-        )
+        head.train()
+        run = train_classifier(logits_of, head.parameters(), task, settings, desc="linear (paper)", progress=progress)
+        top1, top5 = evaluate_head(backbone, head, task.test_images, task.test_labels, task.preprocess)
     finally:
         for parameter, flag in zip(backbone.parameters(), requires_grad):
             parameter.requires_grad_(flag)
@@ -267,6 +218,6 @@ def paper_linear_probe(
     if not unchanged(backbone, snapshot):
         raise RuntimeError("the frozen backbone changed during linear evaluation")
     return LinearResult(
-        top1=top1, top5=top5, num_train=int(train_images.shape[0]), num_test=int(test_images.shape[0]),
-        extra={"backbone_bit_identical": True, "steps": total, "final_loss": losses[-1] if losses else None},
+        top1=top1, top5=top5, num_train=task.num_train, num_test=task.num_test,
+        extra={"backbone_bit_identical": True, "steps": run.steps, "final_loss": run.last_loss},
     )

@@ -22,21 +22,23 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nnclr.config import to_dict
+from nnclr.config import EVAL, to_dict
 from nnclr.data import ImageDataset, load_dataset
 from nnclr.data.lazy import select
 from nnclr.errors import UserError
 from nnclr.evaluate import semi
 from nnclr.evaluate.cache import SplitFeatures, safe_name, split_features
 from nnclr.evaluate.knn import knn_accuracy, knn_sweep
-from nnclr.evaluate.linear import fast_linear_probe, paper_linear_probe
+from nnclr.evaluate.linear import PAPER_SGD, fast_linear_probe, paper_linear_probe
+from nnclr.evaluate.preprocess import Preprocess
 from nnclr.evaluate.retrieval import retrieval_metrics
+from nnclr.evaluate.sgd import ClassifierTask
 from nnclr.pretrained import Pretrained
 
 PROTOCOLS = ("knn", "linear", "semi", "transfer", "retrieval")
@@ -148,7 +150,9 @@ def num_classes_of(*labels: torch.Tensor) -> int:
     return int(max(int(t.max()) for t in labels)) + 1
 
 
-def knn(evaluation: Evaluation, *, k: int = 20, temperature: float = 0.07, sweep: bool = False) -> dict[str, Any]:
+def knn(
+    evaluation: Evaluation, *, k: int = EVAL.knn_k, temperature: float = EVAL.knn_temperature, sweep: bool = False,
+) -> dict[str, Any]:
     """Weighted kNN (Wu et al. 2018): cosine similarity, votes weighted exp(sim / T)."""
     started = time.perf_counter()
     train, test = labelled_pair(evaluation, evaluation.data, "knn")
@@ -172,12 +176,17 @@ def knn(evaluation: Evaluation, *, k: int = 20, temperature: float = 0.07, sweep
 
 
 def linear(
-    evaluation: Evaluation, *, mode: str = "fast", data: str | None = None, protocol: str = "linear",
-    epochs: int = 100, batch_size: int = 256, lr: float = 0.1, seed: int = 0,
+    evaluation: Evaluation, *, mode: str = EVAL.linear_mode, data: str | None = None, protocol: str = "linear",
+    epochs: int | None = None, batch_size: int = EVAL.batch_size, lr: float | None = None, seed: int = EVAL.seed,
 ) -> dict[str, Any]:
-    """Linear probe on frozen features: ``fast`` (L-BFGS on cached features) or ``paper`` (SGD on augmented images)."""
+    """Linear probe on frozen features: ``fast`` (L-BFGS on cached features) or ``paper`` (SGD on augmented images).
+
+    ``epochs`` and ``lr`` (at batch 256) of the paper probe default to ``EVAL.paper_epochs`` and ``EVAL.paper_lr``.
+    """
     started = time.perf_counter()
     data = data or evaluation.data
+    epochs = EVAL.paper_epochs if epochs is None else epochs
+    lr = EVAL.paper_lr if lr is None else lr
     settings: dict[str, Any] = {"mode": mode, "train_split": evaluation.train_split,
                                 "test_split": evaluation.test_split, "seed": seed}
     if protocol == "transfer":
@@ -203,16 +212,17 @@ def linear(
             if not bool(known.any()):
                 raise UserError(f"{data} split {split!r} has no labels; the {protocol} protocol needs labelled images")
         pretrained = evaluation.pretrained
-        result = paper_linear_probe(
+        task = ClassifierTask(
             pretrained.encoder, select(train_set.images, train_known), train_set.labels[train_known],
             select(test_set.images, test_known), test_set.labels[test_known],
             num_classes=num_classes_of(train_set.labels, test_set.labels), num_features=pretrained.feature_dim,
-            size=pretrained.image_size, mean=pretrained.mean, std=pretrained.std, device=pretrained.device,
-            dtype=pretrained.dtype, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            progress=evaluation.progress,
+            preprocess=Preprocess.of(pretrained),
         )
+        result = paper_linear_probe(task, replace(PAPER_SGD, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+                                    progress=evaluation.progress)
         settings.update({"epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_scaled": lr * batch_size / 256,
-                         "optimizer": "SGD, Nesterov momentum 0.9, no weight decay", "schedule": "cosine, per step",
+                         "optimizer": f"SGD, Nesterov momentum {PAPER_SGD.momentum:g}, no weight decay",
+                         "schedule": "cosine, per step",
                          "augmentation": "random resized crop (0.08-1) + horizontal flip",
                          "head": "BatchNorm1d(affine=False) + Linear", "backbone": "frozen, eval mode"})
         metrics = dict(result.extra)
@@ -222,7 +232,7 @@ def linear(
     return evaluation.record(protocol, data, settings, splits, result.top1, result.top5, metrics, started)
 
 
-def transfer(evaluation: Evaluation, *, data: str | None = None, seed: int = 0) -> dict[str, Any]:
+def transfer(evaluation: Evaluation, *, data: str | None = None, seed: int = EVAL.seed) -> dict[str, Any]:
     """Fast linear probe on another data set than the pretraining one (images resized to the encoder's size)."""
     target = data or evaluation.data
     if target == evaluation.pretrain_data:
@@ -233,7 +243,7 @@ def transfer(evaluation: Evaluation, *, data: str | None = None, seed: int = 0) 
     return linear(evaluation, mode="fast", data=target, protocol="transfer", seed=seed)
 
 
-def retrieval(evaluation: Evaluation, *, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
+def retrieval(evaluation: Evaluation, *, ks: tuple[int, ...] = EVAL.retrieval_ks) -> dict[str, Any]:
     """Test images as queries against the training images: recall@k and mAP@R by class label."""
     started = time.perf_counter()
     train, test = labelled_pair(evaluation, evaluation.data, "retrieval")
@@ -247,12 +257,17 @@ def retrieval(evaluation: Evaluation, *, ks: tuple[int, ...] = (1, 5, 10)) -> di
 
 
 def semi_supervised(
-    evaluation: Evaluation, *, fractions: tuple[float, ...] = (0.01, 0.1), subset_file: Path | None = None,
-    epochs: int | None = None, batch_size: int = 256, lr: float = 0.05, seed: int = 0,
+    evaluation: Evaluation, *, fractions: tuple[float, ...] = EVAL.semi_fractions, subset_file: Path | None = None,
+    epochs: int | None = None, batch_size: int = EVAL.batch_size, lr: float | None = None, seed: int = EVAL.seed,
     echo: Callable[..., None] = print,
 ) -> dict[str, Any]:
-    """Fine-tune backbone + linear head on class-balanced label subsets; one result per fraction."""
+    """Fine-tune backbone + linear head on class-balanced label subsets; one result per fraction.
+
+    ``epochs`` defaults to SimCLR's per fraction (:func:`nnclr.evaluate.semi.default_epochs`), ``lr`` (at batch
+    256) to ``EVAL.semi_lr``.
+    """
     started = time.perf_counter()
+    lr = EVAL.semi_lr if lr is None else lr
     data = evaluation.data
     if evaluation.train_split == evaluation.test_split:
         raise UserError("train and test split are the same; pass different --train-split and --test-split")
@@ -285,22 +300,23 @@ def semi_supervised(
     for name, fraction, indices, path in subsets:
         run_epochs = epochs if epochs is not None else semi.default_epochs(fraction)
         echo(f"semi {name}: fine-tuning on {len(indices)} labelled images for {run_epochs} epochs", file=sys.stderr)
-        result = semi.finetune(
+        task = ClassifierTask(
             pretrained.encoder, select(train_set.images, indices), train_set.labels[indices],
             select(test_set.images, test_known), test_set.labels[test_known], num_classes=num_classes,
-            num_features=pretrained.feature_dim,
-            size=pretrained.image_size, mean=pretrained.mean, std=pretrained.std, device=pretrained.device,
-            dtype=pretrained.dtype, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed,
-            progress=evaluation.progress,
+            num_features=pretrained.feature_dim, preprocess=Preprocess.of(pretrained),
         )
+        sgd = replace(semi.FINETUNE_SGD, epochs=run_epochs, batch_size=batch_size, lr=lr, seed=seed)
+        result = semi.finetune(task, sgd, progress=evaluation.progress)
         per_subset[name] = {"fraction": round(fraction, 6), "labelled_images": len(indices), "subset_file": str(path),
                             "epochs": run_epochs, "top1": result.top1, "top5": result.top5,
                             "batch_size": result.extra["batch_size"], "final_loss": result.extra["final_loss"],
                             "epoch_losses": result.extra["epoch_losses"]}
     settings = {"fractions": [round(f, 6) for _, f, _, _ in subsets],
                 "subset_file": str(subset_file) if subset_file else None,
-                "seed": seed, "epochs": epochs if epochs is not None else "60 for <=1%, 30 above (SimCLR)",
-                "batch_size": batch_size, "lr": lr, "optimizer": "SGD, Nesterov momentum 0.9, no weight decay",
+                "seed": seed, "epochs": epochs if epochs is not None else (
+                    f"{EVAL.semi_epochs_few} for <={EVAL.semi_few_labels:.0%}, {EVAL.semi_epochs_many} above (SimCLR)"),
+                "batch_size": batch_size, "lr": lr,
+                "optimizer": f"SGD, Nesterov momentum {semi.FINETUNE_SGD.momentum:g}, no weight decay",
                 "schedule": "cosine, per step", "augmentation": "random resized crop (0.08-1) + horizontal flip",
                 "batch_norm": "training mode while fine-tuning; running statistics then recomputed over the "
                               "labelled images (precise BN); eval mode on test",

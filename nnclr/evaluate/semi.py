@@ -8,7 +8,8 @@ and compared (``--subset-file``); a list made elsewhere, such as the SimCLR auth
 
 Fine-tuning follows SimCLR (Chen et al. 2020, Appendix B.5): backbone + a linear head on its
 features, SGD with Nesterov momentum, learning rate 0.05 x batch / 256, no warm-up, no weight
-decay, cosine schedule, 60 epochs for 1% and 30 for 10%, random resized crop + flip.
+decay, cosine schedule, 60 epochs for 1% and 30 for 10%, random resized crop + flip (the loop of
+:mod:`nnclr.evaluate.sgd`, shared with the paper linear probe).
 
 Batch norm is in training mode while fine-tuning, as in SimCLR: it normalises with each labelled
 batch's statistics. At the end its running statistics are recomputed over the labelled images
@@ -24,25 +25,22 @@ batches, so that no batch is a tiny remainder.
 from __future__ import annotations
 
 import copy
-import math
-import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from nnclr import runtime
-from nnclr.augment import eval_transform
+from nnclr.config import EVAL
 from nnclr.data.lazy import FolderImages, batch_slices, prefetched
 from nnclr.errors import UserError
-from nnclr.evaluate.linear import LinearResult, augmented_batch, evaluate_head
+from nnclr.evaluate.linear import LinearResult, evaluate_head
+from nnclr.evaluate.preprocess import Preprocess
+from nnclr.evaluate.sgd import ClassifierTask, SGDSettings, train_classifier
 
 
 def default_epochs(fraction: float) -> int:
-    """SimCLR's fine-tuning length: 60 epochs for 1% of the labels or less, 30 above."""
-    return 60 if fraction <= 0.01 + 1e-9 else 30
+    """SimCLR's fine-tuning length: 60 epochs for 1% of the labels or less, 30 above (:data:`nnclr.config.EVAL`)."""
+    return EVAL.semi_epochs_few if fraction <= EVAL.semi_few_labels + 1e-9 else EVAL.semi_epochs_many
 
 
 def fraction_name(fraction: float) -> str:
@@ -108,13 +106,12 @@ def read_subset(path: Path, num_train: int, labels: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def recompute_batchnorm(
-    model: nn.Module, images: torch.Tensor | FolderImages, *, size: int, mean: tuple[float, ...],
-    std: tuple[float, ...], device: torch.device, dtype: torch.dtype, batch_size: int,
+    model: nn.Module, images: torch.Tensor | FolderImages, preprocess: Preprocess, batch_size: int,
 ) -> None:
     """Set every batch norm's running statistics to their average over ``images`` (uint8 (n, 3, H, W)).
 
-    The images get the evaluation transform (centre, no augmentation); each batch's mean and
-    variance count by its size (``momentum=None``: PyTorch's cumulative average). Leaves ``model``
+    The images get the evaluation transform (centre, no augmentation), ``batch_size`` at a time; each batch's
+    mean and variance count by its size (``momentum=None``: PyTorch's cumulative average). Leaves ``model``
     in eval mode.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -124,43 +121,34 @@ def recompute_batchnorm(
         norm.momentum = None
     model.train()
     for batch in prefetched(images, batch_slices(images.shape[0], batch_size)):
-        x = eval_transform(batch.to(device), size, mean=mean, std=std)
-        with runtime.autocast(device, dtype):
+        x = preprocess.centre(batch)
+        with preprocess.autocast():
             model(x)
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     model.eval()
 
 
+FINETUNE_SGD = SGDSettings(epochs=EVAL.semi_epochs_many, lr=EVAL.semi_lr)
+"""SimCLR's fine-tuning SGD: learning rate 0.05 at batch 256, batch 256, no weight decay; 30 epochs (60 for 1% of
+the labels: :func:`default_epochs`)."""
+
+
 def finetune(
-    backbone: nn.Module,
-    train_images: torch.Tensor | FolderImages,
-    train_labels: torch.Tensor,
-    test_images: torch.Tensor | FolderImages,
-    test_labels: torch.Tensor,
-    *,
-    num_classes: int,
-    num_features: int,
-    size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    epochs: int = 30,
-    batch_size: int = 256,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    seed: int = 0,
-    progress: bool | None = None,
+    task: ClassifierTask, settings: SGDSettings = FINETUNE_SGD, *, progress: bool | None = None
 ) -> LinearResult:
-    """Fine-tune a copy of ``backbone`` (left untouched) with a linear head on labelled images.
+    """Fine-tune a copy of the task's encoder (left untouched) with a linear head on its labelled training images.
+
+    The SGD is :func:`nnclr.evaluate.sgd.train_classifier` over every parameter of the copy (batch norm in training
+    mode) and of the head (zero weights at first), in near-equal batches; then precise batch norm
+    (:func:`recompute_batchnorm`) and the test.
 
     Args:
-        backbone: the pretrained encoder f; a deep copy is trained, batch norm in training mode.
-        train_images: uint8 (n, 3, H, W), the labelled subset; train_labels (n,).
-        test_images: uint8 (M, 3, H, W); test_labels (M,). Either may be a folder decoded on demand
-            (:class:`~nnclr.data.lazy.FolderImages`, read one mini-batch at a time, by index).
-        lr: learning rate for batch 256, scaled linearly with the batch size.
+        task: the pretrained encoder, the labelled subset (train images and labels), the test images and their
+            preprocessing.
+        settings: epochs, batch size, learning rate at batch 256 (scaled linearly with the batch size used),
+            momentum, weight decay, seed.
+        progress: a progress bar (default: when stderr is a terminal).
 
     Returns:
         Test top-1/top-5 and, in ``extra``, the steps, the mean loss of every epoch and the last loss.
@@ -168,58 +156,33 @@ def finetune(
     Raises:
         UserError: the loss became NaN or infinite (the message suggests a lower ``--lr``).
     """
-    if progress is None:
-        progress = sys.stderr.isatty()
-    torch.manual_seed(seed)
-    model = copy.deepcopy(backbone).to(device).train().requires_grad_(True)
-    head = nn.Linear(num_features, num_classes).to(device)
+    torch.manual_seed(settings.seed)
+    preprocess = task.preprocess
+    model = copy.deepcopy(task.encoder).to(preprocess.device).train().requires_grad_(True)
+    head = nn.Linear(task.num_features, task.num_classes).to(preprocess.device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    if train_images.shape[0] < 2:
+    if task.num_train < 2:
         raise UserError("semi-supervised fine-tuning needs at least 2 labelled images (batch norm trains on them)")
-    steps_per_epoch = math.ceil(train_images.shape[0] / batch_size)
-    batch_size = math.ceil(train_images.shape[0] / steps_per_epoch)  # the largest of the near-equal batches
-    optimizer = torch.optim.SGD(
-        [*model.parameters(), *head.parameters()], lr=lr * batch_size / 256, momentum=momentum, nesterov=True,
-    )
-    total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    order_generator = torch.Generator().manual_seed(seed)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    loss = torch.zeros(())
-    epoch_losses: list[float] = []
-    with tqdm(total=total, disable=not progress, unit="step", desc="fine-tune", dynamic_ncols=True,
-              leave=False) as bar:
-        for epoch in range(epochs):
-            order = torch.randperm(train_images.shape[0], generator=order_generator)
-            losses = []
-            batches = order.tensor_split(steps_per_epoch)  # near-equal batches: no tiny last batch for batch norm
-            for idx, images in zip(batches, prefetched(train_images, batches)):
-                x = augmented_batch(images.to(device), size, mean_t, std_t, generator)
-                with runtime.autocast(device, dtype):
-                    logits = head(model(x).float())
-                loss = F.cross_entropy(logits.float(), train_labels[idx].to(device))
-                if not bool(torch.isfinite(loss)):
-                    raise UserError(
-                        f"semi-supervised fine-tuning diverged: loss {loss.item()} at epoch {epoch + 1}/{epochs} "
-                        f"(lr {lr:g} at batch 256); pass a lower --lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-                bar.update(1)
-            epoch_losses.append(sum(losses) / len(losses))
-    recompute_batchnorm(model, train_images, size=size, mean=mean, std=std, device=device, dtype=dtype,
-                        batch_size=batch_size)
-    top1, top5 = evaluate_head(
-        model, head, test_images, test_labels, size=size, mean=mean, std=std, device=device, dtype=dtype,
-    )
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        with preprocess.autocast():
+            return head(model(x).float())
+
+    def stop_if_diverged(epoch: int, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss)):
+            raise UserError(
+                f"semi-supervised fine-tuning diverged: loss {loss.item()} at epoch {epoch + 1}/{settings.epochs} "
+                f"(lr {settings.lr:g} at batch 256); pass a lower --lr"
+            )
+
+    run = train_classifier(logits_of, [*model.parameters(), *head.parameters()], task, settings, equal_batches=True,
+                           desc="fine-tune", progress=progress, on_loss=stop_if_diverged)
+    recompute_batchnorm(model, task.train_images, preprocess, run.batch_size)
+    top1, top5 = evaluate_head(model, head, task.test_images, task.test_labels, preprocess)
     return LinearResult(
-        top1=top1, top5=top5, num_train=int(train_images.shape[0]), num_test=int(test_images.shape[0]),
-        extra={"epochs": epochs, "steps": total, "batch_size": batch_size, "final_loss": float(loss.item()),
-               "epoch_losses": [round(v, 4) for v in epoch_losses]},
+        top1=top1, top5=top5, num_train=task.num_train, num_test=task.num_test,
+        extra={"epochs": settings.epochs, "steps": run.steps, "batch_size": run.batch_size,
+               "final_loss": float(run.last_loss or 0.0),
+               "epoch_losses": [round(sum(losses) / len(losses), 4) for losses in run.losses]},
     )
