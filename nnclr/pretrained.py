@@ -35,7 +35,7 @@ from nnclr import rundir, runtime
 from nnclr.augment import eval_transform, normalization_for
 from nnclr.checkpoint import load_checkpoint, load_state_strict, written_by
 from nnclr.config import Config, from_dict
-from nnclr.data.decode import _square_box, to_rgb
+from nnclr.data.decode import square_box, to_rgb
 from nnclr.data.resize import resize_images
 from nnclr.errors import UserError
 from nnclr.model import ContrastiveModel, build_model
@@ -141,7 +141,7 @@ class Pretrained:
         """One PIL image, or a uint8 (3, H, W) / (H, W, 3) / (H, W) array -> uint8 (3, S, S)."""
         if isinstance(image, Image.Image):
             rgb = to_rgb(image)
-            square = rgb.resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=_square_box(*rgb.size))
+            square = rgb.resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=square_box(*rgb.size))
             return torch.from_numpy(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).copy())
         if isinstance(image, np.ndarray) and not image.flags.writeable:
             image = image.copy()  # torch warns on read-only arrays (e.g. np.asarray of a PIL image)

@@ -226,8 +226,8 @@ def test_packed_paths_round_trip_non_ascii_names(tmp_path: Path) -> None:
     assert [index.relpath(i) for i in range(len(index))] == index.relpaths()
     assert index.relpath(-1) == index.relpaths()[-1]
     assert index.path(0) == os.path.join(str(tmp_path / "data"), index.relpath(0)) and os.path.isfile(index.path(3))
-    assert index._names.dtype == np.uint8 and index._offsets.dtype == np.int64
-    assert len(index._names) == sum(len(os.fsencode(n)) for n in names)
+    assert index.path_bytes.dtype == np.uint8 and index.path_offsets.dtype == np.int64
+    assert len(index.path_bytes) == sum(len(os.fsencode(n)) for n in names)
     assert not any(isinstance(v, list) and len(v) == len(index) for v in vars(index).values())  # no list of N str
     index.save(tmp_path / "i.npz")
     assert FileIndex.load(tmp_path / "i.npz").relpaths() == index.relpaths()
@@ -245,7 +245,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     for name in ("labels", "sizes", "mtimes"):
         assert np.array_equal(getattr(again, name), getattr(index, name)) and getattr(again, name).dtype == np.int64
     assert again.fingerprint() == index.fingerprint() and again.changes_from(index) is None
-    assert sorted(np.load(tmp_path / "index.npz", allow_pickle=False).files) == sorted(index._arrays())
+    assert sorted(np.load(tmp_path / "index.npz", allow_pickle=False).files) == sorted(index.to_arrays())
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -255,7 +255,7 @@ def test_load_of_a_corrupt_file_is_one_line_user_error(tmp_path: Path, damage: s
     index, _ = build_index(tmp_path / "data")
     path = tmp_path / "index.npz"
     index.save(path)
-    arrays = index._arrays()
+    arrays = index.to_arrays()
     if damage == "garbage":
         path.write_bytes(b"not an npz at all")
     elif damage == "truncated":

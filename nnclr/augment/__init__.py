@@ -41,13 +41,8 @@ Differences from torchvision's per-image transforms, all deliberate:
 
 from __future__ import annotations
 
-# Re-exports: the public API (and the helpers the tests check against torchvision).
+# Re-exports: the public API (the operations the tests check against torchvision are in nnclr.augment.ops).
 from nnclr.augment.batch import BatchAugment, eval_transform
-from nnclr.augment.ops import _adjust_hue as _adjust_hue
-from nnclr.augment.ops import _color_jitter as _color_jitter
-from nnclr.augment.ops import _gaussian_blur as _gaussian_blur
-from nnclr.augment.ops import _gray as _gray
-from nnclr.augment.ops import _solarize as _solarize
 from nnclr.augment.ops import apply_view
 from nnclr.augment.params import BRIGHTNESS as BRIGHTNESS
 from nnclr.augment.params import CONTRAST as CONTRAST

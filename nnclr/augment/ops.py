@@ -42,7 +42,7 @@ def _crop_flip(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) -> (B, 1, S, S) luma with torchvision's weights."""
     r, g, b = x.unbind(1)  # (B, S, S) each
     return (
@@ -62,13 +62,13 @@ def _linear_step(
     the identity is (1, 0, 0): exactly torchvision's ``_blend`` (which clamps to [0, 1]) with
     the black image, the mean gray level and the grayscale image.
     """
-    gray = _gray(x)  # (B, 1, S, S)
+    gray = grayscale(x)  # (B, 1, S, S)
     mean = gray.mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
     offset = gray.mul_(b).add_(mean * c)  # (B, 1, S, S); in place: faster than a broadcast addcmul
     return torch.addcmul(offset, x, a).clamp_(0.0, 1.0)  # (B, 3, S, S)
 
 
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue of [0, 1] RGB images by per-sample ``shift`` (fraction of a turn).
 
     Exact HSV (as torchvision's ``adjust_hue``), vectorised. A hue rotation keeps each
@@ -116,7 +116,7 @@ _HUE_RAMPS = torch.tensor([[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]]
 )
 
 
-def _color_jitter(
+def color_jitter(
     x: torch.Tensor, params: dict[str, torch.Tensor], recipe: ViewRecipe
 ) -> torch.Tensor:
     """Brightness, contrast, saturation and hue in a random order per sample.
@@ -174,7 +174,7 @@ def _color_jitter(
     if needs_linear:
         x = linear_steps(before)
     if recipe.hue > 0:
-        x = _adjust_hue(x, torch.where(on, params["hue"], 0.0))
+        x = adjust_hue(x, torch.where(on, params["hue"], 0.0))
     if needs_linear:
         x = linear_steps(after)
     return x
@@ -221,7 +221,7 @@ def _blur_all(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out.view(batch, channels, height, width)
 
 
-def _gaussian_blur(
+def gaussian_blur(
     x: torch.Tensor,
     sigma: torch.Tensor,
     apply: torch.Tensor,
@@ -262,7 +262,7 @@ def _gaussian_blur(
     return _blur_all(x, kernel)
 
 
-def _solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float) -> torch.Tensor:
+def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float) -> torch.Tensor:
     """``x -> 1 - x`` where ``x >= threshold``, for the samples with ``apply`` (B,) True.
 
     At threshold 0.5 this is ``min(x, 1 - x)``, which avoids full-size boolean tensors (slow
@@ -302,12 +302,12 @@ def apply_view(
     else:
         x = _crop_flip(images, params["box"], params["flip"], size)  # (B, 3, S, S)
     if recipe.jitter_p > 0:
-        x = _color_jitter(x, params, recipe)
+        x = color_jitter(x, params, recipe)
     if recipe.gray_p > 0:
         to_gray = params["gray"].to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1) in {0, 1}
-        x = torch.lerp(x, _gray(x), to_gray)
+        x = torch.lerp(x, grayscale(x), to_gray)
     if recipe.blur_p > 0:
-        x = _gaussian_blur(x, params["sigma"], params["blur"], blur_kernel_size(size))
+        x = gaussian_blur(x, params["sigma"], params["blur"], blur_kernel_size(size))
     if recipe.solarize_p > 0:
-        x = _solarize(x, params["solarize"], recipe.solarize_threshold)
+        x = solarize(x, params["solarize"], recipe.solarize_threshold)
     return x.sub_(mean).div_(std)

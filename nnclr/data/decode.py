@@ -57,7 +57,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _square_box(width: int, height: int) -> tuple[float, float, float, float]:
+def square_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The centred square of a ``width`` x ``height`` image, as PIL's box (left, top, right, bottom)."""
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     return (left, top, left + side, top + side)
@@ -79,7 +80,7 @@ def try_load_square(path: Path, size: int) -> np.ndarray | str:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
             rgb = to_rgb(image)
-            square = rgb.resize((size, size), Image.Resampling.BILINEAR, box=_square_box(*rgb.size))
+            square = rgb.resize((size, size), Image.Resampling.BILINEAR, box=square_box(*rgb.size))
             array = np.asarray(square, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return " ".join(str(exc).split()) or type(exc).__name__

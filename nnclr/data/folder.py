@@ -49,7 +49,7 @@ _THREADS = min(4, len(usable_cpus()))
 _TEST_NAMES = ("test", "val")
 
 
-def _images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+def images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
     """All image files at any depth below ``path``, sorted; symlinked folders followed once.
 
     For :mod:`nnclr.use.embed` (any depth, no classes); the ``folder:`` source uses

@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 # ---------------------------------------------------------------------------- packed strings
 
 
-def _pack(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Pack strings into one buffer: ``uint8 (B,)`` of the ``os.fsencode`` bytes and ``int64 (n + 1,)`` offsets."""
     encoded = [os.fsencode(s) for s in strings]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
@@ -37,13 +37,14 @@ def _pack(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def _unpack(buffer: np.ndarray, offsets: np.ndarray) -> list[str]:
-    """The strings :func:`_pack` packed."""
+def unpack_strings(buffer: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """The strings :func:`pack_strings` packed."""
     raw, ends = buffer.tobytes(), offsets.tolist()
     return [os.fsdecode(raw[a:b]) for a, b in zip(ends, ends[1:])]
 
 
-def _check_packed(buffer: np.ndarray, offsets: np.ndarray, what: str) -> None:
+def check_packed(buffer: np.ndarray, offsets: np.ndarray, what: str) -> None:
+    """Raise ValueError (naming ``what``) unless ``buffer`` and ``offsets`` are what :func:`pack_strings` makes."""
     if buffer.dtype != np.uint8 or offsets.dtype != np.int64 or buffer.ndim != 1 or offsets.ndim != 1:
         raise ValueError(f"{what}: expected uint8 (B,) and int64 (n + 1,) arrays")
     if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(buffer) or np.any(np.diff(offsets) < 0):
@@ -57,7 +58,7 @@ def _check_packed(buffer: np.ndarray, offsets: np.ndarray, what: str) -> None:
 class FileIndex:
     """The image files of one split folder, their labels, sizes and mtimes.
 
-    The relative paths are stored packed (``_names``: ``uint8 (B,)`` UTF-8 bytes, ``_offsets``:
+    The relative paths are stored packed (``path_bytes``: ``uint8 (B,)`` UTF-8 bytes, ``path_offsets``:
     ``int64 (N + 1,)``), not as ``N`` Python strings: a million paths cost tens of MB, and forked
     ``DataLoader`` workers share those pages (no reference count is written into them).
 
@@ -74,8 +75,8 @@ class FileIndex:
     classes: list[str]
     sizes: np.ndarray
     mtimes: np.ndarray
-    _names: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
-    _offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    path_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    path_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -85,8 +86,8 @@ class FileIndex:
             if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
                 raise ValueError(f"{name}: expected a 1-D integer array")
             setattr(self, name, np.ascontiguousarray(array, dtype=np.int64))
-        _check_packed(self._names, self._offsets, "paths")
-        n = len(self._offsets) - 1
+        check_packed(self.path_bytes, self.path_offsets, "paths")
+        n = len(self.path_offsets) - 1
         if not len(self.labels) == len(self.sizes) == len(self.mtimes) == n:
             counts = f"{len(self.labels)} labels, {len(self.sizes)} sizes, {len(self.mtimes)} mtimes"
             raise ValueError(f"{n} paths but {counts}")
@@ -106,11 +107,11 @@ class FileIndex:
         mtimes: Sequence[int] | np.ndarray,
     ) -> FileIndex:
         """Build an index from posix relative paths (packed here) and the per-file arrays (N,)."""
-        names, offsets = _pack(relpaths)
+        names, offsets = pack_strings(relpaths)
         return cls(Path(root), np.asarray(labels), list(classes), np.asarray(sizes), np.asarray(mtimes), names, offsets)
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self.path_offsets) - 1
 
     def __repr__(self) -> str:
         return f"FileIndex(root={str(self.root)!r}, files={len(self)}, classes={len(self.classes)})"
@@ -118,11 +119,11 @@ class FileIndex:
     def relpath(self, i: int) -> str:
         """The posix path of file ``i`` relative to :attr:`root`."""
         i = range(len(self))[i]  # negative indices as for a list; IndexError past the end
-        return os.fsdecode(self._names[self._offsets[i] : self._offsets[i + 1]].tobytes())
+        return os.fsdecode(self.path_bytes[self.path_offsets[i] : self.path_offsets[i + 1]].tobytes())
 
     def relpaths(self) -> list[str]:
         """All relative paths (N Python strings: for small folders and comparisons)."""
-        return _unpack(self._names, self._offsets)
+        return unpack_strings(self.path_bytes, self.path_offsets)
 
     def path(self, i: int) -> str:
         """``os.path.join(str(root), relpath(i))``."""
@@ -132,21 +133,21 @@ class FileIndex:
         """All files as ``root / relpath`` (N ``Path`` objects: for small folders)."""
         return [self.root / rel for rel in self.relpaths()]
 
-    def _arrays(self) -> dict[str, np.ndarray]:
+    def to_arrays(self) -> dict[str, np.ndarray]:
         """The index as named arrays (what :meth:`save` writes)."""
-        root, root_offsets = _pack([str(self.root)])
-        classes, class_offsets = _pack(self.classes)
+        root, root_offsets = pack_strings([str(self.root)])
+        classes, class_offsets = pack_strings(self.classes)
         return {
             "format": np.array([FORMAT_VERSION], dtype=np.int64),
             "root": root, "root_offsets": root_offsets,
-            "paths": self._names, "path_offsets": self._offsets,
+            "paths": self.path_bytes, "path_offsets": self.path_offsets,
             "classes": classes, "class_offsets": class_offsets,
             "labels": self.labels, "sizes": self.sizes, "mtimes": self.mtimes,
         }  # fmt: skip
 
     @classmethod
-    def _from_arrays(cls, arrays: dict[str, np.ndarray]) -> FileIndex:
-        """The index :meth:`_arrays` described.
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> FileIndex:
+        """The index :meth:`to_arrays` described.
 
         Raises:
             KeyError, ValueError: A missing array, another format version, inconsistent arrays.
@@ -154,20 +155,20 @@ class FileIndex:
         version = arrays["format"].tolist()
         if version != [FORMAT_VERSION]:
             raise ValueError(f"format version {version}, expected {FORMAT_VERSION}")
-        _check_packed(arrays["root"], arrays["root_offsets"], "root")
-        _check_packed(arrays["classes"], arrays["class_offsets"], "classes")
-        roots = _unpack(arrays["root"], arrays["root_offsets"])
+        check_packed(arrays["root"], arrays["root_offsets"], "root")
+        check_packed(arrays["classes"], arrays["class_offsets"], "classes")
+        roots = unpack_strings(arrays["root"], arrays["root_offsets"])
         if len(roots) != 1:
             raise ValueError("expected one root")
-        classes = _unpack(arrays["classes"], arrays["class_offsets"])
+        classes = unpack_strings(arrays["classes"], arrays["class_offsets"])
         return cls(Path(roots[0]), arrays["labels"], classes, arrays["sizes"], arrays["mtimes"],
                    arrays["paths"], arrays["path_offsets"])  # fmt: skip
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) over the relative paths, labels, classes, sizes and mtimes (not the root)."""
         digest = hashlib.sha256(b"nnclr.FileIndex")
-        classes, class_offsets = _pack(self.classes)
-        for array in (self._names, self._offsets, self.labels, classes, class_offsets, self.sizes, self.mtimes):
+        classes, class_offsets = pack_strings(self.classes)
+        for array in (self.path_bytes, self.path_offsets, self.labels, classes, class_offsets, self.sizes, self.mtimes):
             data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             digest.update(len(data).to_bytes(8, "little") + data)
         return digest.hexdigest()
@@ -189,7 +190,7 @@ class FileIndex:
         Raises:
             OSError: If the file cannot be written (no temporary file is left behind).
         """
-        _write_npz(Path(path), self._arrays())
+        write_npz(Path(path), self.to_arrays())
 
     @classmethod
     def load(cls, path: Path) -> FileIndex:
@@ -198,11 +199,11 @@ class FileIndex:
         Raises:
             UserError: One line, if the file is missing, unreadable, corrupt or of another format.
         """
-        arrays = _read_npz(Path(path))
+        arrays = read_npz(Path(path))
         try:
-            return cls._from_arrays(arrays)
+            return cls.from_arrays(arrays)
         except (KeyError, ValueError) as error:
-            raise UserError(f"{path}: not a valid file index ({_one_line(error)}); delete it to rebuild it") from None
+            raise UserError(f"{path}: not a valid file index ({one_line(error)}); delete it to rebuild it") from None
 
 
 def _some(names: Sequence[str], shown: int = 3) -> str:
@@ -254,13 +255,14 @@ def _file_changes(old: FileIndex, new: FileIndex) -> list[str]:
 # ---------------------------------------------------------------------------- .npz files
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """The reason an error gives, on one line (an OSError's ``strerror``, else its message, else its type)."""
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     return " ".join(text.split()) or type(error).__name__
 
 
 def _tmp_path(path: Path, attempt: int) -> Path:
-    """The temporary file :func:`_write_npz` tries at ``attempt`` (next to ``path``, for ``os.replace``)."""
+    """The temporary file :func:`write_npz` tries at ``attempt`` (next to ``path``, for ``os.replace``)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{attempt}.tmp")
 
 
@@ -276,7 +278,7 @@ def _create_tmp(path: Path, attempts: int = 8) -> tuple[int, Path]:
     raise FileExistsError(f"{_tmp_path(path, 0)} and {attempts - 1} more temporary names exist")
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``path`` as .npz through a temporary file and ``os.replace``."""
     fd, tmp = _create_tmp(path)
     try:
@@ -292,7 +294,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 _CORRUPT = (OSError, ValueError, EOFError, KeyError, OverflowError, RuntimeError, zipfile.BadZipFile, zlib.error)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an .npz file, without pickle.
 
     Raises:
@@ -305,4 +307,4 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with npz:
             return {key: npz[key] for key in npz.files}
     except _CORRUPT as error:
-        raise UserError(f"{path}: cannot read this file index ({_one_line(error)}); delete it to rebuild it") from None
+        raise UserError(f"{path}: cannot read this file index ({one_line(error)}); delete it to rebuild it") from None

@@ -58,7 +58,16 @@ import numpy as np
 from tqdm import tqdm
 
 from nnclr.data.decode import IMAGE_EXTENSIONS, is_image_file
-from nnclr.data.index import FORMAT_VERSION, FileIndex, _check_packed, _one_line, _pack, _read_npz, _unpack, _write_npz
+from nnclr.data.index import (
+    FORMAT_VERSION,
+    FileIndex,
+    check_packed,
+    one_line,
+    pack_strings,
+    read_npz,
+    unpack_strings,
+    write_npz,
+)
 from nnclr.errors import UserError
 from nnclr.machine import usable_cpus
 
@@ -121,7 +130,7 @@ def _add_entry(listing: _Listing, entry: os.DirEntry, rel: str) -> None:
         st = entry.stat()
     except OSError as error:  # vanished, dangling symlink, symlink loop
         if _is_image_name(name):
-            listing.bad.append((rel, _one_line(error)))
+            listing.bad.append((rel, one_line(error)))
         return
     if stat.S_ISDIR(st.st_mode):
         listing.subdirs.append((rel, (st.st_dev, st.st_ino), st.st_mtime_ns))
@@ -141,7 +150,7 @@ def _list_dir(folder: str, rel: str) -> _Listing | str:
             for entry in entries:
                 _add_entry(listing, entry, f"{rel}/{entry.name}" if rel else entry.name)
     except OSError as error:
-        return _one_line(error)
+        return one_line(error)
     return listing
 
 
@@ -225,7 +234,7 @@ def _list_root(folder: str) -> tuple[_Dir, _Listing]:
         if isinstance(listing, str):
             raise OSError(0, listing)
     except OSError as error:
-        raise UserError(f"cannot list {folder} ({_one_line(error)}); check its permissions") from None
+        raise UserError(f"cannot list {folder} ({one_line(error)}); check its permissions") from None
     return _Dir("", -1, (st.st_dev, st.st_ino), st.st_mtime_ns), listing
 
 
@@ -315,11 +324,11 @@ def _cache_path(folder: Path) -> Path:
 
 def _cache_arrays(folder: Path, scan: _Scan) -> dict[str, np.ndarray]:
     """The index plus what proves it still valid, as named arrays."""
-    arrays = scan.index._arrays()
+    arrays = scan.index.to_arrays()
     for key, strings in (("real", [os.path.realpath(folder)]), ("dirs", [d.rel for d in scan.dirs]),
                          ("bad", [r for r, _ in scan.unreadable]), ("reasons", [r for _, r in scan.unreadable]),
                          ("ignored", scan.ignored)):  # fmt: skip
-        arrays[key], arrays[f"{key}_offsets"] = _pack(strings)
+        arrays[key], arrays[f"{key}_offsets"] = pack_strings(strings)
     arrays["dir_mtimes"] = np.array([d.mtime_ns for d in scan.dirs], dtype=np.int64)
     arrays["dir_inos"] = np.array([d.key[1] for d in scan.dirs], dtype=np.int64)
     arrays["started_ns"] = np.array([scan.started_ns], dtype=np.int64)
@@ -334,13 +343,13 @@ def _read_cache(path: Path, folder: Path) -> _Scan | None:
     """
     if not os.path.lexists(path):
         return None
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     try:
-        index = FileIndex._from_arrays(arrays)
+        index = FileIndex.from_arrays(arrays)
         text = {}
         for key in ("real", "dirs", "bad", "reasons", "ignored"):
-            _check_packed(arrays[key], arrays[f"{key}_offsets"], key)
-            text[key] = _unpack(arrays[key], arrays[f"{key}_offsets"])
+            check_packed(arrays[key], arrays[f"{key}_offsets"], key)
+            text[key] = unpack_strings(arrays[key], arrays[f"{key}_offsets"])
         if text["real"] != [os.path.realpath(folder)]:
             raise ValueError(f"made for {text['real']}")
         stats = zip(text["dirs"], arrays["dir_mtimes"].tolist(), arrays["dir_inos"].tolist(), strict=True)
@@ -348,7 +357,7 @@ def _read_cache(path: Path, folder: Path) -> _Scan | None:
         unreadable = list(zip(text["bad"], text["reasons"], strict=True))
         return _Scan(index, unreadable, text["ignored"], dirs, int(arrays["started_ns"][0]))
     except (KeyError, ValueError, IndexError) as error:
-        raise UserError(f"{path}: not a valid file index cache ({_one_line(error)})") from None
+        raise UserError(f"{path}: not a valid file index cache ({one_line(error)})") from None
 
 
 def _stat_all(folder: str, names: np.ndarray, offsets: np.ndarray, pool: Executor, progress: _Progress) -> np.ndarray:
@@ -378,7 +387,7 @@ def _unreadable_reason(folder: str, rel: str) -> str | None:
     try:
         st = os.stat(path)
     except OSError as error:
-        return _one_line(error)
+        return one_line(error)
     if stat.S_ISDIR(st.st_mode):
         listing = _list_dir(path, "")
         return listing if isinstance(listing, str) else None
@@ -393,11 +402,11 @@ def _still_valid(folder: Path, scan: _Scan, pool: Executor, show: bool | None) -
     where = str(folder)
     progress = _Progress(f"checking the index of {folder}", show)
     try:
-        dirs = _stat_all(where, *_pack([d.rel for d in scan.dirs]), pool, progress)
+        dirs = _stat_all(where, *pack_strings([d.rel for d in scan.dirs]), pool, progress)
         if not (np.all(dirs[:, 0] == stat.S_IFDIR) and np.array_equal(dirs[:, 2], mtimes)
                 and np.array_equal(dirs[:, 3], [d.key[1] for d in scan.dirs])):  # fmt: skip
             return False
-        files = _stat_all(where, scan.index._names, scan.index._offsets, pool, progress)
+        files = _stat_all(where, scan.index.path_bytes, scan.index.path_offsets, pool, progress)
     finally:
         progress.close()
     index = scan.index
@@ -437,9 +446,9 @@ def load_index(
             scan = _scan(folder, pool, progress)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                _write_npz(path, _cache_arrays(folder, scan))
+                write_npz(path, _cache_arrays(folder, scan))
             except OSError as error:
-                problem = f"cannot write the file index cache {path} ({_one_line(error)}); indexing again next time"
+                problem = f"cannot write the file index cache {path} ({one_line(error)}); indexing again next time"
     if problem and len(scan.index) >= PROGRESS_MIN_FILES:
         print(f"nnclr: warning: {folder}: {problem}", file=sys.stderr)
     return _finish(folder, scan)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from nnclr import distributed
 from nnclr.config import to_dict
 from nnclr.data.decode import IMAGE_EXTENSIONS, try_load_square
-from nnclr.data.folder import _images_below
+from nnclr.data.folder import images_below
 from nnclr.data.lazy import FolderImages, prefetched
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained, precision_name
@@ -96,7 +96,7 @@ def scan_images(folder: Path) -> tuple[list[Path], list[str]]:
     """
     if not folder.is_dir():
         raise UserError(f"{folder}: no such directory; pass a folder of images or a data set name (e.g. demo)")
-    files = _images_below(folder)
+    files = images_below(folder)
     if not files:
         extensions = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
         raise UserError(f"no images found in {folder} (extensions: {extensions}); pass a folder that holds images")
