@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from nnclr.config import Config, from_dict, load_config, parse_override, to_dict
+from nnclr.config import EVAL, Config, from_dict, load_config, parse_override, to_dict
 from nnclr.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +102,14 @@ def test_a_retired_key_still_loads_from_a_saved_config_and_is_explained_to_a_use
     assert config_differences(saved, to_dict(load_config())) == []
     with pytest.raises(UserError, match="no longer used.*kmeans_reset_epochs"):
         load_config(overrides=["method.recluster_every=5"])
+
+
+def test_eval_defaults_are_the_protocols_and_stay_out_of_a_runs_config() -> None:
+    assert (EVAL.knn_k, EVAL.knn_temperature) == (20, 0.07)  # Wu et al. 2018
+    assert (EVAL.paper_epochs, EVAL.paper_lr, EVAL.semi_lr, EVAL.batch_size) == (100, 0.1, 0.05, 256)
+    assert [EVAL.semi_epochs(f) for f in (0.005, 0.01, 0.1, 1.0)] == [60, 60, 30, 30]  # SimCLR, Appendix B.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        EVAL.knn_k = 5  # type: ignore[misc]
+    config = load_config()
+    assert list(to_dict(config)) == ["data", "augment", "model", "method", "optim", "train"]  # config.yaml's sections
+    assert from_dict(to_dict(config)) == config

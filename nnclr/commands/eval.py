@@ -7,10 +7,19 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from nnclr.config import EVAL
+
+
+def _percent(fraction: float) -> str:
+    """0.01 -> ``1%%`` (argparse help strings are %-formatted)."""
+    return f"{100 * fraction:g}%%"
+
+
+_FRACTIONS_HELP = " and ".join(_percent(f) for f in EVAL.semi_fractions)
 PROTOCOL_HELP = {
-    "knn": "weighted kNN on frozen features (k=20, T=0.07; --sweep for a grid)",
+    "knn": f"weighted kNN on frozen features (k={EVAL.knn_k}, T={EVAL.knn_temperature:g}; --sweep for a grid)",
     "linear": "linear probe on frozen features (--mode fast: L-BFGS on cached features; paper: SGD, augmented)",
-    "semi": "fine-tune the whole network on class-balanced 1%% and 10%% label subsets",
+    "semi": f"fine-tune the whole network on class-balanced {_FRACTIONS_HELP} label subsets",
     "transfer": "fast linear probe on another data set than the pretraining one (--transfer-data)",
     "retrieval": "test images as queries against the training images: recall@1/5/10, mAP@R",
     "all": "every protocol that fits the data (transfer only with --transfer-data)",
@@ -66,30 +75,39 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
                          help="a run directory of `nnclr pretrain` or its checkpoint.pt")
         sub.add_argument("--data", metavar="NAME", help="data set (default: the one the checkpoint was trained on)")
-        sub.add_argument("--train-split", default="train", help="memory / classifier training split (default train)")
-        sub.add_argument("--test-split", default="test", help="test split (default test)")
-        sub.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-        sub.add_argument("--seed", type=int, default=0, help="seed of validation splits, subsets, SGD (default 0)")
-        sub.add_argument("--threads", type=_whole, default=0,
-                         help="CPU threads (default 0: one per physical core, as train.threads)")
+        sub.add_argument("--train-split", default=EVAL.train_split,
+                         help=f"memory / classifier training split (default {EVAL.train_split})")
+        sub.add_argument("--test-split", default=EVAL.test_split, help=f"test split (default {EVAL.test_split})")
+        sub.add_argument("--device", default=EVAL.device, help="auto (CUDA if available), cpu, cuda, cuda:N")
+        sub.add_argument("--seed", type=int, default=EVAL.seed,
+                         help=f"seed of validation splits, subsets, SGD (default {EVAL.seed})")
+        sub.add_argument("--threads", type=_whole, default=EVAL.threads,
+                         help=f"CPU threads (default {EVAL.threads}: one per physical core, as train.threads)")
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("knn", "all"):
-            sub.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (default 20)")
-            sub.add_argument("--temperature", type=_positive_float, default=0.07,
-                             help="kNN vote weight exp(sim/T) (default 0.07)")
+            sub.add_argument("--k", type=_positive_int, default=EVAL.knn_k,
+                             help=f"kNN neighbours (default {EVAL.knn_k})")
+            sub.add_argument("--temperature", type=_positive_float, default=EVAL.knn_temperature,
+                             help=f"kNN vote weight exp(sim/T) (default {EVAL.knn_temperature:g})")
             sub.add_argument("--sweep", action="store_true", help="kNN over a grid of k and T; reports the best")
         if name in ("linear", "all"):
-            sub.add_argument("--mode", choices=("fast", "paper"), default="fast",
-                             help="fast: L-BFGS on cached features; paper: SGD on augmented images (default fast)")
+            sub.add_argument("--mode", choices=("fast", "paper"), default=EVAL.linear_mode,
+                             help=f"fast: L-BFGS on cached features; paper: SGD on augmented images "
+                             f"(default {EVAL.linear_mode})")
         if name in ("linear", "semi", "all"):
+            semi_epochs = ", ".join(f"{EVAL.semi_epochs(f)} for {_percent(f)}" for f in EVAL.semi_fractions)
             sub.add_argument("--epochs", type=_positive_int,
-                             help="paper linear: epochs (default 100); semi: epochs (default 60 for 1%%, 30 for 10%%)")
-            sub.add_argument("--batch-size", type=_positive_int, default=256, help="SGD batch size (default 256)")
+                             help=f"paper linear: epochs (default {EVAL.paper_epochs}); semi: epochs "
+                             f"(default {semi_epochs})")
+            sub.add_argument("--batch-size", type=_positive_int, default=EVAL.batch_size,
+                             help=f"SGD batch size (default {EVAL.batch_size})")
             sub.add_argument("--lr", type=_positive_float,
-                             help="SGD learning rate at batch 256 (default 0.1 paper linear, 0.05 semi)")
+                             help=f"SGD learning rate at batch 256 (default {EVAL.paper_lr:g} paper linear, "
+                             f"{EVAL.semi_lr:g} semi)")
         if name in ("semi", "all"):
-            sub.add_argument("--fractions", type=_fraction, nargs="+", default=[0.01, 0.1], metavar="F",
-                             help="label fractions, e.g. 0.01 0.1 or 1%% 10%% (default 0.01 0.1)")
+            sub.add_argument("--fractions", type=_fraction, nargs="+", default=list(EVAL.semi_fractions), metavar="F",
+                             help="label fractions, e.g. 0.01 0.1 or 1%% 10%% "
+                             f"(default {' '.join(f'{f:g}' for f in EVAL.semi_fractions)})")
             sub.add_argument("--subset-file", metavar="FILE",
                              help="a subset to reuse: one 0-based training index per line")
         if name in ("transfer", "all"):
@@ -185,14 +203,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _linear(protocols: Any, evaluation: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The linear protocol; ``--epochs`` and ``--lr`` left out take the protocol's defaults (``EVAL``)."""
     return protocols.linear(
-        evaluation, mode=args.mode, epochs=args.epochs or 100, batch_size=args.batch_size, lr=args.lr or 0.1,
-        seed=args.seed,
+        evaluation, mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
     )
 
 
 def _semi(protocols: Any, evaluation: Any, args: argparse.Namespace, echo: Any) -> dict[str, Any]:
+    """The semi protocol; ``--epochs`` and ``--lr`` left out take the protocol's defaults (``EVAL``)."""
     return protocols.semi_supervised(
         evaluation, fractions=tuple(args.fractions), subset_file=args.subset_file, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr or 0.05, seed=args.seed, echo=echo,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, echo=echo,
     )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nnclr.config import EVAL
+
 
 @dataclass(frozen=True)
 class KnnResult:
@@ -32,8 +34,8 @@ def knn_scores(
     test_features: torch.Tensor,
     *,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EVAL.knn_k,
+    temperature: float = EVAL.knn_temperature,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Class scores (M, C) for test features (M, F) from training features (N, F) and labels (N,).
@@ -62,8 +64,8 @@ def knn_accuracy(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     *,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int = EVAL.knn_k,
+    temperature: float = EVAL.knn_temperature,
 ) -> KnnResult:
     """Weighted-kNN top-1/top-5 accuracy (percent) of ``test_labels`` (M,)."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1

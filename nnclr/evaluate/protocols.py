@@ -263,8 +263,8 @@ def semi_supervised(
 ) -> dict[str, Any]:
     """Fine-tune backbone + linear head on class-balanced label subsets; one result per fraction.
 
-    ``epochs`` defaults to SimCLR's per fraction (:func:`nnclr.evaluate.semi.default_epochs`), ``lr`` (at batch
-    256) to ``EVAL.semi_lr``.
+    ``epochs`` defaults to SimCLR's per fraction (:meth:`nnclr.config.EvalDefaults.semi_epochs`), ``lr`` (at
+    batch 256) to ``EVAL.semi_lr``.
     """
     started = time.perf_counter()
     lr = EVAL.semi_lr if lr is None else lr
@@ -298,7 +298,7 @@ def semi_supervised(
             subsets.append((semi.fraction_name(fraction), fraction, indices, path))
     per_subset = {}
     for name, fraction, indices, path in subsets:
-        run_epochs = epochs if epochs is not None else semi.default_epochs(fraction)
+        run_epochs = epochs if epochs is not None else EVAL.semi_epochs(fraction)
         echo(f"semi {name}: fine-tuning on {len(indices)} labelled images for {run_epochs} epochs", file=sys.stderr)
         task = ClassifierTask(
             pretrained.encoder, select(train_set.images, indices), train_set.labels[indices],

@@ -38,11 +38,6 @@ from nnclr.evaluate.preprocess import Preprocess
 from nnclr.evaluate.sgd import ClassifierTask, SGDSettings, train_classifier
 
 
-def default_epochs(fraction: float) -> int:
-    """SimCLR's fine-tuning length: 60 epochs for 1% of the labels or less, 30 above (:data:`nnclr.config.EVAL`)."""
-    return EVAL.semi_epochs_few if fraction <= EVAL.semi_few_labels + 1e-9 else EVAL.semi_epochs_many
-
-
 def fraction_name(fraction: float) -> str:
     """0.01 -> ``1pct``, 0.1 -> ``10pct``, 0.005 -> ``0.5pct``."""
     return f"{100 * fraction:g}pct"
@@ -131,7 +126,7 @@ def recompute_batchnorm(
 
 FINETUNE_SGD = SGDSettings(epochs=EVAL.semi_epochs_many, lr=EVAL.semi_lr)
 """SimCLR's fine-tuning SGD: learning rate 0.05 at batch 256, batch 256, no weight decay; 30 epochs (60 for 1% of
-the labels: :func:`default_epochs`)."""
+the labels: :meth:`nnclr.config.EvalDefaults.semi_epochs`)."""
 
 
 def finetune(
