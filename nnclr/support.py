@@ -144,15 +144,16 @@ class SupportSet(torch.nn.Module):
         than 16), or by more than max(256, n / 256) + k rows (near-duplicates within bf16
         resolution all over the queue) is scanned in fp32 instead, with the other such queries of
         the batch (at least 16 queries per such scan, the whole batch if it is smaller): such
-        batches cost the bf16 scan on top of the fp32 one (1.4x fp32 at 98,304 rows), never
-        exactness. Early in training, when the projections are nearly collapsed (nearest-neighbour
+        batches cost the bf16 scan on top of the fp32 one (BENCHMARKS.md, "When the fp32 fallback
+        runs"), never exactness. Early in training, when the projections are nearly collapsed (nearest-neighbour
         similarity 0.995 at initialisation), most queries take that path; the queue is short
         then. For k > 1 the k-th largest group maximum can lie far below the k-th best score when
         the k best rows share a group; there are then more candidates.
 
         The bf16 copy is kept in step by :meth:`enqueue` (write to the buffers only through
         :meth:`enqueue`/``load_state_dict``); converting each block to bf16 on the fly costs more
-        than the bf16 matmul saves. Timings: BENCHMARKS.md, section "Support-set lookup: exact bf16".
+        than the bf16 matmul saves. Timings: BENCHMARKS.md, section "Support-set lookup: exact bf16"
+        (measurements live there, not in this docstring).
 
         Args:
             z: (B, D) queries; normalised here.
