@@ -15,9 +15,11 @@ from use_helpers import assert_user_error, make_checkpoint, make_image_folder, r
 
 import nnclr
 from nnclr.cli import main
+from nnclr.errors import UserError
 from nnclr.use.duplicates import duplicate_groups
-from nnclr.use.embed import embed_folder
+from nnclr.use.embed import embed_folder, scan_images
 from nnclr.use.embeddings import EMBEDDINGS_FILE, Entry, open_embeddings, save_embeddings
+from nnclr.use.query import find_similar
 from nnclr.use.search import FAISS_INDEX_FILE, exact_search, recall_at_k, rows_per_chunk, search
 
 
@@ -70,6 +72,34 @@ def test_search_table_json_and_html_on_real_images(indexed: tuple[Path, Path, Pa
     for link in re.findall(r'(?:src|href)="([^"]*)"', page):
         assert link.startswith("data:") and "http" not in link
     assert "<script" not in page and "<link" not in page and "url(" not in page
+
+
+def test_find_similar_from_python_gives_what_the_cli_prints(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint, folder, emb = indexed
+    query = folder / "airplane" / "003.png"
+    found = find_similar(emb, query, k=4)
+    (result,) = found.results
+    assert result.query == query and [n.rank for n in result.neighbours] == [1, 2, 3, 4]
+    first = result.neighbours[0]
+    assert first.path == "airplane/003.png" and first.cls == "airplane" and first.score == pytest.approx(1.0, abs=1e-3)
+    assert found.index is None and found.method == "exact"
+    assert main(["search", "--embeddings", str(emb), str(query), "-k", "4", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results"] == [r.as_dict() for r in found.results] and printed["search"] == found.method
+
+    skipped: list[Path] = []
+    whole = find_similar(open_embeddings(emb), folder, k=2, checkpoint=checkpoint,
+                         on_skip=lambda path, reason: skipped.append(path))
+    assert {p.name for p in skipped} == {"truncated.png", "not_an_image.jpg"} and list(whole.skipped) == skipped
+    assert len(whole.results) == len(scan_images(folder)[0]) - 2
+    listed = find_similar(emb, [query, folder / "gray.png"], k=1)  # a list of files
+    assert [r.neighbours[0].path for r in listed.results] == ["airplane/003.png", "gray.png"]
+    with pytest.raises(UserError, match="at least 1"):
+        find_similar(emb, query, k=0)
+    with pytest.raises(UserError, match="none of the 2 query files could be read"):
+        find_similar(emb, [folder / "truncated.png", folder / "not_an_image.jpg"], k=1)
 
 
 def test_not_an_image_query_and_another_checkpoint_exit_2(

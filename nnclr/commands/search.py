@@ -35,17 +35,6 @@ def add_parser(commands: Any) -> None:
     search.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
 
 
-def _query_files(query: Path) -> list[Path]:
-    from nnclr.errors import UserError
-    from nnclr.use.embed import scan_images
-
-    if query.is_dir():
-        return scan_images(query)[0]
-    if not query.exists():
-        raise UserError(f"query {query} not found; pass an image file or a folder of images")
-    return [query]
-
-
 def _table(results: list[dict[str, Any]]) -> str:
     lines = []
     for result in results:
@@ -58,6 +47,7 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Search (:func:`nnclr.use.query.find_similar`), then print a table or JSON and write the HTML gallery."""
     from nnclr.errors import UserError
     from nnclr.use.embeddings import open_embeddings, warn_if_incomplete
 
@@ -65,37 +55,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"-k {args.k}: must be at least 1")
     embeddings = open_embeddings(args.embeddings)
     warn_if_incomplete(embeddings)
-    files = _query_files(Path(args.query).expanduser())
 
-    import nnclr
-    from nnclr.use.embed import embed_files
-    from nnclr.use.search import search
+    from nnclr.use.query import find_similar
 
-    checkpoint = args.checkpoint or embeddings.manifest["checkpoint"]
-    if not args.checkpoint and not Path(checkpoint).exists():
-        raise UserError(
-            f"the checkpoint that made {embeddings.root} ({checkpoint}) is gone; pass --checkpoint with the same one"
-        )
-    pretrained = nnclr.load(checkpoint, device=args.device, precision=embeddings.manifest.get("precision", "auto"))
-    if pretrained.checkpoint_hash != embeddings.checkpoint_hash:
-        raise UserError(
-            f"{embeddings.root} was made with checkpoint {embeddings.checkpoint_hash}, but {pretrained.checkpoint} "
-            f"is {pretrained.checkpoint_hash}: query with the same checkpoint, or re-embed with "
-            f"`nnclr embed --checkpoint {args.checkpoint or checkpoint} --fresh`"
-        )
-    queries = embed_files(pretrained, files)
-    if len(files) == 1 and queries.failed:
-        raise UserError(f"query {files[0]} is not an image Pillow can read ({queries.failed[0]})")
-    for position, reason in queries.failed.items():
-        print(f"skipped query {files[position]}: {reason}", file=sys.stderr)
-    if not queries.positions:
-        raise UserError(f"none of the {len(files)} query files in {args.query} could be read")
-    import torch
-
-    scores, indices, index = search(
-        embeddings, torch.from_numpy(queries.vectors), args.k, method=args.index,
-        approx_threshold=args.approx_threshold,
+    found = find_similar(
+        embeddings, args.query, args.k, checkpoint=args.checkpoint, method=args.index,
+        approx_threshold=args.approx_threshold, device=args.device,
+        on_skip=lambda path, reason: print(f"skipped query {path}: {reason}", file=sys.stderr),
     )
+    index = found.index
     if index is not None:
         state = "built and saved" if index.built else "loaded"
         print(
@@ -103,24 +71,12 @@ def run(args: argparse.Namespace) -> int:
             f"recall@{index.k_recall} {index.recall:.3f} against exact search on a sample",
             file=sys.stderr,
         )
-    results = []
-    for q, position in enumerate(queries.positions):
-        neighbours = []
-        for rank, (score, row) in enumerate(zip(scores[q].tolist(), indices[q].tolist()), start=1):
-            if row < 0:
-                continue
-            entry = embeddings.entries[row]
-            neighbours.append(
-                {"rank": rank, "score": round(score, 6), "index": row, "path": entry.path,
-                 "label": entry.label, "class": entry.cls}
-            )
-        results.append({"query": str(files[position]), "neighbours": neighbours})
+    results = [result.as_dict() for result in found.results]
     if args.html:
         _write_html(Path(args.html).expanduser(), embeddings, results)
     if args.json:
-        method = f"faiss-ivf recall@{index.k_recall}={index.recall:.3f}" if index is not None else "exact"
-        print(json.dumps({"embeddings": str(embeddings.root), "k": args.k, "search": method, "results": results},
-                         indent=1))
+        print(json.dumps({"embeddings": str(embeddings.root), "k": args.k, "search": found.method,
+                          "results": results}, indent=1))
     else:
         print(_table(results))
     if args.html:
