@@ -68,7 +68,7 @@ def evaluation(env: dict, name: str, *, in_memory: bool) -> Evaluation:
     for split in ("train", "test"):
         dataset = load_dataset(env["data"], split, image_size=pretrained.image_size, lazy=not in_memory)
         assert dataset.in_memory == in_memory
-        result._images[(env["data"], split)] = dataset
+        result.datasets[(env["data"], split)] = dataset
     return result
 
 

@@ -56,15 +56,16 @@ class Evaluation:
         train_split, test_split: its splits (memory / classifier training, and test).
         run_dir: the checkpoint's folder; results go to ``eval/``, features to ``features/``.
         progress: progress bars (default: when stderr is a terminal).
+        datasets: the images of each (data, split) loaded so far (:meth:`dataset`); one given here is used as it is.
     """
 
     pretrained: Pretrained
     data: str
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = EVAL.train_split
+    test_split: str = EVAL.test_split
     run_dir: Path = field(default_factory=Path)
     progress: bool | None = None
-    _images: dict[tuple[str, str], ImageDataset] = field(default_factory=dict, repr=False)
+    datasets: dict[tuple[str, str], ImageDataset] = field(default_factory=dict, repr=False)
 
     @property
     def pretrain_data(self) -> str:
@@ -78,14 +79,14 @@ class Evaluation:
         not grow with the number of images. The other sources are in-memory tensors.
         """
         key = (data, split)
-        if key not in self._images:
+        if key not in self.datasets:
             own = data == self.pretrain_data
             config = self.pretrained.config.data
-            self._images[key] = load_dataset(
+            self.datasets[key] = load_dataset(
                 data, split, root=config.root if own else None, image_size=self.pretrained.image_size,
                 download=config.download if own else False, lazy=True,
             )
-        return self._images[key]
+        return self.datasets[key]
 
     def features(self, data: str, split: str) -> SplitFeatures:
         """Cached features of ``data``/``split`` (extracted on first use)."""
