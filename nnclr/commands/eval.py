@@ -62,6 +62,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A default as the help shows it: 0.07, ``0.01 0.1`` for a list."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _with_default(parser: argparse.ArgumentParser, flag: str, default: Any, text: str, note: str = "",
+                  **kwargs: Any) -> None:
+    """Add ``flag`` with ``default`` (from :data:`nnclr.config.EVAL`), its help ending in ``(default VALUE)``."""
+    parser.add_argument(flag, default=default, help=f"{text} (default {_shown(default)}{note})", **kwargs)
+
+
 def add_parser(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval",
@@ -75,39 +88,33 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE",
                          help="a run directory of `nnclr pretrain` or its checkpoint.pt")
         sub.add_argument("--data", metavar="NAME", help="data set (default: the one the checkpoint was trained on)")
-        sub.add_argument("--train-split", default=EVAL.train_split,
-                         help=f"memory / classifier training split (default {EVAL.train_split})")
-        sub.add_argument("--test-split", default=EVAL.test_split, help=f"test split (default {EVAL.test_split})")
+        _with_default(sub, "--train-split", EVAL.train_split, "memory / classifier training split")
+        _with_default(sub, "--test-split", EVAL.test_split, "test split")
         sub.add_argument("--device", default=EVAL.device, help="auto (CUDA if available), cpu, cuda, cuda:N")
-        sub.add_argument("--seed", type=int, default=EVAL.seed,
-                         help=f"seed of validation splits, subsets, SGD (default {EVAL.seed})")
-        sub.add_argument("--threads", type=_whole, default=EVAL.threads,
-                         help=f"CPU threads (default {EVAL.threads}: one per physical core, as train.threads)")
+        _with_default(sub, "--seed", EVAL.seed, "seed of validation splits, subsets, SGD", type=int)
+        _with_default(sub, "--threads", EVAL.threads, "CPU threads", ": one per physical core, as train.threads",
+                      type=_whole)
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("knn", "all"):
-            sub.add_argument("--k", type=_positive_int, default=EVAL.knn_k,
-                             help=f"kNN neighbours (default {EVAL.knn_k})")
-            sub.add_argument("--temperature", type=_positive_float, default=EVAL.knn_temperature,
-                             help=f"kNN vote weight exp(sim/T) (default {EVAL.knn_temperature:g})")
+            _with_default(sub, "--k", EVAL.knn_k, "kNN neighbours", type=_positive_int)
+            _with_default(sub, "--temperature", EVAL.knn_temperature, "kNN vote weight exp(sim/T)",
+                          type=_positive_float)
             sub.add_argument("--sweep", action="store_true", help="kNN over a grid of k and T; reports the best")
         if name in ("linear", "all"):
-            sub.add_argument("--mode", choices=("fast", "paper"), default=EVAL.linear_mode,
-                             help=f"fast: L-BFGS on cached features; paper: SGD on augmented images "
-                             f"(default {EVAL.linear_mode})")
+            _with_default(sub, "--mode", EVAL.linear_mode,
+                          "fast: L-BFGS on cached features; paper: SGD on augmented images", choices=("fast", "paper"))
         if name in ("linear", "semi", "all"):
             semi_epochs = ", ".join(f"{EVAL.semi_epochs(f)} for {_percent(f)}" for f in EVAL.semi_fractions)
             sub.add_argument("--epochs", type=_positive_int,
                              help=f"paper linear: epochs (default {EVAL.paper_epochs}); semi: epochs "
                              f"(default {semi_epochs})")
-            sub.add_argument("--batch-size", type=_positive_int, default=EVAL.batch_size,
-                             help=f"SGD batch size (default {EVAL.batch_size})")
+            _with_default(sub, "--batch-size", EVAL.batch_size, "SGD batch size", type=_positive_int)
             sub.add_argument("--lr", type=_positive_float,
                              help=f"SGD learning rate at batch 256 (default {EVAL.paper_lr:g} paper linear, "
                              f"{EVAL.semi_lr:g} semi)")
         if name in ("semi", "all"):
-            sub.add_argument("--fractions", type=_fraction, nargs="+", default=list(EVAL.semi_fractions), metavar="F",
-                             help="label fractions, e.g. 0.01 0.1 or 1%% 10%% "
-                             f"(default {' '.join(f'{f:g}' for f in EVAL.semi_fractions)})")
+            _with_default(sub, "--fractions", list(EVAL.semi_fractions), "label fractions, e.g. 0.01 0.1 or 1%% 10%%",
+                          type=_fraction, nargs="+", metavar="F")
             sub.add_argument("--subset-file", metavar="FILE",
                              help="a subset to reuse: one 0-based training index per line")
         if name in ("transfer", "all"):
