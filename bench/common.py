@@ -19,9 +19,11 @@ import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from multiprocessing.connection import Connection
@@ -164,6 +166,17 @@ class Worker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def module_at(revision: str, path: str) -> types.ModuleType:
+    """The module at ``path`` (e.g. ``nnclr/support.py``) as of git ``revision``, loaded as a module of its own:
+    the ``--baseline REV`` of the scripts that compare a change with the code before it."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{path}"], check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"{Path(path).stem}_{revision}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)  # noqa: S102 - our own file
+    return module
 
 
 def version(package: str) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import tempfile
 import types
@@ -43,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import CIFAR10, REPO, Worker, measure, spread  # noqa: E402
+from common import CIFAR10, Worker, measure, module_at, spread  # noqa: E402
 from loops import OurLoop, data_overrides  # noqa: E402
 
 from nnclr import runtime  # noqa: E402
@@ -89,15 +88,6 @@ def near_duplicates(size: int, copies: int, dim: int, queries: int, seed: int = 
     near = base[torch.randint(0, len(base), (queries,), generator=generator)]
     near = near + 0.05 * torch.randn(near.shape, generator=generator) / dim**0.5
     return bank[torch.randperm(len(bank), generator=generator)], near
-
-
-def baseline_module(revision: str) -> types.ModuleType:
-    """``nnclr/support.py`` as of git ``revision``, loaded as a module of its own."""
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:nnclr/support.py"], check=True,
-                            capture_output=True, text=True).stdout
-    module = types.ModuleType(f"support_{revision}")
-    exec(compile(source, f"{revision}:nnclr/support.py", "exec"), module.__dict__)  # noqa: S102 - our own file
-    return module
 
 
 def bench(z: torch.Tensor, indices: torch.Tensor, sizes: list[int], queries: int, repeats: int,
@@ -233,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 worker.call("steps", args.train_steps)
                 worker.call("save", str(checkpoint))
         z, indices = embeddings(checkpoint, max(args.sizes) + args.queries)
-    baseline = baseline_module(args.baseline) if args.baseline else None
+    baseline = module_at(args.baseline, "nnclr/support.py") if args.baseline else None
     results = bench(z, indices, args.sizes, args.queries, args.repeats, args.threads, args.copies, baseline)
     for size, r in results.items():
         for data, d in (("real", r), ("near-dup", r["near_duplicates"])):
