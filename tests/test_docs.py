@@ -5,14 +5,18 @@ describes the software, not the machines it was developed on."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import nnclr
 from nnclr.cli import _parser
 from nnclr.commands import COMMANDS
+from nnclr.config import Config, flatten, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -20,6 +24,7 @@ DOCS = sorted((REPO / "docs").glob("*.md"))
 LINKED = [README, *DOCS, REPO / "RESULTS.md", REPO / "BENCHMARKS.md"]
 FENCE = re.compile(r"^```.*?^```", flags=re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FILE_SUFFIX = r"\.(?:py|pt|html|yaml|json|jsonl|md|npz|npy|csv|png)$"
 
 
 def _prose(path: Path) -> str:
@@ -127,3 +132,22 @@ def test_the_manual_speaks_of_the_software_not_of_a_machine(path: Path) -> None:
     phrases = r"this (?:project's |session's |2-core )?(?:machine|VM|CPU)\b|shared (?:machine|VM)|machine was shared"
     found = re.findall(phrases, path.read_text(), flags=re.I)
     assert found == [], f"{path.relative_to(REPO)}: {found}"
+
+
+@pytest.mark.parametrize("path", [p for p in LINKED if p.name != "kmclr.md"], ids=lambda p: str(p.relative_to(REPO)))
+def test_every_file_and_name_of_the_package_the_manual_cites_exists(path: Path) -> None:
+    # `nnclr/x.py`, `tests/test_x.py`, `configs/x.yaml` and `module.Name` (e.g. `train.train_step`) in code spans;
+    # docs/kmclr.md cites another repository's files. Config keys (`train.seed`) and file names are not names.
+    modules = {m.name.removeprefix("nnclr.") for m in pkgutil.walk_packages(nnclr.__path__, "nnclr.")}
+    keys = set(flatten(to_dict(Config())))
+    missing = []
+    for code in re.findall(r"`([^`\n]+)`", path.read_text()):
+        for cited in re.finditer(r"(?<![\w/])((?:nnclr|tests|bench|configs|experiments)/[\w/.-]*\w)", code):
+            if not code[cited.end():].startswith("/<") and not (REPO / cited.group(1)).exists():
+                missing.append(cited.group(1))
+        name = re.fullmatch(r"(?:nnclr\.)?([a-z_]+(?:\.[a-z_]+)*)\.([A-Za-z_]\w*)(?:\.(\w+))?", code.strip())
+        if name and name.group(1) in modules and code.strip() not in keys and not re.search(FILE_SUFFIX, code):
+            found = getattr(importlib.import_module(f"nnclr.{name.group(1)}"), name.group(2), None)
+            if found is None or (name.group(3) and not hasattr(found, name.group(3))):
+                missing.append(code)
+    assert missing == [], f"{path.relative_to(REPO)} cites what the repository does not have: {missing}"
