@@ -325,7 +325,7 @@ def torchrun() -> list[str]:
 
 
 def test_two_nodes_with_c10d_rendezvous_equal_two_local_processes(ranks: list[dict], tmp_path: Path) -> None:
-    """README's multi-machine command, as two 1-process "nodes" on this machine, gives the 2-process run."""
+    """The multi-machine command of docs/running.md, as two 1-process "nodes" here, gives the 2-process run."""
     run_dir = tmp_path / "nodes"
     endpoint = f"127.0.0.1:{free_port()}"
     command = [*torchrun(), "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",

@@ -1,4 +1,4 @@
-"""What nnclr guarantees when things go wrong while it writes (README: "What nnclr guarantees").
+"""What nnclr guarantees when things go wrong while it writes (docs/running.md: "What nnclr guarantees").
 
 * a full disk or a read-only run directory while writing a checkpoint, the metrics or the
   results: a one-line error naming the file, the previous checkpoint intact, and the same command

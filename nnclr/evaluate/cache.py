@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nnclr import rundir
 from nnclr.data import ImageDataset
 from nnclr.data.lazy import batch_slices, prefetched
 from nnclr.evaluate.features import extract_features
@@ -75,7 +76,7 @@ class SplitFeatures:
 
 def cache_path(pretrained: Pretrained, run_dir: Path, data: str, split: str) -> Path:
     """``<run_dir>/features/<checkpoint_hash>-<data>-<split>.pt``."""
-    return run_dir / "features" / f"{pretrained.checkpoint_hash}-{safe_name(data)}-{safe_name(split)}.pt"
+    return run_dir / rundir.FEATURES / f"{pretrained.checkpoint_hash}-{safe_name(data)}-{safe_name(split)}.pt"
 
 
 def extract_split(

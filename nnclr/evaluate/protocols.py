@@ -4,7 +4,7 @@ A record (read by ``nnclr report``) has the top-level keys ``protocol``, ``data`
 ``splits`` (sizes), ``top1``/``top5`` (percent, or null), ``metrics`` (extra numbers),
 ``wall_time_s``, ``checkpoint``, ``checkpoint_hash``, ``step`` and ``config``.
 
-Protocols (README.md, section Evaluation, gives the exact settings and measured results):
+Protocols (docs/evaluation.md gives the exact settings, RESULTS.md the measured results):
 
 * ``knn``: weighted kNN on cached features (:mod:`nnclr.evaluate.knn`), optionally a (k, T) sweep.
 * ``linear``: linear probe, ``fast`` on cached features or ``paper`` on augmented images
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from nnclr import rundir
 from nnclr.config import EVAL, to_dict
 from nnclr.data import ImageDataset, load_dataset
 from nnclr.data.lazy import select
@@ -109,7 +110,7 @@ def result_path(run_dir: Path, protocol: str, data: str, mode: str | None = None
     """``<run_dir>/eval/<protocol>-<safe data name>.json``; the paper linear probe is ``linear-paper-<data>.json``
     (so that it does not replace the fast probe's result)."""
     name = f"{protocol}-paper" if protocol == "linear" and mode == "paper" else protocol
-    return run_dir / "eval" / f"{name}-{safe_name(data)}.json"
+    return run_dir / rundir.EVAL / f"{name}-{safe_name(data)}.json"
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
@@ -288,7 +289,7 @@ def semi_supervised(
     else:
         for fraction in fractions:
             indices = semi.balanced_subset(train_set.labels, fraction, seed)
-            path = evaluation.run_dir / "eval" / "subsets" / (
+            path = evaluation.run_dir / rundir.EVAL_SUBSETS / (
                 f"{safe_name(data)}-{safe_name(evaluation.train_split)}-{semi.fraction_name(fraction)}-seed{seed}.txt"
             )
             if path.is_file():
