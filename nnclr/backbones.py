@@ -1,6 +1,17 @@
-"""Encoders f: name -> constructor registry (the timm pattern).
+"""Encoders f: a spec string -> a module mapping images ``(B, 3, S, S)`` to features ``h`` ``(B, F)``.
 
-An encoder maps a float image batch ``(B, 3, H, W)`` to pooled features ``h`` of shape ``(B, F)``.
+``model.backbone`` is one of three kinds of spec (:func:`parse_spec`):
+
+* a registered name (:data:`BACKBONES`, the timm pattern): ``small_cnn``, ``resnet18``, ``resnet34``,
+  ``resnet50``;
+* ``timm:NAME`` or ``timm:NAME(key=value, ...)``: any model of the optional ``timm`` package, built
+  without its classifier (:mod:`nnclr.timm_backbone`);
+* ``py:MODULE:ATTR`` or ``py:MODULE:ATTR(key=value, ...)``: the user's own ``nn.Module``, a class or
+  function imported from a module (:mod:`nnclr.custom_backbone`).
+
+The arguments in parentheses are Python literals given as keywords; they are part of the spec, so
+the saved config rebuilds the same network for evaluation, embedding and export.
+
 NNCLR (Dwibedi et al., ICCV 2021, arXiv 2104.14548) uses a ResNet-50 encoder whose globally
 average-pooled output is the representation h. For 32x32 images the usual choice is a ResNet-18
 with the CIFAR stem of SimCLR (Chen et al., ICML 2020, arXiv 2002.05709, Appendix B.9: "Because
@@ -11,12 +22,16 @@ Every entry of :data:`BACKBONES` is a constructor taking the keyword ``cifar_ste
 a module with an integer attribute ``num_features`` (F). Use :func:`build_backbone`; the test suite
 runs every registered entry automatically, so adding a backbone is one function and one line.
 
-Weights are always random (``weights=None``): nothing here downloads.
+Weights are always random (``weights=None``, timm's ``pretrained=False``): nothing here downloads.
+``model.init_from`` loads a local file afterwards (:mod:`nnclr.weights`).
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +39,7 @@ from torchvision import models
 
 from nnclr.errors import UserError
 
-__all__ = ["BACKBONES", "SmallCNN", "build_backbone"]
+__all__ = ["BACKBONES", "BackboneSpec", "SmallCNN", "build_backbone", "feature_dim", "parse_spec", "rebuild_note"]
 
 
 def _resnet(factory: Callable[..., models.ResNet], *, cifar_stem: bool) -> nn.Module:
@@ -143,24 +158,119 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 """Registered encoders: name -> constructor ``(*, cifar_stem: bool) -> nn.Module``."""
 
 
-def build_backbone(name: str, *, cifar_stem: bool = False) -> tuple[nn.Module, int]:
-    """Build a registered encoder with random weights.
+@dataclass
+class BackboneSpec:
+    """A parsed ``model.backbone``.
 
-    Args:
-        name: A key of :data:`BACKBONES`.
-        cifar_stem: For ResNets, use the 3x3 stride-1 stem without max-pool (SimCLR,
-            Appendix B.9); recommended for 32x32 images. Ignored by ``small_cnn``.
+    Attributes:
+        family: ``registered`` (a key of :data:`BACKBONES`), ``timm`` or ``py``.
+        target: the registered name, the timm model name, or ``MODULE:ATTR``.
+        kwargs: the keyword arguments given in parentheses (empty for registered names).
+        text: the spec as written.
+    """
 
-    Returns:
-        ``(module, F)``: the module maps ``(B, 3, H, W)`` float images to ``(B, F)`` features.
+    family: str
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    text: str = ""
+
+
+def _keywords(arguments: str, text: str) -> dict[str, Any]:
+    """``"depth=6, patch_size=4"`` -> ``{"depth": 6, "patch_size": 4}``: keywords with Python literal values."""
+    problem = f"model.backbone={text!r}: the arguments in parentheses must be KEY=VALUE with Python literals"
+    try:
+        call = ast.parse(f"f({arguments})", mode="eval").body
+    except SyntaxError:
+        raise UserError(f"{problem}, e.g. timm:vit_tiny_patch16_224(depth=6)") from None
+    assert isinstance(call, ast.Call)
+    if call.args or any(keyword.arg is None for keyword in call.keywords):
+        raise UserError(f"{problem} (keywords only, no positional arguments)")
+    try:
+        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except ValueError:
+        raise UserError(f"{problem} (numbers, strings, True/False/None, tuples, lists)") from None
+
+
+def parse_spec(text: str) -> BackboneSpec:
+    """Parse ``model.backbone``: ``NAME``, ``timm:NAME[(k=v, ...)]`` or ``py:MODULE:ATTR[(k=v, ...)]``.
 
     Raises:
-        UserError: If ``name`` is not registered; the message lists the valid names.
+        UserError: malformed arguments or an empty name; unknown registered names are reported by
+            :func:`build_backbone`.
     """
+    head, kwargs = text.strip(), {}
+    if "(" in head:
+        if not head.endswith(")"):
+            raise UserError(f"model.backbone={text!r}: the arguments must end the spec, e.g. timm:NAME(depth=6)")
+        head, arguments = head[:-1].split("(", 1)
+        kwargs = _keywords(arguments, text)
+    family, _, target = head.partition(":")
+    if family not in ("timm", "py") or not target:
+        if kwargs:
+            raise UserError(f"model.backbone={text!r}: registered backbones take no arguments")
+        return BackboneSpec("registered", head, {}, text)
+    if family == "py" and target.count(":") != 1:
+        raise UserError(f"model.backbone={text!r}: write py:MODULE:ATTR, e.g. py:mymodels:MyCNN")
+    return BackboneSpec(family, target.strip(), kwargs, text)
+
+
+def feature_dim(module: nn.Module) -> int:
+    """F of an encoder built here: timm's ``head_hidden_size`` (the pooled output with ``num_classes=0``)
+    where a timm model has one, else ``num_features``."""
+    width = getattr(module, "head_hidden_size", None) or getattr(module, "num_features", None)
+    if not isinstance(width, int):
+        raise UserError(f"{type(module).__name__} has no integer num_features: build it with build_backbone")
+    return width
+
+
+def build_backbone(name: str, *, cifar_stem: bool = False, image_size: int = 32) -> tuple[nn.Module, int]:
+    """Build the encoder a spec names (:func:`parse_spec`), with random weights.
+
+    Args:
+        name: A key of :data:`BACKBONES`, ``timm:NAME(...)`` or ``py:MODULE:ATTR(...)``.
+        cifar_stem: The small-image variant, recommended for 32x32 images: for ResNets (torchvision's
+            and timm's) the 3x3 stride-1 stem without max-pool (SimCLR, Appendix B.9), for timm's
+            vision transformers patch size 4 (as solo-learn's CIFAR recipes). Ignored by
+            ``small_cnn`` and ``py:`` modules.
+        image_size: Side S of the input images; timm models that take an ``img_size`` are built for it.
+
+    Returns:
+        ``(module, F)``: the module maps ``(B, 3, S, S)`` float images to ``(B, F)`` features.
+
+    Raises:
+        UserError: If the spec names nothing buildable; the message says what is valid.
+    """
+    spec = parse_spec(name)
+    if spec.family == "timm":
+        from nnclr import timm_backbone
+
+        return timm_backbone.build(spec, cifar_stem=cifar_stem, image_size=image_size)
+    if spec.family == "py":
+        from nnclr import custom_backbone
+
+        return custom_backbone.build(spec, image_size=image_size)
     try:
-        constructor = BACKBONES[name]
+        constructor = BACKBONES[spec.target]
     except KeyError:
         valid = ", ".join(sorted(BACKBONES))
-        raise UserError(f"unknown backbone {name!r}; choose one of: {valid}") from None
+        raise UserError(
+            f"unknown backbone {name!r}; choose one of: {valid}, or timm:NAME (a timm model) or "
+            "py:MODULE:ATTR (your own nn.Module)"
+        ) from None
     model = constructor(cifar_stem=cifar_stem)
     return model, int(model.num_features)
+
+
+def rebuild_note(name: str, *, cifar_stem: bool, image_size: int) -> str | None:
+    """How to build the network an export of ``model.backbone=name`` loads into without nnclr, for ``timm:`` and
+    ``py:`` specs; None for registered names (:func:`nnclr.use.export.left_out` says it for them)."""
+    spec = parse_spec(name)
+    if spec.family == "timm":
+        from nnclr import timm_backbone
+
+        return timm_backbone.rebuild_note(spec, cifar_stem=cifar_stem, image_size=image_size)
+    if spec.family == "py":
+        module, cls = spec.target.split(":")
+        arguments = ", ".join(f"{key}={value!r}" for key, value in spec.kwargs.items())
+        return f"your own module: {module}.{cls}({arguments}) loads it with load_state_dict(strict=True)"
+    return None

@@ -61,8 +61,10 @@ class AugmentConfig:
 class ModelConfig:
     """Encoder f and heads g (projection) and q (prediction)."""
 
-    backbone: str = "small_cnn"  # small_cnn | resnet18 | resnet34 | resnet50
-    cifar_stem: bool = True  # ResNets: 3x3 stride-1 first conv and no max-pool (32x32 inputs)
+    # small_cnn | resnet18 | resnet34 | resnet50 | timm:NAME(k=v, ...) | py:MODULE:CLASS(k=v, ...) (docs/backbones.md)
+    backbone: str = "small_cnn"
+    cifar_stem: bool = True  # small images: ResNets' 3x3 stride-1 first conv without max-pool; timm ViTs' patch size 4
+    init_from: str = ""  # encoder weights to start from: an export, run dir, checkpoint or state dict file; "" = random
     proj_hidden_dim: int = 2048
     proj_dim: int = 256  # d in the paper
     proj_layers: int = 3

@@ -52,12 +52,25 @@ class ContrastiveModel(nn.Module):
         return self.backbone(x)
 
 
-def build_model(config: Config) -> ContrastiveModel:
+def build_model(config: Config, backbone: nn.Module | None = None) -> ContrastiveModel:
     """Build the model a config describes, with the heads its method's record names (:mod:`nnclr.methods`):
     SimCLR gets no predictor, as in its paper; DeepCluster a classifier ``Linear(d, K)`` on z instead,
-    K = ``method.num_clusters``."""
+    K = ``method.num_clusters``.
+
+    Args:
+        config: The run's config; ``model.backbone`` names the encoder (:func:`nnclr.backbones.build_backbone`).
+        backbone: An encoder built in Python, used as it is (not copied: training changes its weights) in place
+            of building ``model.backbone``. ``model.backbone`` is set to the spec that rebuilds it, so that the
+            saved run can be loaded (:func:`nnclr.custom_backbone.adopt`; a UserError when none does).
+    """
     m, head = config.model, method_of(config).head
-    backbone, feature_dim = build_backbone(m.backbone, cifar_stem=m.cifar_stem)
+    size = config.data.image_size
+    if backbone is None:
+        backbone, feature_dim = build_backbone(m.backbone, cifar_stem=m.cifar_stem, image_size=size)
+    else:
+        from nnclr.custom_backbone import adopt
+
+        m.backbone, feature_dim = adopt(backbone, m.backbone, cifar_stem=m.cifar_stem, image_size=size)
     projector = projection_head(
         feature_dim, hidden_dim=m.proj_hidden_dim, out_dim=m.proj_dim, num_layers=m.proj_layers
     )

@@ -33,6 +33,7 @@ from torch import nn
 
 from nnclr import rundir, runtime
 from nnclr.augment import eval_transform, normalization_for
+from nnclr.backbones import feature_dim
 from nnclr.checkpoint import load_checkpoint, load_state_strict, written_by
 from nnclr.config import Config, from_dict
 from nnclr.data.decode import square_box, to_rgb
@@ -128,7 +129,7 @@ class Pretrained:
     @property
     def feature_dim(self) -> int:
         """F, the size of the encoder's features."""
-        return int(self.encoder.num_features)
+        return feature_dim(self.encoder)
 
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing as plain data (for manifests and exports)."""

@@ -53,6 +53,7 @@ from nnclr.step import contrastive_step, instance_weight
 from nnclr.stopping import stop_requests
 from nnclr.support import SupportSet
 from nnclr.tensorboard_log import TensorBoardLog
+from nnclr.weights import init_encoder
 
 
 @dataclass
@@ -97,11 +98,15 @@ class RunResult:
     resumed_from: int
 
 
-def build_run(config: Config, device: torch.device | None = None, loader: str | None = None) -> Run:
+def build_run(
+    config: Config, device: torch.device | None = None, loader: str | None = None,
+    backbone: torch.nn.Module | None = None,
+) -> Run:
     """Load data, build model, the method's support set and selector, optimiser and schedule.
 
     ``device`` defaults to ``train.device``; under torchrun, :func:`pretrain` passes this rank's.
     ``loader`` (``memory`` or ``stream``) overrides ``data.loader``: a resumed run keeps its own.
+    ``backbone``: an encoder built in Python instead of ``model.backbone`` (:func:`nnclr.model.build_model`).
     """
     t, d, o, m = config.train, config.data, config.optim, config.method
     runtime.tune_allocator()
@@ -124,7 +129,7 @@ def build_run(config: Config, device: torch.device | None = None, loader: str | 
             f"use e.g. --set optim.batch_size={max(world, o.batch_size // world * world)}"
         )
     torch.manual_seed(t.seed)
-    model = build_model(config).to(device)
+    model = build_model(config, backbone).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     network = distributed.data_parallel(model, config.model.sync_bn, device)
@@ -326,19 +331,21 @@ def _nonfinite_step(run: Run, step: int, problem: str, buffers: list) -> tuple[f
 
 def pretrain(
     config: Config, *, fresh: bool = False, progress: bool = True, echo: Any = print,
-    accept_data_changes: bool = False,
+    accept_data_changes: bool = False, backbone: torch.nn.Module | None = None,
 ) -> RunResult:
     """Pretrain (or resume) the run ``config`` describes; returns kNN before/after and timings.
 
     Under torchrun every process calls this: the process group is made from the environment
     (and destroyed at the end), and only rank 0 writes files, prints and shows progress.
     A ``folder:`` source that changed since the run started is refused on resume unless
-    ``accept_data_changes`` (then the run goes on with the folder as it is now).
+    ``accept_data_changes`` (then the run goes on with the folder as it is now). ``backbone``: your own
+    encoder instance, trained in place (``model.backbone`` must rebuild it: docs/backbones.md).
     """
     with distributed.process_group(runtime.resolve_device(config.train.device)) as device:
         main = distributed.is_main()
         return _pretrain(config, device, fresh=fresh, progress=progress and main,
-                         echo=echo if main else _silent, accept_data_changes=accept_data_changes)
+                         echo=echo if main else _silent, accept_data_changes=accept_data_changes,
+                         backbone=backbone)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -398,9 +405,10 @@ def _check_folder(run: Run, resuming: bool, accept_changes: bool, echo: Any) -> 
 
 
 def _pretrain(
-    config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any, accept_data_changes: bool
+    config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any, accept_data_changes: bool,
+    backbone: torch.nn.Module | None = None,
 ) -> RunResult:
-    run = build_run(config, device)
+    run = build_run(config, device, backbone=backbone)
     if run.loader.reason:
         echo(run.loader.reason)
     path = run.run_dir / rundir.CHECKPOINT
@@ -413,9 +421,11 @@ def _pretrain(
             echo(f"data: resuming with the loader this run started with ({saved_loader}), not {run.loader.loader}")
             lock, run.lock = run.lock, None
             _close_feed(run)
-            run = build_run(config, device, loader=saved_loader)
+            run = build_run(config, device, loader=saved_loader, backbone=backbone)
             run.lock = lock
         start = _restore(run, state) if state is not None else 0
+        if state is None and config.model.init_from:  # a new run starts from these weights (nnclr.weights)
+            echo(init_encoder(run.model.backbone, config.model.init_from, config.model.backbone))
         del state
         if main:
             rundir.write_config(run.run_dir, dump_yaml(config))

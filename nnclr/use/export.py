@@ -3,8 +3,10 @@
 Formats:
 
 * ``safetensors``: the backbone's ``state_dict``. ResNet backbones use torchvision's module names
-  (see :mod:`nnclr.backbones`), so the file loads into ``torchvision.models.resnetXX()``; what does
-  not carry over is listed in the header (key ``left_out``) and in :func:`left_out`. With the
+  (see :mod:`nnclr.backbones`), so the file loads into ``torchvision.models.resnetXX()``; ``timm:``
+  backbones are timm's own modules, so it loads into ``timm.create_model(NAME, num_classes=0, ...)``
+  (the header's ``timm`` key holds NAME and the keywords); what does not carry over, or how to build
+  the network it loads into, is in the header (key ``left_out``) and in :func:`left_out`. With the
   projector its keys are prefixed ``projector.``. The header's metadata holds the preprocessing,
   the backbone name and the config as JSON strings.
 * ``torchscript``: ``torch.jit.trace`` of the encoder in fp32 eval mode; ``preprocessing.json`` is
@@ -14,7 +16,8 @@ Formats:
 
 Inputs of the TorchScript and ONNX models are normalised images float32 (B, 3, S, S) (the
 preprocessing in the metadata); outputs are the pooled features h (B, F) before L2
-normalisation, and with the projector also z = g(h) (B, D).
+normalisation, and with the projector also z = g(h) (B, D). An encoder that torch cannot trace or
+export is a UserError naming the format and the reason (safetensors always works).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnclr.backbones import parse_spec, rebuild_note
 from nnclr.config import to_dict
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained
@@ -57,8 +61,12 @@ class ExportedEncoder(nn.Module):
 
 
 def left_out(pretrained: Pretrained) -> str:
-    """What a stock torchvision model does not share with the exported weights, and what to do."""
+    """What a stock torchvision model does not share with the exported weights, and what to do; for ``timm:`` and
+    ``py:`` backbones, how to build the network the weights load into (:func:`nnclr.backbones.rebuild_note`)."""
     m = pretrained.config.model
+    note = rebuild_note(m.backbone, cifar_stem=m.cifar_stem, image_size=pretrained.image_size)
+    if note is not None:
+        return note
     if not m.backbone.startswith("resnet"):
         return (
             f"{m.backbone} is not a torchvision model: build it with nnclr.backbones.build_backbone({m.backbone!r})[0] "
@@ -77,6 +85,14 @@ def left_out(pretrained: Pretrained) -> str:
 def metadata(pretrained: Pretrained, with_projector: bool) -> dict[str, str]:
     """Header metadata (string -> string, as safetensors requires)."""
     m = pretrained.config.model
+    spec = parse_spec(m.backbone)
+    timm = {}
+    if spec.family == "timm":  # what timm.create_model needs, machine-readable
+        from nnclr.timm_backbone import recipe
+
+        made = recipe(spec, cifar_stem=m.cifar_stem, image_size=pretrained.image_size)
+        timm = {"timm": json.dumps({"name": made.name, "kwargs": made.kwargs, "cifar_stem_width": made.stem_width},
+                                  default=repr)}
     return {
         "format": "pt",
         "producer": f"nnclr {__version__}",
@@ -89,6 +105,7 @@ def metadata(pretrained: Pretrained, with_projector: bool) -> dict[str, str]:
         "step": str(pretrained.step),
         "left_out": left_out(pretrained),
         "config": json.dumps(to_dict(pretrained.config)),
+        **timm,
     }
 
 
@@ -131,7 +148,11 @@ def export_torchscript(pretrained: Pretrained, out: Path, with_projector: bool =
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch >= 2.10, still loads
         warnings.filterwarnings("ignore", message=".*deprecated.*")
-        traced = torch.jit.trace(module, _example(pretrained), check_trace=False)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks (timm's) become constants
+        try:
+            traced = torch.jit.trace(module, _example(pretrained), check_trace=False)
+        except Exception as error:  # noqa: BLE001 - whatever the tracer raises: one line
+            raise UserError(_cannot(pretrained, "torchscript", "torch.jit.trace", error)) from None
         extra = {"preprocessing.json": json.dumps(metadata(pretrained, with_projector))}
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer, _extra_files=extra)
@@ -151,15 +172,25 @@ def export_onnx(pretrained: Pretrained, out: Path, with_projector: bool = False)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
             contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, (_example(pretrained),), f"{folder}/model.onnx", input_names=["images"], output_names=outputs,
-            dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
-        )
+        try:
+            torch.onnx.export(
+                module, (_example(pretrained),), f"{folder}/model.onnx", input_names=["images"],
+                output_names=outputs, dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
+            )
+        except Exception as error:  # noqa: BLE001 - whatever the exporter raises: one line
+            raise UserError(_cannot(pretrained, "onnx", "torch.onnx.export", error)) from None
         model = onnx.load(f"{folder}/model.onnx")
     for key, value in metadata(pretrained, with_projector).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     _write(out, model.SerializeToString(), "onnx")
+
+
+def _cannot(pretrained: Pretrained, fmt: str, tool: str, error: Exception) -> str:
+    """The one line for an encoder that ``tool`` cannot convert."""
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
+    return (f"--format {fmt}: {tool} cannot convert backbone {pretrained.config.model.backbone} ({reason}); "
+            "export --format safetensors and load the weights into the module in Python")
 
 
 def export(pretrained: Pretrained, out: str | Path, fmt: str, with_projector: bool = False) -> Path:
