@@ -93,3 +93,14 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     rundir.write_results(tmp_path, {"steps": 3})
     assert rundir.read_json(path) == {"steps": 3} and not rundir.tmp_path(path).exists()
     assert rundir.tmp_path(path).name == ".results.json.tmp"
+
+
+def test_every_file_of_the_run_directory_is_in_the_manual_and_fresh_says_what_it_deletes() -> None:
+    running = (PACKAGE.parent / "docs" / "running.md").read_text()
+    table = running[running.index("## The run directory") :]
+    for name in (*FILES, rundir.TENSORBOARD + "/", rundir.FEATURES + "/", rundir.EVAL + "/"):
+        assert f"| `{name}` |" in table, name
+    fresh = next(line for line in running.splitlines() if line.startswith("- `--fresh`"))
+    fresh += running.split(fresh, 1)[1].split("\n- ", 1)[0]
+    for name in (*rundir.FRESH_DELETES, rundir.TENSORBOARD):
+        assert f"`{name}" in fresh, name
