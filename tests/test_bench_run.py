@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+pytestmark = pytest.mark.slow  # every benchmark script, once
 
 
 def _module(name: str):

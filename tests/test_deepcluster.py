@@ -124,6 +124,7 @@ def test_more_clusters_than_images_is_a_user_error(small_data: str, tmp_path: Pa
         pretrain(config, progress=False)
 
 
+@pytest.mark.slow
 def test_cli_run_then_eval_embed_and_report(small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``nnclr pretrain`` as a user runs it (2 epochs of 3 steps), then the commands that use its checkpoint."""
     run_dir = tmp_path / "run"

@@ -108,6 +108,7 @@ def data_name(path: Path) -> str:
     return f"npz:{path}"
 
 
+@pytest.mark.slow
 def test_knn_default_and_sweep_report_the_best_and_the_full_grid(run: Path, world: dict[str, Path]) -> None:
     result = nnclr_eval("knn", "--checkpoint", str(run), "--sweep", "--k", "5", "--temperature", "0.1", cwd=run)
     record = record_of(run, "knn", data_name(world["data"]))
@@ -122,6 +123,7 @@ def test_knn_default_and_sweep_report_the_best_and_the_full_grid(run: Path, worl
     assert record["top1"] > 95.0 and record["top5"] == 100.0  # 4 classes: top-5 holds them all
 
 
+@pytest.mark.slow
 def test_features_cached_once_reused_by_other_protocols_and_invalidated_by_a_new_checkpoint(
     run: Path, world: dict[str, Path]
 ) -> None:
@@ -151,6 +153,7 @@ def test_features_cached_once_reused_by_other_protocols_and_invalidated_by_a_new
     assert not torch.equal(new_features["features"], old_features["features"])
 
 
+@pytest.mark.slow
 def test_retrieval_reports_recall_at_1_5_10_and_map_at_r(run: Path, world: dict[str, Path]) -> None:
     result = nnclr_eval("retrieval", "--checkpoint", str(run), cwd=run)
     record = record_of(run, "retrieval", data_name(world["data"]))
@@ -164,6 +167,7 @@ def test_retrieval_reports_recall_at_1_5_10_and_map_at_r(run: Path, world: dict[
     assert record["settings"]["queries"] == "test" and record["settings"]["gallery"] == "train"
 
 
+@pytest.mark.slow
 def test_linear_fast_chooses_l2_on_a_validation_split(run: Path, world: dict[str, Path]) -> None:
     result = nnclr_eval("linear", "--checkpoint", str(run), cwd=run)
     record = record_of(run, "linear", data_name(world["data"]))
@@ -178,6 +182,7 @@ def test_linear_fast_chooses_l2_on_a_validation_split(run: Path, world: dict[str
     assert record["top1"] > 95.0
 
 
+@pytest.mark.slow
 def test_linear_paper_trains_on_augmented_images_and_leaves_the_backbone_bit_identical(
     run: Path, world: dict[str, Path]
 ) -> None:
@@ -197,6 +202,7 @@ def test_linear_paper_trains_on_augmented_images_and_leaves_the_backbone_bit_ide
     assert not (run / "eval" / f"linear-{safe_name(data_name(world['data']))}.json").exists()  # fast's file
 
 
+@pytest.mark.slow
 def test_semi_writes_balanced_1_and_10_percent_subsets_that_a_second_run_reuses(
     run: Path, world: dict[str, Path]
 ) -> None:
@@ -228,6 +234,7 @@ def test_semi_writes_balanced_1_and_10_percent_subsets_that_a_second_run_reuses(
     assert again["settings"]["subset_file"] == ten
 
 
+@pytest.mark.slow
 def test_transfer_probes_another_data_set_resized_to_the_encoder_input(run: Path, world: dict[str, Path]) -> None:
     other = data_name(world["other"])
     result = nnclr_eval("transfer", "--checkpoint", str(run), "--transfer-data", other, cwd=run)
@@ -240,6 +247,7 @@ def test_transfer_probes_another_data_set_resized_to_the_encoder_input(run: Path
     assert record["top1"] > 90.0  # 3 classes: chance is 33%
 
 
+@pytest.mark.slow
 def test_all_runs_every_protocol_that_fits_and_writes_one_result_each(run: Path, world: dict[str, Path]) -> None:
     data, other = data_name(world["data"]), data_name(world["other"])
     result = nnclr_eval("all", "--checkpoint", str(run), "--transfer-data", other, "--fractions", "10%",

@@ -190,6 +190,7 @@ PREPROCESS = Preprocess(size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), de
 EVAL_KWARGS = {"num_classes": 4, "num_features": 16, "preprocess": PREPROCESS}
 
 
+@pytest.mark.slow
 def test_semi_finetune_trains_batch_norm_and_stays_finite_where_frozen_statistics_diverged() -> None:
     """With the pretrained batch-norm statistics frozen (the old behaviour) this fine-tune of the small
     CNN reached a NaN loss in epoch 10 of 15; with batch norm in training mode (as SimCLR fine-tunes)

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "recipe")
 
 
+@pytest.mark.slow
 def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
     data = tiny_npz(tmp_path / "data")
     results, json_dir = tmp_path / "RESULTS.md", tmp_path / "json"
@@ -56,6 +57,7 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
         assert k * 16 * 4 <= kept[f"kmclr, {k} prototypes"] < 2 * k * 16 * 4
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(tmp_path: Path) -> None:
     data = tiny_npz(tmp_path / "data")
     results, json_dir = tmp_path / "RESULTS.md", tmp_path / "json"
@@ -126,6 +128,7 @@ def test_a_table_written_again_replaces_its_block(tmp_path: Path) -> None:
     assert text.index("second") < text.index("crops")  # in place, not moved to the end
 
 
+@pytest.mark.slow
 def test_rows_runs_the_rows_named_afresh_keeps_the_others_and_refuses_an_unknown_one(tmp_path: Path) -> None:
     data = tiny_npz(tmp_path / "data")
     json_dir, runs = tmp_path / "json", tmp_path / "runs"

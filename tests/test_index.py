@@ -474,6 +474,7 @@ def test_progress_bar_only_when_asked_or_large_on_a_terminal(tmp_path: Path, cap
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_any_damaged_byte_or_truncation_is_a_user_error(tmp_path: Path) -> None:
     rels = [f"c{i % 3}/f{i}.png" for i in range(40)]
     index = FileIndex.from_relpaths(Path("r"), rels, [i % 3 for i in range(40)], ["c0", "c1", "c2"], [1] * 40, [2] * 40)

@@ -42,6 +42,8 @@ from robust_helpers import metrics_without_timing, run_overrides, tiny_npz
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
+pytestmark = pytest.mark.slow  # a campaign of 20+ runs
+
 LONG = os.environ.get("NNCLR_LONG_CAMPAIGN") == "1"
 KILLS = int(os.environ.get("NNCLR_KILLS", "200" if LONG else "20"))
 SEED = 8  # issue 8

@@ -287,6 +287,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_on_halves_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     import socket
 

@@ -104,6 +104,7 @@ def report(run: dict) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_ends_with_the_report_path(run: dict) -> None:
     last = run["stdout"].strip().splitlines()[-1]
     assert last.startswith(f"report: {Path('run') / 'report.html'} ("), run["stdout"]  # --run-dir run
@@ -111,6 +112,7 @@ def test_pretrain_ends_with_the_report_path(run: dict) -> None:
     assert "No evaluation yet" in sections(run["auto"])["evaluation"]  # the eval came after
 
 
+@pytest.mark.slow
 def test_report_has_every_section_with_non_empty_plots(report: Path) -> None:
     page = report.read_text()
     parts = sections(page)
@@ -129,6 +131,7 @@ def test_report_has_every_section_with_non_empty_plots(report: Path) -> None:
         assert "<img" in parts[name] and "Not computed" not in parts[name], name
 
 
+@pytest.mark.slow
 def test_evaluation_table_shows_records_and_tolerates_unknown_ones(run: dict, report: Path) -> None:
     table = sections(report.read_text())["evaluation"]
     knn = json.loads(next((run["dir"] / "eval").glob("knn-*.json")).read_text())
@@ -137,6 +140,7 @@ def test_evaluation_table_shows_records_and_tolerates_unknown_ones(run: dict, re
     assert "<td>future</td>" in table  # an unknown protocol is still listed
 
 
+@pytest.mark.slow
 def test_galleries_show_support_and_training_neighbours_with_labels(report: Path, run: dict) -> None:
     gallery = sections(report.read_text())["galleries"]
     assert gallery.count("class='tile q'") == 10  # one query per class
@@ -145,6 +149,7 @@ def test_galleries_show_support_and_training_neighbours_with_labels(report: Path
     assert gallery.count("\u2717<br>") == gallery.count("class='tile bad'")  # every red border has the cross
 
 
+@pytest.mark.slow
 def test_no_external_references(report: Path) -> None:
     page = report.read_text()
     links = re.findall(r"(?:src|href)=['\"]([^'\"]*)['\"]", page)
@@ -162,6 +167,7 @@ def test_cli_bad_run_dir_is_one_line_exit_2(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("nnclr: error: ") and str(target) in lines[0], result.stderr
 
 
+@pytest.mark.slow
 def test_missing_pieces_are_named(run: dict, tmp_path: Path) -> None:
     """A run killed before its first checkpoint: config and metrics only."""
     partial = tmp_path / "partial"
@@ -178,6 +184,7 @@ def test_missing_pieces_are_named(run: dict, tmp_path: Path) -> None:
     assert all(count > 0 for p in plot_points(parts["training"]) for count in p.values())
 
 
+@pytest.mark.slow
 def test_no_galleries_never_loads_the_training_split(run: dict, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import nnclr.data
@@ -197,6 +204,7 @@ def test_no_galleries_never_loads_the_training_split(run: dict, tmp_path: Path,
     assert "the training split was not loaded" in parts["summary"]
 
 
+@pytest.mark.slow
 def test_unlabelled_run_without_test_split_says_what_is_missing(tmp_path: Path) -> None:
     data = write_npz(tmp_path / "data", {"train": 200}, labelled=False)
     config = load_config(None, [*TINY, f"data.name={data}", "data.test_split=", "train.max_steps=3",
@@ -211,6 +219,7 @@ def test_unlabelled_run_without_test_split_says_what_is_missing(tmp_path: Path) 
     assert "class='tile bad'" not in parts["galleries"] and "class='tile ok'" not in parts["galleries"]
 
 
+@pytest.mark.slow
 def test_kmclr_report_shows_prototype_usage_and_members(tmp_path: Path) -> None:
     data = write_npz(tmp_path / "data", {"train": 200, "test": 60})
     config = load_config(None, [*TINY, f"data.name={data}", "method.name=kmclr", "method.num_prototypes=8",
@@ -270,6 +279,7 @@ def test_2d_map_methods(monkeypatch: pytest.MonkeyPatch) -> None:
     assert used == "UMAP" and np.allclose(xy, x[:, :2].numpy())
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_scalars_and_the_galleries(run: dict) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -295,6 +305,7 @@ def chromium() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
     """A tall screenshot: the page's white column ends where the content does; it is long and not blank."""
     png, height = tmp_path / "report.png", 9000

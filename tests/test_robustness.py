@@ -148,6 +148,7 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_until_the_first_dies(
     tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
 ) -> None:

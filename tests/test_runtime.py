@@ -91,6 +91,7 @@ def _two_losses(overrides: list[str]) -> list[float]:
     return [train_step(run, step, order)[0] for step in range(2)]
 
 
+@pytest.mark.slow
 def test_train_compile_runs_the_compiled_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """train.compile=true trains through torch.compile and gives eager's losses (dynamo traced, compiled to
     eager kernels here: inductor's C++ code generation would take a minute)."""

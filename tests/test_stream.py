@@ -161,6 +161,7 @@ def assert_same_checkpoints(a: Path, b: Path) -> None:
             assert torch.equal(x[part][key], y[part][key]), f"{part}.{key} differs"
 
 
+@pytest.mark.slow
 def test_resume_with_workers_equals_an_uninterrupted_run(tmp_path: Path, folder: Path) -> None:
     """4 steps of 16 per epoch: stop at 3 (mid-epoch), resume to 7 (across an epoch) with another worker count."""
     quiet = {"progress": False, "echo": lambda *a, **k: None}
@@ -174,6 +175,7 @@ def test_resume_with_workers_equals_an_uninterrupted_run(tmp_path: Path, folder:
     assert [r["step"] for r in records] == list(range(1, 8)) and records[-1]["unreadable_files"] == 0
 
 
+@pytest.mark.slow
 def test_a_changed_folder_is_refused_on_resume_unless_accepted(tmp_path: Path) -> None:
     data = write_folder(tmp_path / "photos", n=40)
     quiet = {"progress": False, "echo": lambda *a, **k: None}
@@ -189,6 +191,7 @@ def test_a_changed_folder_is_refused_on_resume_unless_accepted(tmp_path: Path) -
     assert any("going on with the changed folder" in line for line in said)
 
 
+@pytest.mark.slow
 def test_the_cli_streams_a_folder_and_names_an_unreadable_file(tmp_path: Path) -> None:
     """As a user runs it: one line says why it streams; a file broken mid-run is skipped, named and counted."""
     data = write_folder(tmp_path / "photos", n=40)
@@ -218,6 +221,7 @@ def test_memory_use_of_the_lazy_images_is_one_slice(tmp_path: Path) -> None:
     assert np.array_equal(dataset.labels.numpy(), eager.labels.numpy())
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_a_streaming_run_cleanly(tmp_path: Path) -> None:
     """A terminal's Ctrl-C reaches the loader workers too: the run still saves its checkpoint and exits 130."""
     data = write_folder(tmp_path / "photos", n=40)
@@ -272,6 +276,7 @@ def test_every_method_pretrains_on_a_streamed_folder(tmp_path: Path, folder: Pat
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["loader"] == "stream"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_loader_it_started_with(tmp_path: Path, folder: Path) -> None:
     """data.loader=auto decides by a memory budget; resumed with another budget (or machine) it must not switch."""
     auto = ["data.loader=auto", "train.epochs=2"]
@@ -289,6 +294,7 @@ def test_a_resumed_run_keeps_the_loader_it_started_with(tmp_path: Path, folder: 
     assert_same_checkpoints(tmp_path / "whole", tmp_path / "parts")
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_logged_by_name_and_a_resumed_run_logs_the_same(tmp_path: Path) -> None:
     """Each replaced file is a metrics.jsonl record; stopped at 3 and resumed, the log equals an uninterrupted one."""
     data = write_folder(tmp_path / "photos", n=40)

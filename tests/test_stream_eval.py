@@ -131,6 +131,7 @@ def test_evaluation_never_decodes_more_than_a_batch(env: dict, monkeypatch: pyte
     assert max(decoded) <= BATCH, decoded
 
 
+@pytest.mark.slow
 def test_report_samples_the_training_split(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from nnclr.report import visuals
     from nnclr.report.build import write_report

@@ -52,11 +52,16 @@ def method_overrides(method: str, small_data: str) -> list[str]:
     return [*VARIANTS[method], f"data.name={small_data}", "method.num_clusters=8", "train.epochs=3"]
 
 
+def all_slow_but(fast: str, names) -> list:
+    """``names`` as parameters, each marked slow but ``fast``: ``pytest -m "not slow"`` runs that one only."""
+    return [name if name == fast else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", all_slow_but("nnclr", METHODS))
 def test_two_step_smoke_run(tmp_path: Path, method: str, small_data: str) -> None:
     result = pretrain(tiny(tmp_path, *method_overrides(method, small_data), "train.max_steps=2"), progress=False)
     assert result.steps == 2
@@ -74,6 +79,7 @@ def test_two_step_smoke_run(tmp_path: Path, method: str, small_data: str) -> Non
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
     pretrain(tiny(tmp_path, "train.max_steps=5"), progress=False)
     support = load_checkpoint(tmp_path / CHECKPOINT_NAME)["support"]
@@ -84,7 +90,7 @@ def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
     assert torch.bincount(support["steps"]).tolist() == [0, 4, 32, 32, 32]
 
 
-@pytest.mark.parametrize("method", list(VARIANTS))
+@pytest.mark.parametrize("method", all_slow_but("nnclr_mean", VARIANTS))
 def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: str) -> None:
     """Every method and option. DeepCluster: stopped at step 3, the end of its first epoch, the resumed run does
     the second clustering."""
@@ -109,6 +115,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: st
         assert int(b["selector"]["epoch"]) == 2 and int(b["selector"]["labels"].min()) >= 0
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     pretrain(tiny(tmp_path, "train.max_steps=2"), progress=False)
     with pytest.raises(UserError, match=r"different config \(optim\.lr"):
@@ -118,6 +125,7 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
     assert result.resumed_from == 0 and result.steps == 1
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = nnclr.train.contrastive_step
 
@@ -133,6 +141,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
     assert f"checkpoint (step {step})" in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_learning_rate_far_too_high_stops_before_writing_non_finite_weights(tmp_path: Path) -> None:
     config = tiny(tmp_path, "optim.name=sgd", "optim.lr=1.0e+30", "train.checkpoint_every=1", "train.precision=fp32")
     with pytest.raises(UserError, match=r"the weight \S+ is not finite at step 1, so the run stopped; no checkpoint"):
@@ -140,6 +149,7 @@ def test_a_learning_rate_far_too_high_stops_before_writing_non_finite_weights(tm
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
+@pytest.mark.slow
 def test_knn_before_and_after_are_reported(tmp_path: Path) -> None:
     result = pretrain(tiny(tmp_path, "train.max_steps=2", "data.test_split=test"), progress=False)
     assert result.knn_before is not None and result.knn_after is not None

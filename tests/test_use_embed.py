@@ -47,6 +47,7 @@ def _image_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.suffix != ".txt")
 
 
+@pytest.mark.slow
 def test_embed_folder_cli_writes_normalised_vectors_index_and_manifest(
     checkpoint: Path, folder: Path, tmp_path: Path
 ) -> None:
@@ -120,6 +121,7 @@ def test_rerun_embeds_only_new_or_changed_files(checkpoint: Path, folder: Path, 
     np.testing.assert_allclose(new["new.png"], new["palette.png"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_was_embedded_and_a_rerun_finishes_it(
     checkpoint: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -149,6 +151,7 @@ def test_ctrl_c_keeps_what_was_embedded_and_a_rerun_finishes_it(
     np.testing.assert_allclose(done.vectors, whole.vectors, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_another_checkpoint_is_refused_without_fresh_and_nothing_is_lost(
     checkpoint: Path, folder: Path, tmp_path: Path
 ) -> None:
@@ -163,6 +166,7 @@ def test_another_checkpoint_is_refused_without_fresh_and_nothing_is_lost(
     assert report.embedded == report.total and open_embeddings(out).checkpoint_hash == other.checkpoint_hash
 
 
+@pytest.mark.slow
 def test_embed_a_data_set_records_index_and_label(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -236,6 +240,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_embeddings_of_one(checkpoint: Path, folder: Path, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node=2 -m nnclr embed``: each file once, in order, the same vectors; rank 0 writes."""
     out = tmp_path / "emb2"

@@ -27,6 +27,7 @@ def _images(n: int = 3, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cifar_stem", [True, False])
 def test_safetensors_loads_into_torchvision_resnet(tmp_path: Path, cifar_stem: bool) -> None:
     checkpoint = make_checkpoint(tmp_path / "c.pt", "model.backbone=resnet18", f"model.cifar_stem={cifar_stem}",
@@ -53,6 +54,7 @@ def test_safetensors_loads_into_torchvision_resnet(tmp_path: Path, cifar_stem: b
     assert ("CIFAR stem" in meta["left_out"]) == cifar_stem and "fc" in meta["left_out"]
 
 
+@pytest.mark.slow
 def test_safetensors_with_projector_round_trips_through_nnclr_load(
     small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -84,6 +86,7 @@ def test_torchscript_gives_the_same_features(small: Path, tmp_path: Path) -> Non
     assert json.loads(json.loads(extra["preprocessing.json"])["preprocessing"])["mean"] == list(pretrained.mean)
 
 
+@pytest.mark.slow
 def test_onnx_gives_the_same_features(small: Path, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime", reason="the onnx extra (pip install 'nnclr[onnx]'; part of the dev extra)")
     pytest.importorskip("onnxscript", reason="the onnx extra (pip install 'nnclr[onnx]'; part of the dev extra)")
