@@ -29,14 +29,15 @@ from nnclr.augment import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 from nnclr.backbones import build_backbone  # noqa: E402
 from nnclr.evaluate.features import extract_features  # noqa: E402
 from nnclr.evaluate.knn import knn_accuracy  # noqa: E402
+from nnclr.evaluate.preprocess import Preprocess  # noqa: E402
 from nnclr.runtime import physical_cores, resolve_dtype  # noqa: E402
 
 
 def cases(args: argparse.Namespace) -> dict[str, tuple[Any, float, str]]:
     cpu = torch.device("cpu")
     images = load_split(args.data, "test").images[: args.images]
-    extract = dict(image_size=images.shape[-1], mean=CIFAR_MEAN, std=CIFAR_STD, device=cpu,
-                   dtype=resolve_dtype("auto", cpu), channels_last=True)
+    extract = dict(preprocess=Preprocess(images.shape[-1], tuple(CIFAR_MEAN), tuple(CIFAR_STD), cpu,
+                                         resolve_dtype("auto", cpu)), channels_last=True)
     timed: dict[str, tuple[Any, float, str]] = {}
     for name in args.backbones:
         backbone = build_backbone(name, cifar_stem=True)[0].to(memory_format=torch.channels_last)

@@ -37,6 +37,7 @@ from nnclr.config import load_config, to_dict
 from nnclr.data import ImageDataset, load_dataset
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import knn_accuracy
+from nnclr.evaluate.preprocess import Preprocess
 from nnclr.runtime import resolve_dtype
 
 IMAGENET_NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # lightly's SimCLRTransform default
@@ -64,8 +65,8 @@ def knn(backbone: nn.Module, train: ImageDataset, test: ImageDataset, mean: Any,
     if limit:
         train, test = (ImageDataset(d.images[:limit], d.labels[:limit]) for d in (train, test))
     device = torch.device("cpu")
-    extract = dict(image_size=train.images.shape[-1], mean=mean, std=std, device=device,
-                   dtype=resolve_dtype(precision, device), channels_last=True)
+    preprocess = Preprocess(train.images.shape[-1], tuple(mean), tuple(std), device, resolve_dtype(precision, device))
+    extract = dict(preprocess=preprocess, channels_last=True)
     start = time.perf_counter()
     result = knn_accuracy(extract_features(backbone, train.images, **extract), train.labels,
                           extract_features(backbone, test.images, **extract), test.labels)

@@ -86,7 +86,7 @@ class Float64Views(BatchAugment):
 def float64_network() -> Iterator[None]:
     """build_run makes a float64 model and float64 views (see the module docstring)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "build_model", lambda config: build_model(config).double())
+        patch.setattr(train, "build_model", lambda *a, **k: build_model(*a, **k).double())
         patch.setattr(train, "BatchAugment", Float64Views)
         patch.setattr(features, "eval_transform", lambda *a, **k: eval_transform(*a, **k).double())
         yield

@@ -26,6 +26,7 @@ from nnclr import rundir
 from nnclr.data import ImageDataset
 from nnclr.data.lazy import batch_slices, prefetched
 from nnclr.evaluate.features import extract_features
+from nnclr.evaluate.preprocess import Preprocess
 from nnclr.pretrained import Pretrained
 
 CACHE_FORMAT = 1
@@ -97,11 +98,8 @@ def extract_split(
     with tqdm(total=len(images), disable=not progress, unit="img", desc=f"features {dataset.name}",
               dynamic_ncols=True, leave=False) as bar:
         for chunk in prefetched(images, batch_slices(len(images), chunk_size)):
-            out.append(extract_features(
-                pretrained.encoder, chunk, image_size=pretrained.image_size, mean=pretrained.mean,
-                std=pretrained.std, device=pretrained.device, dtype=pretrained.dtype, batch_size=batch_size,
-                channels_last=pretrained.config.train.channels_last,
-            ).cpu())
+            out.append(extract_features(pretrained.encoder, chunk, Preprocess.of(pretrained), batch_size=batch_size,
+                                        channels_last=pretrained.config.train.channels_last).cpu())
             bar.update(len(chunk))
     if not out:
         return torch.zeros(0, pretrained.feature_dim)

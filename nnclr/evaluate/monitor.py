@@ -20,13 +20,14 @@ from nnclr.data import ImageDataset
 from nnclr.data.lazy import FolderImages
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.knn import KnnResult, knn_accuracy
+from nnclr.evaluate.preprocess import Preprocess
 
 
 def extract_options(config: Config, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The keyword arguments of ``extract_features`` for a run's data, device and precision."""
     mean, std = normalization_for(config.data.name)
-    return dict(image_size=config.data.image_size, mean=mean, std=std, device=device,
-                dtype=dtype, channels_last=config.train.channels_last)
+    return dict(preprocess=Preprocess(config.data.image_size, tuple(mean), tuple(std), device, dtype),
+                channels_last=config.train.channels_last)
 
 
 def extract_in_shards(encoder: torch.nn.Module, images: torch.Tensor | FolderImages, options: dict[str, Any]
