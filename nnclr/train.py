@@ -34,10 +34,9 @@ from tqdm import tqdm
 
 from nnclr import distributed, nonfinite, rundir, runtime
 from nnclr.augment import BatchAugment, normalization_for
-from nnclr.checkpoint import config_differences, load_checkpoint, load_state_strict, save_checkpoint, written_by
-from nnclr.config import Config, dump_yaml, to_dict
+from nnclr.checkpoint import save_checkpoint
+from nnclr.config import Config, dump_yaml
 from nnclr.data import ImageDataset
-from nnclr.data.index import FileIndex
 from nnclr.data.loaders import LoaderChoice, load_training_data
 from nnclr.data.stream import StreamBatch, StreamFeed, default_workers
 from nnclr.deepcluster import classifier_without_lars
@@ -47,6 +46,7 @@ from nnclr.evaluate.knn import KnnResult
 from nnclr.methods import BuildContext, Method, method_of
 from nnclr.model import ContrastiveModel, build_model
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
+from nnclr.resume import checkpoint_state, read_for_resume, restore
 from nnclr.seeding import AUGMENT, CLUSTER, ORDER, SELECT, derive_seed
 from nnclr.selectors import EpochContext, Selector
 from nnclr.step import contrastive_step, instance_weight
@@ -166,43 +166,6 @@ def build_run(
         selector=selector, optimizer=optimizer, augment=augment, lr_schedule=schedule, steps_per_epoch=steps_per_epoch,
         total_steps=min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps,
     )
-
-
-def _state(run: Run, step: int) -> dict[str, Any]:
-    return {
-        "step": step,
-        "config": to_dict(run.config),
-        "model": run.model.state_dict(),
-        "support": run.support.state_dict() if run.support is not None else {},
-        "selector": run.selector.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "knn_before": run.knn_before,
-        "loader": run.loader.loader,
-        "skipped_steps": run.skipped_steps,
-        "consecutive_skips": run.consecutive_skips,
-    }
-
-
-def _restore(run: Run, state: dict[str, Any]) -> int:
-    differences = config_differences(state["config"], to_dict(run.config))
-    if differences:
-        raise UserError(
-            f"{run.run_dir} holds a run with a different config ({'; '.join(differences[:3])}); "
-            "use the same config to resume, another --run-dir, or --fresh to start over"
-        )
-    origin = written_by(state)
-    load_state_strict(run.model, state["model"], "model", origin)
-    if run.support is not None:
-        load_state_strict(run.support, state["support"], "support set", origin)
-    load_state_strict(run.selector, state["selector"], "selector", origin)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.knn_before = state.get("knn_before")
-    run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
-    # every rank adds its own files to the total, which the checkpoint holds: rank 0 carries it on
-    if run.feed is not None:
-        run.feed.unreadable = state.get("unreadable_files", 0) if distributed.is_main() else 0
-    run.last_checkpoint_step = int(state["step"])
-    return run.last_checkpoint_step
 
 
 def knn_monitor(run: Run) -> KnnResult | None:
@@ -352,58 +315,6 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def _resume_state(run: Run, path: Path, fresh: bool, accept_changes: bool, echo: Any) -> dict[str, Any] | None:
-    """Rank 0 clears (``fresh``) or reads the checkpoint and sends it to every rank.
-
-    Before that it compares a ``folder:`` source's files with those the run started on
-    (:func:`_check_folder`).
-
-    Sending rank 0's copy (rather than every rank reading the file) needs no shared file system
-    across machines and cannot race with rank 0 deleting or rewriting the file.
-    """
-    state: Any = None
-    if distributed.is_main():
-        try:
-            run.lock = rundir.acquire_lock(run.run_dir)  # before --fresh deletes anything
-            if fresh:
-                rundir.clear_for_fresh(run.run_dir)
-            _check_folder(run, path.is_file(), accept_changes, echo)
-            if path.is_file():  # one process loads onto its device; several share a CPU copy
-                state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
-        except UserError as error:
-            if distributed.world_size() == 1:
-                raise
-            state = error  # raised on every rank below, so that no rank waits for the others
-    if distributed.world_size() > 1:
-        state = distributed.broadcast_object(state, run.device)
-        if isinstance(state, UserError):
-            raise state
-        state = runtime.to_device(state, run.device)
-    return state
-
-
-def _check_folder(run: Run, resuming: bool, accept_changes: bool, echo: Any) -> None:
-    """Keep the index of a ``folder:`` training split in the run directory; on resume, refuse a changed folder.
-
-    Sample ``i`` of a resumed run must be the file it was before the interruption, so files added,
-    removed or modified since the run started make the resumed run a different one.
-    """
-    index, saved = run.train_set.index, run.run_dir / rundir.DATA_INDEX
-    if index is None:
-        return
-    if resuming and saved.is_file():
-        change = index.changes_from(FileIndex.load(saved))
-        if change is None:
-            return
-        if not accept_changes:
-            raise UserError(
-                f"{run.config.data.name} changed since this run started: {change}; restore it, pass "
-                "--accept-data-changes to go on with the folder as it is now, or start over with --fresh"
-            )
-        echo(f"data: going on with the changed folder ({change})")
-    index.save(saved)
-
-
 def _pretrain(
     config: Config, device: torch.device, *, fresh: bool, progress: bool, echo: Any, accept_data_changes: bool,
     backbone: torch.nn.Module | None = None,
@@ -415,7 +326,7 @@ def _pretrain(
     main = distributed.is_main()
     log: rundir.Log = rundir.NoLog()
     try:
-        state = _resume_state(run, path, fresh, accept_data_changes, echo)
+        state = read_for_resume(run, path, fresh, accept_data_changes, echo)
         saved_loader = state.get("loader", "memory") if state is not None else run.loader.loader
         if saved_loader != run.loader.loader:  # data.loader=auto may choose otherwise on another machine
             echo(f"data: resuming with the loader this run started with ({saved_loader}), not {run.loader.loader}")
@@ -423,7 +334,7 @@ def _pretrain(
             _close_feed(run)
             run = build_run(config, device, loader=saved_loader, backbone=backbone)
             run.lock = lock
-        start = _restore(run, state) if state is not None else 0
+        start = restore(run, state) if state is not None else 0
         if state is None and config.model.init_from:  # a new run starts from these weights (nnclr.weights)
             echo(init_encoder(run.model.backbone, config.model.init_from, config.model.backbone))
         del state
@@ -501,7 +412,7 @@ def _train(run: Run, log: rundir.Log, start: int, *, progress: bool, echo: Any) 
                 _log_unreadable(run, log)  # what the checkpoint counts is in metrics.jsonl before it
                 unreadable = run.feed.unreadable_total(run.device) if run.feed is not None else 0  # every rank
                 if main:
-                    state = {**_state(run, step), "unreadable_files": unreadable}
+                    state = {**checkpoint_state(run, step), "unreadable_files": unreadable}
                     save_checkpoint(state, path, previous_step=run.last_checkpoint_step)
                 run.last_checkpoint_step = step
     bar.close()
