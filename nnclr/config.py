@@ -17,6 +17,7 @@ Evaluation (``nnclr eval``) has its defaults here too, apart from the run's conf
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,11 +238,36 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+_YAML_FLOATS = {".nan": math.nan, ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf}  # YAML's spellings
+
+
+def _float(text: str) -> float:
+    """Python's float syntax (``1e-3``, ``.5``, ``1_000.5``, ``nan``, ``inf``) and YAML's ``.nan``/``.inf``."""
+    word = text.strip()
+    return _YAML_FLOATS[word.lower()] if word.lower() in _YAML_FLOATS else float(word)
+
+
+def _type_name(annotation: Any) -> str:
+    return {bool: "true or false", int: "a whole number (int)", float: "a number (float)"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _union_options(annotation: Any) -> tuple[Any, ...] | None:
+    """The options of ``X | Y`` (None for any other hint)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return None
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field's type hint; ints are accepted for floats."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
+    """Check ``value`` (from YAML or already parsed) against a field's type hint.
+
+    Ints are accepted for floats, and so are strings in float syntax: PyYAML (YAML 1.1) reads ``lr: 1e-3`` as the
+    string ``'1e-3'``.
+    """
+    options = _union_options(annotation)
+    if options is not None:
         if value is None and type(None) in options:
             return None
         for option in options:
@@ -255,35 +281,77 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise UserError(f"config key {key} expects {names}, got {value!r}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return _float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise UserError(f"config key {key} expects true or false, got {value!r}")
     if annotation in (int, float) and isinstance(value, bool):
-        raise UserError(f"config key {key} expects a number ({annotation.__name__}), got {value!r}")
+        raise UserError(f"config key {key} expects {_type_name(annotation)}, got {value!r}")
     if not isinstance(value, annotation):
-        raise UserError(f"config key {key} expects {annotation.__name__}, got {value!r}")
+        raise UserError(f"config key {key} expects {_type_name(annotation)}, got {value!r}")
     return value
 
 
-def _set(config: Config, key: str, value: Any) -> None:
+def _parse(key: str, text: str, annotation: Any) -> Any:
+    """The text of ``--set KEY=TEXT`` as the key's type.
+
+    str: the text verbatim (spaces, quotes, ``#`` and all); ``str | None``: an empty text is None. bool: true/false
+    (also yes/no, on/off; any case). int: Python's int syntax (``64``, ``-1``, ``1_024``). float: Python's float
+    syntax (``0.5``, ``1e-3``, ``nan``, ``inf``) or YAML's ``.nan``/``.inf``. Spaces around a bool or a number are
+    ignored.
+    """
+    options = _union_options(annotation)
+    if options is not None:
+        if text == "" and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _parse(key, text, option)
+            except UserError:
+                pass
+        names = " or ".join("empty for null" if o is type(None) else _type_name(o) for o in options)
+        raise UserError(f"config key {key} expects {names}, got {text!r}")
+    if annotation is str:
+        return text
+    word = text.strip()
+    try:
+        if annotation is bool and word.lower() in _TRUE + _FALSE:
+            return word.lower() in _TRUE
+        if annotation is int:
+            return int(word)
+        if annotation is float:
+            return _float(word)
+    except ValueError:
+        pass
+    raise UserError(f"config key {key} expects {_type_name(annotation)}, got {text!r}")
+
+
+def _hint(key: str) -> Any:
+    """The type hint of config key ``SECTION.NAME``; a UserError names an unknown or retired key."""
+    sections = typing.get_type_hints(Config)
     parts = key.split(".")
     if len(parts) != 2:
-        raise UserError(
-            f"config key {key!r} must be SECTION.NAME, one of: "
-            + ", ".join(f.name for f in dataclasses.fields(config))
-        )
+        raise UserError(f"config key {key!r} must be SECTION.NAME, one of: " + ", ".join(sections))
     section_name, name = parts
-    section = getattr(config, section_name, None)
-    if section is None or not dataclasses.is_dataclass(section):
-        sections = ", ".join(f.name for f in dataclasses.fields(config))
-        raise UserError(f"unknown config section {section_name!r} in {key!r}; sections: {sections}")
-    hints = typing.get_type_hints(type(section))
+    if section_name not in sections:
+        raise UserError(f"unknown config section {section_name!r} in {key!r}; sections: {', '.join(sections)}")
+    hints = typing.get_type_hints(sections[section_name])
     if key in RETIRED:
         raise UserError(f"config key {key!r} is no longer used: {RETIRED[key]}")
     if name not in hints:
-        raise UserError(
-            f"unknown config key {key!r}; keys in {section_name}: {', '.join(hints)}"
-        )
-    setattr(section, name, _coerce(key, value, hints[name]))
+        raise UserError(f"unknown config key {key!r}; keys in {section_name}: {', '.join(hints)}")
+    return hints[name]
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    annotation = _hint(key)
+    section_name, name = key.split(".")
+    setattr(getattr(config, section_name), name, _coerce(key, value, annotation))
 
 
 def merge(config: Config, tree: dict[str, Any], source: str) -> Config:
@@ -299,19 +367,12 @@ def merge(config: Config, tree: dict[str, Any], source: str) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=0.5"`` -> ``("optim.lr", 0.5)``; values are parsed as YAML scalars."""
+    """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``: the value is read as the key's type (see :func:`_parse`)."""
     key, sep, raw = text.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.5")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, (dict, list)):
-        value = raw  # e.g. data.name=folder:{x} stays a string
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith(".name"):
-        value = raw
-    return key.strip(), value
+    return key, _parse(key, raw, _hint(key))
 
 
 def validate(config: Config) -> Config:

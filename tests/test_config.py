@@ -73,7 +73,67 @@ def test_round_trip_through_dict() -> None:
 
 def test_parse_override_keeps_names_as_strings() -> None:
     assert parse_override("data.name=folder:/a b/c") == ("data.name", "folder:/a b/c")
-    assert parse_override("data.root=null") == ("data.root", None)
+    assert parse_override("data.root=") == ("data.root", None)  # str | None: an empty value is None
+    assert parse_override("data.root=null") == ("data.root", "null")  # a folder called null
+
+
+@pytest.mark.parametrize(
+    "text", ["runs/exp #2", "runs/exp ", " runs/exp", "'quoted'", '"double"', "a\nb", "2024", "yes", "null", "~",
+             "[1, 2]", "{a: 1}", "x: y", "0x10", "1e-3", "&anchor", "*alias", "!!python/object x", "%", "", "#"],
+)
+def test_str_values_are_taken_verbatim(text: str) -> None:
+    """--set KEY=VALUE of a str key keeps VALUE as typed: no YAML folding of '#' comments, spaces, quotes, newlines,
+    and no refusal of what YAML would read as a number, a boolean or null (issue 23, item 2)."""
+    config = load_config(None, [f"train.run_dir={text}", f"data.test_split={text}"])
+    assert config.train.run_dir == text and config.data.test_split == text
+    assert parse_override(f"train.run_dir={text}") == ("train.run_dir", text)
+    root = load_config(None, [f"data.root={text}"]).data.root
+    assert root == (text or None)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-3", 0.001), ("1E-3", 0.001), ("3", 3.0), ("+0.5e1", 5.0), (".5", 0.5), ("1_000.5", 1000.5), (" 0.1 ", 0.1)],
+)
+def test_float_values_take_pythons_float_syntax(text: str, value: float) -> None:
+    """``--set optim.final_lr=1e-3`` is a float (YAML 1.1 reads 1e-3 as a string; issue 23, item 14)."""
+    assert parse_override(f"optim.final_lr={text}") == ("optim.final_lr", value)
+    config = load_config(None, [f"optim.final_lr={text}"])
+    assert config.optim.final_lr == value and isinstance(config.optim.final_lr, float)
+
+
+def test_a_yaml_recipe_may_write_floats_as_1e_minus_3(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) gives the string '1e-3' for ``lr: 1e-3``; a float key takes it as the number."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-4\nmethod:\n  temperature: 1.0e-1\n")
+    config = load_config(recipe)
+    assert (config.optim.lr, config.optim.weight_decay, config.method.temperature) == (0.001, 0.0005, 0.1)
+    recipe.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(UserError, match=r"optim\.lr.*float"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [("train.channels_last=false", False), ("train.channels_last=True", True), ("train.channels_last=no", False),
+     ("train.channels_last=on", True), ("optim.batch_size=64", 64), ("optim.batch_size=1_024", 1024),
+     ("optim.batch_size= 64", 64), ("train.seed=-0", 0)],
+)
+def test_bool_and_int_values(override: str, value: object) -> None:
+    key, parsed = parse_override(override)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("optim.batch_size=1e3", "optim.batch_size"), ("optim.batch_size=true", "optim.batch_size"),
+     ("train.channels_last=1", "train.channels_last"), ("train.channels_last=", "train.channels_last"),
+     ("optim.lr=", "optim.lr"), ("optim.lr=true", "optim.lr"), ("optim.lr=0x10", "optim.lr")],
+)
+def test_values_of_the_wrong_type_are_refused(override: str, needle: str) -> None:
+    with pytest.raises(UserError, match=needle.replace(".", r"\.")) as error:
+        parse_override(override)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,9 @@ def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, print kNN before/after and the run directory."""
     from nnclr.config import load_config
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"train.run_dir={args.run_dir}")
-    config = load_config(args.config, overrides)  # config mistakes fail before torch is imported
+    config = load_config(args.config, args.overrides)  # config mistakes fail before torch is imported
+    if args.run_dir:  # a path, as typed: not through the text of an override
+        config.train.run_dir = args.run_dir
     from nnclr.train import pretrain
 
     echo = print if os.environ.get("RANK", "0") == "0" else _silent  # under torchrun: rank 0 speaks
