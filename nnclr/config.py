@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,12 @@ POSITIVE = (
     "train.knn_temperature",
     "method.num_clusters",
 )
+FLOAT32_MAX = 3.4028234663852886e38  # every float key must be finite and at most this (float32's largest)
+EPOCH_KEYS = ("train.epochs", "optim.warmup_epochs", "train.knn_every_epochs", "method.kmeans_reset_epochs")
+MAX_EPOCHS = 10_000  # the cap of EPOCH_KEYS: 10x the paper's 1000 epochs
+MAX_SEED = 2**64 - 1  # train.seed: torch.manual_seed takes 0..2^64 - 1, numpy's SeedSequence no negative numbers
+MAX_PROJ_LAYERS = 8  # model.proj_layers: the paper's projection MLP has 3 (SimCLR v2 tried up to 4)
+DEVICES = "auto, cpu, cuda or cuda:N"  # train.device and the --device flags
 NON_NEGATIVE = (
     "data.memory_gb", "model.pred_hidden_dim", "optim.final_lr",
     "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "train.max_steps",
@@ -375,12 +382,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, _parse(key, raw, _hint(key))
 
 
+def device_problem(name: str) -> str | None:
+    """Why nnclr cannot run on device ``name`` (None when it can: :data:`DEVICES`); CUDA's presence is checked by
+    :func:`nnclr.runtime.resolve_device`."""
+    if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        return None
+    return f"is not a device nnclr runs on: use {DEVICES}"
+
+
 def validate(config: Config) -> Config:
-    """Check choices and ranges; every error names the key and what is allowed."""
+    """Check choices and ranges; every error names the key and what is allowed.
+
+    Only what holds on any machine (a saved config is validated when a checkpoint is loaded elsewhere): every
+    float finite, the ranges of :data:`POSITIVE`, :data:`NON_NEGATIVE` and the caps below. What this machine
+    bounds is :func:`check_machine`'s.
+    """
     flat = flatten(to_dict(config))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise UserError(f"config key {key}={flat[key]!r} is not one of: {', '.join(allowed)}")
+    for key, value in flat.items():
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # NaN too: every comparison with it is False
+            raise UserError(f"config key {key}={value!r} must be a finite number (at most {FLOAT32_MAX:.3g}, "
+                            "float32's largest: the value ends up in float32 tensors)")
+    for key in EPOCH_KEYS:
+        if flat[key] > MAX_EPOCHS:
+            raise UserError(f"config key {key}={flat[key]:g} must be at most {MAX_EPOCHS} epochs (10x the paper's "
+                            "1000; the learning-rate schedule is computed for every step ahead)")
+    if not 0 <= config.train.seed <= MAX_SEED:
+        raise UserError(f"config key train.seed={config.train.seed} must be in 0..{MAX_SEED} (2^64 - 1: what "
+                        "torch.manual_seed and numpy take)")
+    if config.model.proj_layers > MAX_PROJ_LAYERS:
+        raise UserError(f"config key model.proj_layers={config.model.proj_layers} must be at most {MAX_PROJ_LAYERS} "
+                        "(the paper's projection MLP has 3 layers; deeper ones only train slower)")
+    problem = device_problem(config.train.device)
+    if problem:
+        raise UserError(f"config key train.device={config.train.device!r} {problem}")
     for key in POSITIVE:
         if flat[key] <= 0:
             raise UserError(f"config key {key}={flat[key]!r} must be > 0")
