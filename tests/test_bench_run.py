@@ -3,6 +3,7 @@
 The numbers are not checked (tiny sizes, a shared machine); what is checked is that every script
 ran and that the file holds each section with a row per alternative. lightly's side runs only where
 lightly is installed (``pip install --no-deps -r bench/requirements.txt``); its checks skip otherwise.
+``bench/vit.py --smoke`` (not part of run.py) is run on its own; it needs timm (tests/backbone_helpers.py).
 """
 
 from __future__ import annotations
@@ -68,3 +69,20 @@ def test_lightly_side(report: str) -> None:
     assert "loader worker" in throughput["small_cnn", "lightly nnclr"][4]
     tta = {row[0]: row for row in _rows(report, "Time to accuracy")}
     assert tta["lightly"][4].strip("*").endswith("%") and "time to accuracy (1 s, small_cnn): ours" in report
+
+
+def test_vit_throughput_smoke(capsys: pytest.CaptureFixture) -> None:
+    """``bench/vit.py --smoke``: every backbone trains a step, ViT-Tiny also in fp32 against its default."""
+    from backbone_helpers import require_timm
+
+    require_timm()
+    results = _module("vit").main(["--smoke"])
+    names = list(results["sizes"])
+    assert names == ["resnet18", "vit_tiny", "vit_small"] and list(results["settings"]) == ["vit_tiny"]
+    out = capsys.readouterr().out
+    tables = [block for block in out.split("\n\n") if block.startswith("| backbone |")]
+    backbones, settings = ([[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]
+                            if line.startswith("| ")]
+                           for table in tables)
+    assert [row[0] for row in backbones] == names and all(NUMBER.search(row[3]) for row in backbones)
+    assert [row[:2] for row in settings] == [["vit_tiny", "default"], ["vit_tiny", "fp32"]]
