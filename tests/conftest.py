@@ -1,4 +1,7 @@
-"""Shared fixtures: CPU only, fixed seeds, the local CIFAR-10 copy.
+"""Shared fixtures: CPU only, fixed seeds, the tiny run and small data sets, the local CIFAR-10 copy.
+
+The tiny run and the small data sets the training tests share are ``tiny_run``, ``tiny_data`` and ``demo_data``
+(their values are defined in ``tiny.py``).
 
 Tests that need ``../shared/data/cifar10`` skip when it is absent; with ``NNCLR_REQUIRE_DATA=1``
 (set by ``.ci/run``) the skip becomes a failure, so CI cannot pass by silently skipping them.
@@ -10,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +29,28 @@ def _index_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     """Folder indexes are cached in a per-session temporary folder, never in the user's ~/.cache."""
     if "NNCLR_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("NNCLR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "nnclr-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> tuple[str, ...]:
+    """``--set`` overrides of a tiny run (:data:`tiny.RUN`): small heads, batches of 32, no warm-up, a record every
+    step. A module adds its own, e.g. ``[*tiny_run, "method.support_size=100"]``."""
+    return tiny.RUN
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of random 16x16 images in 4 classes, ``train.npz`` (256) and ``test.npz`` (64), written once.
+
+    Read-only: a test that changes data writes its own."""
+    return tiny.random_npz(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The ``data.name`` (``npz:FOLDER``) of the first 96 training and 40 test images of the demo data (real
+    CIFAR-10, labels and class names), written once: 3 steps of 32 per epoch. Read-only."""
+    return tiny.demo_npz(tmp_path_factory.mktemp("demo-data"), {"train": 96, "test": 40})
 
 
 def _cifar10_dir() -> Path:

@@ -1,7 +1,7 @@
-"""Helpers of the robustness tests: a tiny data set, a tiny run's config, a small filesystem.
+"""Helpers of the robustness tests: a tiny run's config, a small filesystem.
 
-The run is the one of ``test_train.py`` (tiny heads, batch 32) on 256 random 16x16 images with a
-64-image test split, so that a whole run, kNN before and after included, takes about two seconds.
+The run is the one of ``test_train.py`` (tiny heads, batch 32) on conftest's ``tiny_data`` (256 random 16x16
+images with a 64-image test split), so that a whole run, kNN before and after included, takes about two seconds.
 """
 
 from __future__ import annotations
@@ -14,26 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
-from test_train import TINY
+from tiny import RUN
 
 from nnclr.config import Config, load_config
 
 
-def tiny_npz(folder: Path) -> Path:
-    """``train.npz`` (256 images) and ``test.npz`` (64) of random 16x16 images in 4 classes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("test", 64)):
-        images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
-        np.savez(folder / f"{split}.npz", images=images, labels=rng.integers(0, 4, n))
-    return folder
-
-
 def run_overrides(data: Path, *overrides: str) -> list[str]:
-    """``--set`` overrides of a tiny run on :func:`tiny_npz` data: 8 steps per epoch, 2 epochs."""
-    return [*TINY, f"data.name=npz:{data}", "data.image_size=16", "data.test_split=test", "train.epochs=2",
+    """``--set`` overrides of a tiny run on ``tiny_data``: 8 steps per epoch, 2 epochs, a checkpoint every 2 steps."""
+    return [*RUN, "method.support_size=100", "method.num_prototypes=8", "train.checkpoint_every=2",
+            f"data.name=npz:{data}", "data.image_size=16", "data.test_split=test", "train.epochs=2",
             "train.threads=1", "train.report=false", *overrides]
 
 

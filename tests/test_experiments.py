@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from robust_helpers import tiny_npz
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "recipe")
 
 
 @pytest.mark.slow
-def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
-    data = tiny_npz(tmp_path / "data")
+def test_every_experiment_table_runs_and_is_written(tmp_path: Path, tiny_data: Path) -> None:
+    data = tiny_data
     results, json_dir = tmp_path / "RESULTS.md", tmp_path / "json"
     results.write_text("# Results\n\nkept text\n")
     command = [sys.executable, str(REPO / "experiments" / "run.py"), "--table", "all", "--smoke", "--seeds", "0",
@@ -58,8 +57,8 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(tmp_path: Path) -> None:
-    data = tiny_npz(tmp_path / "data")
+def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(tmp_path: Path, tiny_data: Path) -> None:
+    data = tiny_data
     results, json_dir = tmp_path / "RESULTS.md", tmp_path / "json"
     command = [sys.executable, str(REPO / "experiments" / "run.py"), "--table", "budget", "--smoke", "--seeds", "0",
                "--threads", "1", "--budget", "7", "--data", f"npz:{data}", "--runs", str(tmp_path / "runs"),
@@ -129,8 +128,10 @@ def test_a_table_written_again_replaces_its_block(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_rows_runs_the_rows_named_afresh_keeps_the_others_and_refuses_an_unknown_one(tmp_path: Path) -> None:
-    data = tiny_npz(tmp_path / "data")
+def test_rows_runs_the_rows_named_afresh_keeps_the_others_and_refuses_an_unknown_one(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    data = tiny_data
     json_dir, runs = tmp_path / "json", tmp_path / "runs"
     command = [sys.executable, str(REPO / "experiments" / "run.py"), "--table", "methods", "--smoke", "--seeds", "0",
                "--threads", "1", "--data", f"npz:{data}", "--runs", str(runs), "--results", str(tmp_path / "R.md"),

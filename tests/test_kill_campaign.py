@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from robust_helpers import metrics_without_timing, run_overrides, tiny_npz
+from robust_helpers import metrics_without_timing, run_overrides
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -172,8 +172,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert metrics_without_timing(a) == metrics_without_timing(b), f"{b.name}: metrics.jsonl differs"
 
 
-def test_kill_campaign_loses_nothing(forkserver, tmp_path: Path, figures: list[str]) -> None:
-    data = tiny_npz(tmp_path / "data")
+def test_kill_campaign_loses_nothing(forkserver, tmp_path: Path, tiny_data: Path, figures: list[str]) -> None:
+    data = tiny_data
     overrides = run_overrides(data, "train.checkpoint_every=2", "train.log_every=1", "data.image_size=8")  # ~0.7 CPU s
 
     def command(run_dir: Path) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from robust_helpers import metrics_without_timing, run_overrides, small_filesystem, tiny_config, tiny_npz
+from robust_helpers import metrics_without_timing, run_overrides, small_filesystem, tiny_config
 from use_helpers import assert_user_error, make_checkpoint, run_main
 
 import nnclr.train
@@ -27,11 +27,6 @@ from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.errors import UserError
 from nnclr.rundir import tmp_path as partial_file
 from nnclr.train import pretrain
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_npz(tmp_path_factory.mktemp("npz"))
 
 
 def _sha(path: Path) -> str:
@@ -61,11 +56,11 @@ def _at_step(monkeypatch: pytest.MonkeyPatch, step: int, action) -> dict:
     ],
 )
 def test_full_or_read_only_disk_mid_run_keeps_the_checkpoint_and_resumes(
-    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, failure: str, needles: list[str]
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch, failure: str, needles: list[str]
 ) -> None:
     with small_filesystem(tmp_path / "disk") as disk:
         run_dir = disk.path / "run"
-        config = tiny_config(data, run_dir, "train.max_steps=4", "data.test_split=")
+        config = tiny_config(tiny_data, run_dir, "train.max_steps=4", "data.test_split=")
         # 64 KiB left: the metrics lines of steps 3 and 4 fit, the 10 MB checkpoint of step 4 does not
         action = (lambda: disk.fill(leave=64 * 1024)) if failure == "full" else disk.read_only
         seen = _at_step(monkeypatch, 2, action)
@@ -87,7 +82,7 @@ def test_full_or_read_only_disk_mid_run_keeps_the_checkpoint_and_resumes(
         assert steps == [1, 2, 3, 4]
 
 
-def test_full_disk_while_writing_the_results(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_while_writing_the_results(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with small_filesystem(tmp_path / "disk") as disk:
         run_dir = disk.path / "run"
         original = nnclr.train.knn_monitor
@@ -101,20 +96,20 @@ def test_full_disk_while_writing_the_results(tmp_path: Path, data: Path, monkeyp
 
         monkeypatch.setattr(nnclr.train, "knn_monitor", fill_before_the_final_knn)
         with pytest.raises(UserError, match=r"cannot write the (metrics|results) .*No space left on device"):
-            pretrain(tiny_config(data, run_dir, "train.max_steps=2"), progress=False)
+            pretrain(tiny_config(tiny_data, run_dir, "train.max_steps=2"), progress=False)
         assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == 2  # the final checkpoint
         disk.free()
         monkeypatch.undo()
-        result = pretrain(tiny_config(data, run_dir, "train.max_steps=2"), progress=False)
+        result = pretrain(tiny_config(tiny_data, run_dir, "train.max_steps=2"), progress=False)
         assert result.resumed_from == 2 and result.knn_after is not None
         assert [r["step"] for r in metrics_without_timing(run_dir) if r["type"] == "knn"] == [0, 2]
 
 
-def test_read_only_run_directory_from_the_start(tmp_path: Path, data: Path) -> None:
+def test_read_only_run_directory_from_the_start(tmp_path: Path, tiny_data: Path) -> None:
     with small_filesystem(tmp_path / "disk") as disk:
         disk.read_only()
         with pytest.raises(UserError, match=r"cannot write the run's lock file .*Read-only file system"):
-            pretrain(tiny_config(data, disk.path / "run"), progress=False)
+            pretrain(tiny_config(tiny_data, disk.path / "run"), progress=False)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
@@ -150,10 +145,10 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> Non
 
 @pytest.mark.slow
 def test_a_second_process_is_refused_until_the_first_dies(
-    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture
 ) -> None:
     args = ["pretrain", "--run-dir", str(tmp_path / "run"), "--no-progress",
-            "--set", *run_overrides(data, "train.epochs=500", "data.test_split=")]
+            "--set", *run_overrides(tiny_data, "train.epochs=500", "data.test_split=")]
     first = _start(args, tmp_path)
     checkpoint = tmp_path / "run" / CHECKPOINT_NAME
     try:
@@ -205,11 +200,11 @@ def _all_finite(state: dict) -> bool:
 
 
 def test_a_non_finite_gradient_stops_naming_the_step_and_the_parameter(
-    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _poison_gradients(monkeypatch, {4})
     with pytest.raises(UserError) as error:
-        pretrain(tiny_config(data, tmp_path, "data.test_split="), progress=False)
+        pretrain(tiny_config(tiny_data, tmp_path, "data.test_split="), progress=False)
     assert str(error.value).startswith("the gradient of backbone.stem.0.weight is not finite at step 5, so the run "
                                        f"stopped; the last good checkpoint (step 4) in {tmp_path} is intact")
     assert "train.nonfinite=skip" in str(error.value)
@@ -218,10 +213,10 @@ def test_a_non_finite_gradient_stops_naming_the_step_and_the_parameter(
 
 
 def test_with_skip_non_finite_steps_are_skipped_counted_and_resumed(
-    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     seen = _poison_gradients(monkeypatch, {2, 5})
-    config = tiny_config(data, tmp_path, "data.test_split=", "train.nonfinite=skip", "train.max_steps=6")
+    config = tiny_config(tiny_data, tmp_path, "data.test_split=", "train.nonfinite=skip", "train.max_steps=6")
     assert pretrain(config, progress=False).steps == 6
     for step in (2, 5):  # the optimiser did not step: the weights are those before the step
         for key, value in seen[step]["before"].items():
@@ -236,13 +231,13 @@ def test_with_skip_non_finite_steps_are_skipped_counted_and_resumed(
     assert state["skipped_steps"] == 2 and _all_finite(state["model"]) and _all_finite(state["support"])
     # the count survives a resume
     monkeypatch.undo()
-    result = pretrain(tiny_config(data, tmp_path, "data.test_split=", "train.nonfinite=skip", "train.max_steps=8"),
+    result = pretrain(tiny_config(tiny_data, tmp_path, "data.test_split=", "train.nonfinite=skip", "train.max_steps=8"),
                       progress=False)
     assert result.resumed_from == 6
     assert [r["skipped_steps"] for r in metrics_without_timing(tmp_path) if r["type"] == "train"][-1] == 2
 
 
-def test_non_finite_weights_are_never_written(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_weights_are_never_written(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = nnclr.train.train_step
 
     def blow_up(run, index, order, streamed=None):  # finite gradients, then an infinite weight (a huge lr)
@@ -255,6 +250,6 @@ def test_non_finite_weights_are_never_written(tmp_path: Path, data: Path, monkey
     monkeypatch.setattr(nnclr.train, "train_step", blow_up)
     with pytest.raises(UserError, match=r"the weight projector\.\S+ is not finite at step 4, so the run stopped; "
                                         r"the last good checkpoint \(step 2\)"):
-        pretrain(tiny_config(data, tmp_path, "data.test_split=", "train.nonfinite=skip"), progress=False)
+        pretrain(tiny_config(tiny_data, tmp_path, "data.test_split=", "train.nonfinite=skip"), progress=False)
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert state["step"] == 2 and _all_finite(state["model"])

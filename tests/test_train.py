@@ -6,50 +6,40 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import nnclr.train
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from nnclr.config import load_config
-from nnclr.data import load_dataset
 from nnclr.errors import UserError
 from nnclr.methods import METHODS
 from nnclr.train import pretrain
 
-# A tiny, fast run on the shipped demo data; no kNN (test_split="") unless a test asks for it.
-TINY = [
-    "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
-    "optim.batch_size=32", "optim.warmup_epochs=0", "train.epochs=1", "train.log_every=1",
-    "method.support_size=100", "method.num_prototypes=8",
-    "data.test_split=", "train.checkpoint_every=2",
-]
-
-
-def tiny(run_dir: Path, *overrides: str):
-    return load_config(None, [*TINY, f"train.run_dir={run_dir}", *overrides])
-
 
 @pytest.fixture(scope="module")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """96 demo training images: DeepCluster re-clusters every epoch, here every 3 steps of 32."""
-    folder = tmp_path_factory.mktemp("small")
-    demo = load_dataset("demo", "train")
-    np.savez(folder / "train.npz", images=demo.images[:96].permute(0, 2, 3, 1).numpy(), labels=demo.labels[:96].numpy())
-    return f"npz:{folder}"
+def tiny(tiny_run: tuple[str, ...]):
+    """``tiny(run_dir, *overrides)``: the config of a tiny, fast run on the shipped demo data (a support set of
+    100, 8 prototypes, a checkpoint every 2 steps); no kNN (test_split="") unless a test asks for it."""
+    overrides = [*tiny_run, "train.epochs=1", "method.support_size=100", "method.num_prototypes=8",
+                 "data.test_split=", "train.checkpoint_every=2"]
+
+    def config(run_dir: Path, *more: str):
+        return load_config(None, [*overrides, f"train.run_dir={run_dir}", *more])
+
+    return config
 
 
 # Every registered method, and the options that draw random choices (top-k sampling of a neighbour).
 VARIANTS = {**{name: [f"method.name={name}"] for name in METHODS}, "nnclr-topk": ["method.name=nnclr", "method.topk=3"]}
 
 
-def method_overrides(method: str, small_data: str) -> list[str]:
-    """Methods that cluster the training set every epoch run on ``small_data`` for 3 epochs, so that 7 steps
-    cross two re-clusterings."""
+def method_overrides(method: str, demo_data: str) -> list[str]:
+    """Methods that cluster the training set every epoch run on ``demo_data`` (96 images: 3 steps of 32 per epoch)
+    for 3 epochs, so that 7 steps cross two re-clusterings."""
     if METHODS[VARIANTS[method][0].split("=")[1]].diagnostics != "clustering":
         return VARIANTS[method]
-    return [*VARIANTS[method], f"data.name={small_data}", "method.num_clusters=8", "train.epochs=3"]
+    return [*VARIANTS[method], f"data.name={demo_data}", "method.num_clusters=8", "train.epochs=3"]
 
 
 def all_slow_but(fast: str, names) -> list:
@@ -62,8 +52,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", all_slow_but("nnclr", METHODS))
-def test_two_step_smoke_run(tmp_path: Path, method: str, small_data: str) -> None:
-    result = pretrain(tiny(tmp_path, *method_overrides(method, small_data), "train.max_steps=2"), progress=False)
+def test_two_step_smoke_run(tmp_path: Path, method: str, demo_data: str, tiny) -> None:
+    result = pretrain(tiny(tmp_path, *method_overrides(method, demo_data), "train.max_steps=2"), progress=False)
     assert result.steps == 2
     records = [r for r in read_metrics(tmp_path) if r["type"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
@@ -80,7 +70,7 @@ def test_two_step_smoke_run(tmp_path: Path, method: str, small_data: str) -> Non
 
 
 @pytest.mark.slow
-def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
+def test_support_set_is_filled_and_checkpointed(tmp_path: Path, tiny) -> None:
     pretrain(tiny(tmp_path, "train.max_steps=5"), progress=False)
     support = load_checkpoint(tmp_path / CHECKPOINT_NAME)["support"]
     # steps 0..4 x 32 samples = 160 > 100 rows: full and wrapped; the oldest 60 rows were
@@ -91,10 +81,10 @@ def test_support_set_is_filled_and_checkpointed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", all_slow_but("nnclr_mean", VARIANTS))
-def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: str) -> None:
+def test_resume_equals_uninterrupted(tmp_path: Path, method: str, demo_data: str, tiny) -> None:
     """Every method and option. DeepCluster: stopped at step 3, the end of its first epoch, the resumed run does
     the second clustering."""
-    whole, parts, overrides = tmp_path / "whole", tmp_path / "parts", method_overrides(method, small_data)
+    whole, parts, overrides = tmp_path / "whole", tmp_path / "parts", method_overrides(method, demo_data)
     pretrain(tiny(whole, *overrides, "train.max_steps=7"), progress=False)
     pretrain(tiny(parts, *overrides, "train.max_steps=3"), progress=False)
     result = pretrain(tiny(parts, *overrides, "train.max_steps=7"), progress=False)
@@ -116,7 +106,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, method: str, small_data: st
 
 
 @pytest.mark.slow
-def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
+def test_resume_with_another_config_is_refused(tmp_path: Path, tiny) -> None:
     pretrain(tiny(tmp_path, "train.max_steps=2"), progress=False)
     with pytest.raises(UserError, match=r"different config \(optim\.lr"):
         pretrain(tiny(tmp_path, "train.max_steps=4", "optim.lr=0.9"), progress=False)
@@ -126,7 +116,9 @@ def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny
+) -> None:
     original = nnclr.train.contrastive_step
 
     def nan_loss_at_step_3(*args, **kwargs):
@@ -142,7 +134,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
 
 
 @pytest.mark.slow
-def test_a_learning_rate_far_too_high_stops_before_writing_non_finite_weights(tmp_path: Path) -> None:
+def test_a_learning_rate_far_too_high_stops_before_writing_non_finite_weights(tmp_path: Path, tiny) -> None:
     config = tiny(tmp_path, "optim.name=sgd", "optim.lr=1.0e+30", "train.checkpoint_every=1", "train.precision=fp32")
     with pytest.raises(UserError, match=r"the weight \S+ is not finite at step 1, so the run stopped; no checkpoint"):
         pretrain(config, progress=False)
@@ -150,7 +142,7 @@ def test_a_learning_rate_far_too_high_stops_before_writing_non_finite_weights(tm
 
 
 @pytest.mark.slow
-def test_knn_before_and_after_are_reported(tmp_path: Path) -> None:
+def test_knn_before_and_after_are_reported(tmp_path: Path, tiny) -> None:
     result = pretrain(tiny(tmp_path, "train.max_steps=2", "data.test_split=test"), progress=False)
     assert result.knn_before is not None and result.knn_after is not None
     assert 0 < result.knn_before["top1"] <= 100 and result.knn_after["num_test"] == 1000
@@ -158,6 +150,6 @@ def test_knn_before_and_after_are_reported(tmp_path: Path) -> None:
     assert [r["step"] for r in knn] == [0, 2]
 
 
-def test_batch_larger_than_data_is_a_user_error(tmp_path: Path) -> None:
+def test_batch_larger_than_data_is_a_user_error(tmp_path: Path, tiny) -> None:
     with pytest.raises(UserError, match="optim.batch_size=4096"):
         pretrain(tiny(tmp_path, "optim.batch_size=4096"), progress=False)
