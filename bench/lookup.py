@@ -47,7 +47,7 @@ from loops import OurLoop, data_overrides  # noqa: E402
 
 from nnclr import runtime  # noqa: E402
 from nnclr.config import from_dict  # noqa: E402
-from nnclr.support import SupportSet, _scan_topk  # noqa: E402
+from nnclr.support import SupportSet, scan_topk  # noqa: E402
 from nnclr.train import build_run  # noqa: E402
 
 BATCH = 256  # queries per call: one view of a step at batch 256
@@ -121,7 +121,7 @@ def bench(z: torch.Tensor, indices: torch.Tensor, sizes: list[int], queries: int
             rows, _ = support.nearest(q, exclude_indices=qi, low_precision=True)
             same += _agree(support, q, rows, exact_rows)
             q16 = torch.nn.functional.normalize(q, dim=1).bfloat16()
-            _, raw = _scan_topk(q16, support.embeddings.bfloat16(), support.indices, qi, 1, 4096)
+            _, raw = scan_topk(q16, support.embeddings.bfloat16(), support.indices, qi, 1, 4096)
             same_raw += _agree(support, q, raw[:, 0], exact_rows)
             if baseline:
                 same_base += _agree(support, q, supports[1].nearest(q, exclude_indices=qi, low_precision=True)[0],

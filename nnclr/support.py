@@ -133,7 +133,7 @@ class SupportSet(torch.nn.Module):
         2. the candidates of a query: every row whose bf16 output reaches a threshold below the
            best one (k > 1: the k-th largest 512-row maximum, a lower bound of the k-th best) by a
            proven bound on the bf16 error: 2 e + 2^-7 (1 - score), e about 0.004 for unit vectors
-           in D = 256 (:func:`_error_bound`, :func:`_threshold` derive it). The fp32 best row
+           in D = 256 (:func:`error_bound`, :func:`candidate_threshold` derive it). The fp32 best row
            (each of the fp32 top k) is a candidate by construction, however close the other rows;
            only the 512-row groups whose maximum reaches the threshold are read again;
         3. the candidates re-scored in fp32 by the fp32 path's own matmul (:func:`_rescore`:
@@ -200,7 +200,7 @@ class SupportSet(torch.nn.Module):
         with torch.autocast(self.embeddings.device.type, enabled=False):  # exact fp32 scores
             if low_precision and n > 0:
                 return self._topk_low_precision(z, exclude_indices, k, n, chunk_size)
-            return _scan_topk(z, self.embeddings[:n], self.indices[:n], exclude_indices, k, chunk_size)
+            return scan_topk(z, self.embeddings[:n], self.indices[:n], exclude_indices, k, chunk_size)
 
     def rows_info(self, rows: Tensor) -> dict[str, Tensor]:
         """Labels, sample indices and write steps of ``rows`` (B,); -1 where ``rows`` is -1."""
@@ -254,23 +254,23 @@ class SupportSet(torch.nn.Module):
     def _topk_low_precision(
         self, z: Tensor, exclude: Tensor | None, k: int, n: int, chunk_size: int
     ) -> tuple[Tensor, Tensor]:
-        """The (B, k) fp32 top-k of :func:`_scan_topk`, from a bf16 scan and an fp32 re-score of the candidates."""
-        bank_lp, norms = self._low_precision_bank()
-        zq = _shifted_queries(z, bank_lp.shape[1])  # (B, W) bf16
+        """The (B, k) fp32 top-k of :func:`scan_topk`, from a bf16 scan and an fp32 re-score of the candidates."""
+        bank_lp, norms = self.low_precision_bank()
+        zq = shifted_queries(z, bank_lp.shape[1])  # (B, W) bf16
         with _fp32_accumulation(z.device):
-            scores, maxima = _scan_groups(zq, bank_lp[:n], self.indices[:n], exclude, chunk_size)
+            scores, maxima = scan_groups(zq, bank_lp[:n], self.indices[:n], exclude, chunk_size)
         if k == 1:
             best = maxima.max(dim=1).values  # (B,)
         elif maxima.shape[1] >= k:
             best = maxima.topk(k, dim=1).values[:, -1]  # a lower bound of the k-th best score
         else:
             best = torch.full_like(maxima[:, 0], float("-inf"))  # all rows are candidates
-        threshold = _threshold(best, _error_bound(z, zq[:, : z.shape[1]], norms[:n]))
+        threshold = candidate_threshold(best, error_bound(z, zq[:, : z.shape[1]], norms[:n]))
         flagged = maxima >= threshold[:, None]  # (B, groups) the groups to read again
         # Near-ties all over the queue (in 3/4 of the groups, or more candidates than the cap): those
         # queries are scanned in fp32 instead, which costs less than reading and re-scoring them.
         heavy = flagged.sum(dim=1) > max(16, flagged.shape[1] * 3 // 4)  # (B,)
-        cand_q, cand_r = _candidates(scores, flagged & ~heavy[:, None], threshold)
+        cand_q, cand_r = candidates(scores, flagged & ~heavy[:, None], threshold)
         del scores
         heavy |= torch.bincount(cand_q, minlength=z.shape[0]) > max(256, n // 256) + k
         if bool(heavy.any()):
@@ -280,13 +280,13 @@ class SupportSet(torch.nn.Module):
         if bool(heavy.any()):
             which = _with_companions(heavy)
             if bool(which.all()):
-                return _scan_topk(z, self.embeddings[:n], self.indices[:n], exclude, k, chunk_size)
+                return scan_topk(z, self.embeddings[:n], self.indices[:n], exclude, k, chunk_size)
             sub = None if exclude is None else exclude[which]
-            vals[which], rows[which] = _scan_topk(z[which], self.embeddings[:n], self.indices[:n], sub, k,
+            vals[which], rows[which] = scan_topk(z[which], self.embeddings[:n], self.indices[:n], sub, k,
                                                   chunk_size)
         return vals, rows
 
-    def _low_precision_bank(self) -> tuple[Tensor, Tensor]:
+    def low_precision_bank(self) -> tuple[Tensor, Tensor]:
         """The bf16 scan's copy of ``embeddings`` (size, W) and per row ||r||, ||r - bf16(r)|| (size, 2)."""
         valid = self._lp_valid and self._embeddings_lp.shape[0] == self.size
         if not valid or self._embeddings_lp.device != self.embeddings.device:
@@ -305,7 +305,11 @@ def _or_minus_one(values: Tensor | None, like: Tensor) -> Tensor:
     return values.to(like.device, torch.long)
 
 
-def _scan_topk(
+# The steps of the two scans (:meth:`SupportSet.topk`) are public: the tests check the bf16 scan's error bound and
+# threshold on them and count the fp32 scans, and bench/lookup.py times scan_topk on its own.
+
+
+def scan_topk(
     z: Tensor, bank: Tensor, bank_indices: Tensor, exclude: Tensor | None, k: int, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """Running top-k of ``z @ bank.T`` over blocks of rows, excluded rows masked to -inf.
@@ -341,7 +345,7 @@ def _scan_topk(
 def _rounded_with_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
     """The bf16 scan's copy of ``rows`` (n, D) fp32, and per row (||r||, ||r - bf16(r)||) as (n, 2) fp32.
 
-    The copy is (n, D + 2): bf16(r), then -1 (the shift of :func:`_shifted_queries`), then 0 (an even
+    The copy is (n, D + 2): bf16(r), then -1 (the shift of :func:`shifted_queries`), then 0 (an even
     width: 0.6 ms slower than D = 256 alone at 98,304 x 256, a width of 272 cost 2 ms).
     """
     n, d = rows.shape
@@ -352,7 +356,7 @@ def _rounded_with_norms(rows: Tensor) -> tuple[Tensor, Tensor]:
     return rounded, torch.stack([rows.norm(dim=1), errors], dim=1)
 
 
-def _shifted_queries(z: Tensor, width: int) -> Tensor:
+def shifted_queries(z: Tensor, width: int) -> Tensor:
     """``z`` (B, D) in bf16, then 1, then zeros: (B, width). Against the copy of :func:`_rounded_with_norms`
     the bf16 scan computes ``q~.r~ - 1`` in one matmul, whose bf16 output is rounded by
     ``2^-8 |score - 1|``: far less than ``2^-8 |score|`` for the close rows that matter."""
@@ -363,7 +367,7 @@ def _shifted_queries(z: Tensor, width: int) -> Tensor:
     return zq
 
 
-def _error_bound(z: Tensor, zq: Tensor, row_norms: Tensor) -> Tensor:
+def error_bound(z: Tensor, zq: Tensor, row_norms: Tensor) -> Tensor:
     """Per query, a bound e (B,) on |(q~.r~ - 1 as the bf16 scan sums it) - (fp32 score - 1)|, every row.
 
     With q a query (fp32), r a row, q~ and r~ their bf16 roundings, g = m 2^-24 / (1 - m 2^-24) the
@@ -380,7 +384,7 @@ def _error_bound(z: Tensor, zq: Tensor, row_norms: Tensor) -> Tensor:
 
     e is the sum, times 1 + 2^-10 for the rounding of these norms and of the bound itself, plus
     2^-24 for subnormals a bf16 kernel may flush (D 2^-126 at most). About 0.004 for unit vectors.
-    The rounding of the matmul's bf16 output is handled by :func:`_threshold`.
+    The rounding of the matmul's bf16 output is handled by :func:`candidate_threshold`.
     """
     d = z.shape[1]
     gamma = (d + 1) * FP32_ROUNDOFF / (1 - (d + 1) * FP32_ROUNDOFF)
@@ -391,9 +395,9 @@ def _error_bound(z: Tensor, zq: Tensor, row_norms: Tensor) -> Tensor:
     return bound * (1 + 2.0**-10) + FP32_ROUNDOFF
 
 
-def _threshold(best: Tensor, error: Tensor) -> Tensor:
+def candidate_threshold(best: Tensor, error: Tensor) -> Tensor:
     """The lowest bf16 scan output (B,) that an fp32 top-k row can have, given a bf16 output ``best`` (B,)
-    that at least k rows reach and the bound ``error`` (B,) of :func:`_error_bound`.
+    that at least k rows reach and the bound ``error`` (B,) of :func:`error_bound`.
 
     Write a for the fp32 sum inside the bf16 matmul and x = bf16(a) for its output, so that
     |x - a| <= u |a| (u = 2^-8) and a >= x - u |x| / (1 - u). The k rows with x >= best have fp32
@@ -410,7 +414,7 @@ def _threshold(best: Tensor, error: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def _fp32_accumulation(device: torch.device) -> Iterator[None]:
-    """On CUDA, bf16 matmuls that accumulate in fp32 throughout (the bound of :func:`_error_bound`)."""
+    """On CUDA, bf16 matmuls that accumulate in fp32 throughout (the bound of :func:`error_bound`)."""
     if device.type != "cuda":
         yield
         return
@@ -423,7 +427,7 @@ def _fp32_accumulation(device: torch.device) -> Iterator[None]:
         settings.allow_bf16_reduced_precision_reduction = before
 
 
-def _scan_groups(
+def scan_groups(
     zq: Tensor, bank: Tensor, bank_indices: Tensor, exclude: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """bf16 scores of every query against every row, block by block, and every GROUP rows' maximum.
@@ -458,7 +462,7 @@ def _scan_groups(
     return scores, maxima.float()
 
 
-def _candidates(scores: Tensor, flagged: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
+def candidates(scores: Tensor, flagged: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
     """(query, row) pairs with a bf16 score >= the query's ``threshold`` (B,) in the ``flagged`` (B, groups)
     GROUP-row groups, ordered by query, then row. Excluded rows never."""
     b = flagged.shape[0]

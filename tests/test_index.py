@@ -211,7 +211,7 @@ def test_errors_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_image_names_agree_with_is_image_file() -> None:
     names = ["a.png", "a.PNG", "a.", ".png", "..png", "a..jpg", "a.tar.gz", "a.jpeg.txt", "noext", "A.TiFf",
              "x.png ", "x .webp", "dot.", "a.bmp.", "ü.JpEg"]  # fmt: skip
-    assert [scan_module._is_image_name(n) for n in names] == [is_image_file(Path(n)) for n in names]
+    assert [scan_module.is_image_name(n) for n in names] == [is_image_file(Path(n)) for n in names]
 
 
 # ---------------------------------------------------------------------------- packed paths and files
@@ -448,15 +448,15 @@ def test_planted_symlink_at_the_tmp_name_is_not_followed(tmp_path: Path, _cache_
     _image(tmp_path / "data" / "a.png")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    cache_file = scan_module._cache_path(tmp_path / "data")
+    cache_file = scan_module.index_cache_path(tmp_path / "data")
     _cache_dir.mkdir(parents=True)
-    planted = index_module._tmp_path(cache_file, 0)
+    planted = index_module.tmp_path(cache_file, 0)
     planted.symlink_to(victim)
     index, _ = load_index(tmp_path / "data")
     assert victim.read_text() == "precious" and planted.is_symlink() and os.readlink(planted) == str(victim)
     assert FileIndex.load(cache_file).relpaths() == ["a.png"]
     own = tmp_path / "own.npz"
-    index_module._tmp_path(own, 0).symlink_to(victim)
+    index_module.tmp_path(own, 0).symlink_to(victim)
     index.save(own)
     assert victim.read_text() == "precious" and FileIndex.load(own).relpaths() == ["a.png"]
 

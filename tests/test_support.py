@@ -236,18 +236,18 @@ def test_low_precision_error_bound_holds_where_roundings_add_up() -> None:
     support = SupportSet(300, d)
     support.enqueue(vectors, None, None, step=0)
     z = F.normalize(vectors[:40], dim=1)
-    bank_lp, norms = support._low_precision_bank()
-    zq = support_module._shifted_queries(z, bank_lp.shape[1])
-    scores, _ = support_module._scan_groups(zq, bank_lp, support.indices, None, 4096)
+    bank_lp, norms = support.low_precision_bank()
+    zq = support_module.shifted_queries(z, bank_lp.shape[1])
+    scores, _ = support_module.scan_groups(zq, bank_lp, support.indices, None, 4096)
     shifted = scores.permute(1, 0, 2).reshape(40, -1)[:, :300].float()  # (40, 300) bf16 outputs
-    error = support_module._error_bound(z, zq[:, :d], norms)[:, None]  # (40, 1)
+    error = support_module.error_bound(z, zq[:, :d], norms)[:, None]  # (40, 1)
     fp32 = z @ support.embeddings.T - 1
     u = 2.0**-8
     off = (shifted - fp32).abs() - u * shifted.abs() / (1 - u)  # what the bf16 output rounding leaves
     assert (off <= error).all()
     assert off.diagonal().min() > error.max() / 2  # the rows with themselves come close to the bound
     best = shifted.max(dim=1).values
-    assert (shifted.diagonal() >= support_module._threshold(best, error[:, 0])).all()
+    assert (shifted.diagonal() >= support_module.candidate_threshold(best, error[:, 0])).all()
 
 def test_low_precision_threshold_admits_the_worst_case() -> None:
     """The fp32 best row at its worst: the bf16 best output x came from the lowest fp32 sum that rounds
@@ -260,7 +260,7 @@ def test_low_precision_threshold_admits_the_worst_case() -> None:
     lowest = torch.nextafter((best.float() + below) / 2, best.float())  # the lowest fp32 that rounds to best
     assert torch.equal(lowest.bfloat16(), best)
     worst = (lowest.double() - 2 * error.double()).float().bfloat16().float()
-    assert (worst >= support_module._threshold(best.float(), error)).all()
+    assert (worst >= support_module.candidate_threshold(best.float(), error)).all()
 
 
 @pytest.mark.parametrize("b", [1, 2, 5, 20])
@@ -281,9 +281,9 @@ def test_low_precision_falls_back_to_fp32_for_dense_queries_only(size: int, monk
     read. It is scanned in fp32, in one scan with 15 other queries (a one-query scan sums in another
     order); the rest are re-scored."""
     scans, reads = [], []
-    scan, candidates = support_module._scan_topk, support_module._candidates
-    monkeypatch.setattr(support_module, "_scan_topk", lambda z, *args: scans.append(len(z)) or scan(z, *args))
-    monkeypatch.setattr(support_module, "_candidates",
+    scan, candidates = support_module.scan_topk, support_module.candidates
+    monkeypatch.setattr(support_module, "scan_topk", lambda z, *args: scans.append(len(z)) or scan(z, *args))
+    monkeypatch.setattr(support_module, "candidates",
                         lambda s, flagged, t: reads.append(flagged.sum(dim=1)) or candidates(s, flagged, t))
     bank, near = _near_duplicates(1, 600, 64, seed=12)
     g = torch.Generator().manual_seed(13)

@@ -261,7 +261,7 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def _tmp_path(path: Path, attempt: int) -> Path:
+def tmp_path(path: Path, attempt: int) -> Path:
     """The temporary file :func:`write_npz` tries at ``attempt`` (next to ``path``, for ``os.replace``)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{attempt}.tmp")
 
@@ -270,12 +270,12 @@ def _create_tmp(path: Path, attempts: int = 8) -> tuple[int, Path]:
     """Create a new temporary file next to ``path``; an existing entry (a planted symlink) is never opened."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     for attempt in range(attempts):
-        tmp = _tmp_path(path, attempt)
+        tmp = tmp_path(path, attempt)
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
-    raise FileExistsError(f"{_tmp_path(path, 0)} and {attempts - 1} more temporary names exist")
+    raise FileExistsError(f"{tmp_path(path, 0)} and {attempts - 1} more temporary names exist")
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
