@@ -17,7 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from nnclr.backbones import build_backbone, rebuild_note
+from nnclr.config import load_config
 from nnclr.errors import UserError
+from nnclr.model import build_model
+from nnclr.pretrained import fold_batchnorm
 from nnclr.timm_backbone import recipe
 from nnclr.weights import init_encoder
 
@@ -175,3 +178,26 @@ def test_recipe_holds_what_create_model_gets() -> None:
                                                          {"depth": 1, "img_size": 32, "patch_size": 4}, 0)
     made = recipe(parse_spec("timm:convnext_atto"), cifar_stem=True, image_size=32)
     assert made.kwargs == {} and made.stem_width == 0  # ConvNeXt has a patch_size but no img_size: left as it is
+
+
+@pytest.mark.parametrize("spec", [TIMM_RESNET, TIMM_VIT])
+def test_embedding_folds_batchnorm_without_changing_features(spec: str) -> None:
+    """nnclr.load's embed runs a torch.fx copy with batch-norm folded into the convolutions: same features."""
+    model, _ = build_backbone(spec, cifar_stem=True, image_size=16)
+    with torch.no_grad():
+        model(torch.randn(8, 3, 16, 16))  # train mode: running statistics move from their initial values
+        model.eval()
+        x = torch.randn(3, 3, 16, 16)
+        torch.testing.assert_close(fold_batchnorm(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_vit_recipe_builds_vit_tiny_with_patch_4_and_adamw() -> None:
+    recipe_file = Path(__file__).resolve().parents[1] / "configs" / "cifar10_nnclr_vit_tiny.yaml"
+    header = recipe_file.read_text().split("\ndata:")[0]
+    assert "vturrisi/solo-learn" in header and "scripts/pretrain/cifar/mae.yaml" in header and "NOT RUN" in header
+    assert "not measured yet" in header and "mocov3_vit.yaml" in header
+    config = load_config(recipe_file)
+    assert (config.optim.name, config.optim.lr, config.optim.weight_decay) == ("adamw", 3.0e-4, 0.1)
+    model = build_model(config)
+    assert model.backbone.patch_embed.patch_size == (4, 4) and len(model.backbone.blocks) == 12
+    assert model.projector[0].in_features == 192
