@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import SMALLER_HEADS
 
 from nnclr.config import METHODS as CONFIG_METHODS
 from nnclr.config import MethodConfig, load_config
@@ -21,7 +22,6 @@ from nnclr.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nnclr"
-TINY = ["model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32", "method.num_clusters=4"]
 
 
 def test_the_config_offers_exactly_the_registered_methods() -> None:
@@ -44,7 +44,7 @@ def test_a_record_has_a_recipe_and_a_paper(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_the_model_has_the_heads_the_record_names(name: str) -> None:
-    config = load_config(None, [*TINY, f"method.name={name}"])
+    config = load_config(None, [*SMALLER_HEADS, "method.num_clusters=4", f"method.name={name}"])
     model = build_model(config)
     head = METHODS[name].head
     assert (model.classifier is not None) == (head == "classifier")
@@ -55,7 +55,7 @@ def test_the_model_has_the_heads_the_record_names(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_a_record_builds_its_selector(name: str) -> None:
-    config = load_config(None, [*TINY, f"method.name={name}"])
+    config = load_config(None, [*SMALLER_HEADS, "method.num_clusters=4", f"method.name={name}"])
     selector = METHODS[name].selector(config, BuildContext(num_samples=100, steps_per_epoch=3, dtype=torch.float32))
     assert isinstance(selector, Selector)
     assert method_of(config) is METHODS[name]
@@ -128,6 +128,42 @@ def test_only_the_commands_import_the_training_loop() -> None:
                  if any(m == "nnclr.train" or m.startswith("nnclr.train.") for m in _imports(path))}
     importers.discard("nnclr.train")
     assert importers and all(m.startswith("nnclr.commands.") for m in importers), importers
+
+
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_only_the_cli_imports_the_commands_and_only_main_the_cli() -> None:
+    """The drivers sit on top: no library module reaches up into the command line (nor, test above, the loop)."""
+    def importers(target: str) -> set[str]:
+        return {_module(path) for path in PACKAGE.rglob("*.py")
+                if not _within(_module(path), (target,)) and any(_within(m, (target,)) for m in _imports(path))}
+
+    assert importers("nnclr.commands") == {"nnclr.cli"}
+    assert importers("nnclr.cli") == {"nnclr.__main__"}
+
+
+# What the libraries under the drivers sit below: they import none of it (augment < data < model, evaluation,
+# report, use < the loop and the commands).
+DRIVERS = ("nnclr.train", "nnclr.commands", "nnclr.cli")
+BELOW = {
+    "augment": ("nnclr.data", "nnclr.model", "nnclr.backbones", "nnclr.checkpoint", "nnclr.pretrained",
+                "nnclr.evaluate", "nnclr.report", "nnclr.use", *DRIVERS),
+    "data": ("nnclr.model", "nnclr.backbones", "nnclr.checkpoint", "nnclr.pretrained", "nnclr.evaluate",
+             "nnclr.report", "nnclr.use", *DRIVERS),
+    "evaluate": ("nnclr.report", "nnclr.use", *DRIVERS),
+    "report": ("nnclr.evaluate", "nnclr.use", *DRIVERS),
+    "use": ("nnclr.evaluate", "nnclr.report", *DRIVERS),
+}
+
+
+@pytest.mark.parametrize("package", list(BELOW))
+def test_the_libraries_import_only_downwards(package: str) -> None:
+    files = sorted((PACKAGE / package).rglob("*.py"))
+    upward = sorted(f"{_module(path)} imports {m}"
+                    for path in files for m in _imports(path) if _within(m, BELOW[package]))
+    assert files and not upward, upward
 
 
 def test_the_import_checks_see_imports_inside_functions() -> None:
