@@ -178,3 +178,14 @@ def test_nnclr_load_gives_the_users_module(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # embedding folds batch-norm (torch.fx) without a warning
         torch.testing.assert_close(pretrained.embed(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_documented_example_is_the_tested_module() -> None:
+    """docs/backbones.md's TinyCNN is tests/user_models.py's, which these tests build, adopt and train."""
+    import inspect
+
+    import user_models
+
+    page = (TESTS.parent / "docs" / "backbones.md").read_text()
+    example = next(block for block in page.split("```python\n")[1:] if "class TinyCNN" in block).split("```")[0]
+    assert inspect.getsource(user_models.TinyCNN) in example
