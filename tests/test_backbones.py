@@ -129,3 +129,4 @@ def test_unknown_backbone_lists_valid_names() -> None:
     assert "resnet1000" in message
     for name in BACKBONES:
         assert name in message
+    assert "timm:NAME" in message and "py:MODULE:ATTR" in message  # the other kinds (docs/backbones.md)
