@@ -17,11 +17,11 @@ from PIL import Image
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
-TINY = [
-    "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
-    "optim.batch_size=32", "optim.warmup_epochs=0", "train.log_every=1",
-    "method.support_size=100", "train.report=false",  # the report has its own tests (test_report.py)
-]
+
+@pytest.fixture
+def tiny(tiny_run: tuple[str, ...]) -> list[str]:
+    """The tiny run with a support set of 100 and no report (test_report.py has its own tests)."""
+    return [*tiny_run, "method.support_size=100", "train.report=false"]
 
 
 def nnclr(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,14 +40,15 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
         assert needle in lines[0], lines[0]
 
 
-def test_demo_run_prints_knn_before_after_and_run_dir(tmp_path: Path) -> None:
-    result = nnclr("pretrain", "--set", *TINY, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
+@pytest.mark.slow
+def test_demo_run_prints_knn_before_after_and_run_dir(tmp_path: Path, tiny: list[str]) -> None:
+    result = nnclr("pretrain", "--set", *tiny, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "kNN top-1 on demo/test (k=20): before pretraining" in result.stdout
     assert "run directory: runs/nnclr-demo" in result.stdout
     assert (tmp_path / "runs" / "nnclr-demo" / CHECKPOINT_NAME).is_file()
     assert not (tmp_path / "runs" / "nnclr-demo" / "report.html").exists() and "report:" not in result.stdout
-    again = nnclr("pretrain", "--set", *TINY, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
+    again = nnclr("pretrain", "--set", *tiny, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
@@ -58,16 +59,18 @@ def test_demo_run_prints_knn_before_after_and_run_dir(tmp_path: Path) -> None:
         (["--set", "optim.lr=fast"], ["optim.lr", "float"]),
         (["--set", "method.name=byol"], ["method.name", "nnclr, simclr, kmclr"]),
         (["--config", "missing.yaml"], ["missing.yaml", "not found"]),
-        (["--set", "data.name=folder:/no/such/folder"], ["/no/such/folder"]),
-        (["--set", "data.name=imagenet"], ["imagenet"]),
-        (["--set", "train.device=cuda:0"] if not torch.cuda.is_available() else ["--set", "optim.lr=0"],
-         ["train.device" if not torch.cuda.is_available() else "optim.lr"]),
+        # found after the fresh process imported torch: seconds each
+        pytest.param(["--set", "data.name=folder:/no/such/folder"], ["/no/such/folder"], marks=pytest.mark.slow),
+        pytest.param(["--set", "data.name=imagenet"], ["imagenet"], marks=pytest.mark.slow),
+        pytest.param(["--set", "train.device=cuda:0"] if not torch.cuda.is_available() else ["--set", "optim.lr=0"],
+                     ["train.device" if not torch.cuda.is_available() else "optim.lr"], marks=pytest.mark.slow),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path, args: list[str], needles: list[str]) -> None:
     assert_user_error(nnclr("pretrain", *args, cwd=tmp_path), *needles)
 
 
+@pytest.mark.slow
 def test_folder_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -85,16 +88,18 @@ def test_folder_errors(tmp_path: Path) -> None:
     )
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path: Path) -> None:
-    base = ["pretrain", "--run-dir", "run", "--set", *TINY, "data.test_split=", "train.max_steps=1"]
+@pytest.mark.slow
+def test_checkpoint_from_another_config_is_refused(tmp_path: Path, tiny: list[str]) -> None:
+    base = ["pretrain", "--run-dir", "run", "--set", *tiny, "data.test_split=", "train.max_steps=1"]
     assert nnclr(*base, cwd=tmp_path).returncode == 0
     assert_user_error(nnclr(*base, "optim.lr=0.9", cwd=tmp_path), "different config", "optim.lr", "--fresh")
     assert nnclr(*base, "optim.lr=0.9", "--fresh", cwd=tmp_path).returncode == 0
 
 
-def test_kill_and_rerun_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_kill_and_rerun_resumes_exactly(tmp_path: Path, tiny: list[str]) -> None:
     """SIGKILL mid-run, the same command again: same final weights as a run never stopped."""
-    args = ["pretrain", "--set", *TINY, "data.test_split=", "train.epochs=1", "train.max_steps=40",
+    args = ["pretrain", "--set", *tiny, "data.test_split=", "train.epochs=1", "train.max_steps=40",
             "train.checkpoint_every=3"]
     whole = nnclr(*args, "--run-dir", "whole", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
@@ -124,11 +129,12 @@ def test_kill_and_rerun_resumes_exactly(tmp_path: Path) -> None:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_says_how_to_resume(
-    tmp_path: Path, signum: signal.Signals, code: int
+    tmp_path: Path, tiny: list[str], signum: signal.Signals, code: int
 ) -> None:
-    args = ["pretrain", "--run-dir", "run", "--set", *TINY, "data.test_split=", "train.epochs=1",
+    args = ["pretrain", "--run-dir", "run", "--set", *tiny, "data.test_split=", "train.epochs=1",
             "train.checkpoint_every=1000"]
     process = subprocess.Popen([sys.executable, "-m", "nnclr", *args], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

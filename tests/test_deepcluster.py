@@ -17,33 +17,19 @@ from use_helpers import run_main
 
 from nnclr import train
 from nnclr.config import load_config
-from nnclr.data import load_dataset
 from nnclr.deepcluster import CLASSIFIER_INIT_STD, PseudoLabels, balanced_order
 from nnclr.errors import UserError
 from nnclr.report import write_report
 from nnclr.rundir import NoLog
 from nnclr.train import build_run, pretrain, train_step
 
-TINY = [
-    "method.name=deepcluster", "method.num_clusters=8", "model.proj_hidden_dim=64", "model.proj_dim=32",
-    "optim.batch_size=32", "optim.warmup_epochs=0", "train.log_every=1", "train.report=false",
-]
 
-
-def write_small_npz(folder: Path, splits: dict[str, int]) -> str:
-    """The first images of the demo's splits as ``folder/{split}.npz``; returns the ``data.name``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in splits.items():
-        demo = load_dataset("demo", split)
-        np.savez(folder / f"{split}.npz", images=demo.images[:n].permute(0, 2, 3, 1).numpy(),
-                 labels=demo.labels[:n].numpy(), classes=np.array(demo.classes))
-    return f"npz:{folder}"
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """96 training images (3 steps of 32 per epoch) and 40 test images."""
-    return write_small_npz(tmp_path_factory.mktemp("data"), {"train": 96, "test": 40})
+@pytest.fixture
+def tiny_deepcluster(tiny_run: tuple[str, ...], demo_data: str) -> list[str]:
+    """A tiny DeepCluster run (8 clusters, no report) on ``demo_data``: 96 training images (3 steps of 32 per
+    epoch) and 40 test images."""
+    return [*tiny_run, "method.name=deepcluster", "method.num_clusters=8", "train.report=false",
+            f"data.name={demo_data}"]
 
 
 def test_balanced_order_draws_every_pseudo_label_about_equally_often() -> None:
@@ -87,8 +73,8 @@ def test_recluster_finds_separated_classes_and_measures_nmi() -> None:
     assert torch.equal(pseudo(torch.tensor([3, 0])), pseudo.labels[[3, 0]])
 
 
-def test_classifier_is_reinitialised_after_each_clustering(small_data: str, tmp_path: Path) -> None:
-    run = build_run(load_config(None, [*TINY, f"data.name={small_data}", "data.test_split=", "train.epochs=2",
+def test_classifier_is_reinitialised_after_each_clustering(tiny_deepcluster: list[str], tmp_path: Path) -> None:
+    run = build_run(load_config(None, [*tiny_deepcluster, "data.test_split=", "train.epochs=2",
                                        f"train.run_dir={tmp_path}"]))
     classifier, log = run.model.classifier, NoLog()
 
@@ -117,20 +103,22 @@ def test_classifier_is_reinitialised_after_each_clustering(small_data: str, tmp_
     assert torch.equal(classifier.weight, again)
 
 
-def test_more_clusters_than_images_is_a_user_error(small_data: str, tmp_path: Path) -> None:
-    config = load_config(None, [*TINY, f"data.name={small_data}", "method.num_clusters=500",
+def test_more_clusters_than_images_is_a_user_error(tiny_deepcluster: list[str], tmp_path: Path) -> None:
+    config = load_config(None, [*tiny_deepcluster, "method.num_clusters=500",
                                 f"train.run_dir={tmp_path}"])
     with pytest.raises(UserError, match=r"method\.num_clusters=500 must be at most the 96 training images"):
         pretrain(config, progress=False)
 
 
 @pytest.mark.slow
-def test_cli_run_then_eval_embed_and_report(small_data: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_run_then_eval_embed_and_report(
+    tiny_deepcluster: list[str], demo_data: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """``nnclr pretrain`` as a user runs it (2 epochs of 3 steps), then the commands that use its checkpoint."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "nnclr", "pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *TINY,
-         f"data.name={small_data}", "train.epochs=2"],
+        [sys.executable, "-m", "nnclr", "pretrain", "--run-dir", str(run_dir), "--no-progress", "--set",
+         *tiny_deepcluster, "train.epochs=2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -147,7 +135,7 @@ def test_cli_run_then_eval_embed_and_report(small_data: str, tmp_path: Path, cap
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(next((run_dir / "eval").glob("knn-*.json")).read_text())["top1"] >= 0
     out = tmp_path / "emb"
-    embedded = run_main(capsys, "embed", "--checkpoint", str(run_dir), "--images", small_data, "--split", "test",
+    embedded = run_main(capsys, "embed", "--checkpoint", str(run_dir), "--images", demo_data, "--split", "test",
                         "--out", str(out), "--no-progress")
     assert embedded.returncode == 0, embedded.stderr
     assert np.load(out / "embeddings.npy").shape[0] == 40
@@ -158,10 +146,10 @@ def test_cli_run_then_eval_embed_and_report(small_data: str, tmp_path: Path, cap
     assert "deepcluster has no support set: only training-set neighbours are shown" in page
 
 
-def test_the_trainer_samples_uniformly_over_pseudo_labels(tmp_path: Path, small_data: str) -> None:
+def test_the_trainer_samples_uniformly_over_pseudo_labels(tmp_path: Path, tiny_deepcluster: list[str]) -> None:
     """DeepCluster Sec. 3.3: with one pseudo-class holding most images, the trainer's epoch order still draws
     every pseudo-class about N / C times (a plain shuffle would draw the large class ~N * 0.9 times)."""
-    run = build_run(load_config(None, [*TINY, f"data.name={small_data}", "data.test_split=",
+    run = build_run(load_config(None, [*tiny_deepcluster, "data.test_split=",
                                        f"train.run_dir={tmp_path}"]))
     n, c = len(run.train_set), run.config.method.num_clusters
     labels = torch.zeros(n, dtype=torch.long)

@@ -23,12 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from tiny import SMALLER_HEADS, demo_npz
 
 from nnclr import distributed, train
 from nnclr.augment import BatchAugment, eval_transform
@@ -46,8 +46,7 @@ STEPS = 4
 GLOBAL_BATCH = 16
 # support_size 40 is no multiple of the global batch 16: by step 3 the ring has wrapped mid-batch.
 TINY = [
-    "model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32",
-    f"optim.batch_size={GLOBAL_BATCH}", "optim.warmup_epochs=0", "optim.name=sgd", "train.epochs=1",
+    *SMALLER_HEADS, f"optim.batch_size={GLOBAL_BATCH}", "optim.warmup_epochs=0", "optim.name=sgd", "train.epochs=1",
     "method.support_size=40", "method.num_prototypes=4",
     "data.test_split=", "train.threads=1", "train.precision=fp32", "train.log_every=1",
 ]
@@ -60,10 +59,7 @@ def tiny(*overrides: str):
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     """97 demo images for DeepCluster to cluster (odd: the two ranks' shards of the features differ in size)."""
-    folder = tmp_path_factory.mktemp("small")
-    demo = load_dataset("demo", "train")
-    np.savez(folder / "train.npz", images=demo.images[:97].permute(0, 2, 3, 1).numpy(), labels=demo.labels[:97].numpy())
-    return f"npz:{folder}"
+    return demo_npz(tmp_path_factory.mktemp("small"), {"train": 97}, classes=False)
 
 
 def method_config(method: str, data: str):
@@ -201,6 +197,7 @@ def assert_close_dicts(a: dict, b: dict, what: str, **tolerance: float) -> None:
         torch.testing.assert_close(a[key], b[key], msg=lambda m, key=key: f"{what} {key}: {m}", **tolerance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_two_processes_of_b_equal_one_process_of_2b(ranks: list[dict], single: dict, method: str) -> None:
     one = single[method]
@@ -220,6 +217,7 @@ def test_two_processes_of_b_equal_one_process_of_2b(ranks: list[dict], single: d
         assert int(one["support"]["ptr"]) == (STEPS * GLOBAL_BATCH) % 40 and int(one["support"]["num_filled"]) == 40
 
 
+@pytest.mark.slow
 def test_streaming_ranks_read_only_their_rows_and_equal_one_process(ranks: list[dict], single: dict) -> None:
     """Each rank's loader read its half of every global batch; the two halves are one process's batch."""
     one = single["stream"]
@@ -234,6 +232,7 @@ def test_streaming_ranks_read_only_their_rows_and_equal_one_process(ranks: list[
         assert_close_dicts(two["support"], one["support"], f"stream rank {r} support set", rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["nnclr", "nnclr-topk", "heads_only"])
 def test_every_rank_holds_the_same_support_set(ranks: list[dict], scenario: str) -> None:
     a, b = ranks[0][scenario]["support"], ranks[1][scenario]["support"]
@@ -247,6 +246,7 @@ def test_every_rank_holds_the_same_support_set(ranks: list[dict], scenario: str)
         assert torch.equal(ranks[0][scenario]["params"][key], ranks[1][scenario]["params"][key]), key
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes_continues_exactly(ranks: list[dict]) -> None:
     out = ranks[2]["out"]
     assert ranks[0]["resumed_from"] == 3
@@ -259,6 +259,7 @@ def test_resume_under_two_processes_continues_exactly(ranks: list[dict]) -> None
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_shard_and_gather_in_order_return_each_sample_once(ranks: list[dict]) -> None:
     assert [ranks[r]["shard"] for r in range(2)] == [(0, 3), (3, 7)]
     for r in range(2):
@@ -273,6 +274,7 @@ def test_shard_and_gather_in_one_process() -> None:
         distributed.gather_in_order(x[:4], 5)
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_processes_is_a_user_error(ranks: list[dict]) -> None:
     """Under torchrun with 2 processes, an odd global batch fails on every rank with one message."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -287,6 +289,7 @@ def test_batch_not_divisible_by_processes_is_a_user_error(ranks: list[dict]) -> 
     assert result.stderr.count("nnclr: error: optim.batch_size=15") == 1  # rank 0; rank 1 is named
 
 
+@pytest.mark.slow
 def test_torchrun_kill_and_rerun_continues_exactly(ranks: list[dict], tmp_path: Path) -> None:
     """The real launcher: kill -9 the whole torchrun job mid-run, rerun the same command, compare."""
     run_dir = tmp_path / "run"
@@ -324,6 +327,7 @@ def torchrun() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow
 def test_two_nodes_with_c10d_rendezvous_equal_two_local_processes(ranks: list[dict], tmp_path: Path) -> None:
     """The multi-machine command of docs/running.md, as two 1-process "nodes" here, gives the 2-process run."""
     run_dir = tmp_path / "nodes"

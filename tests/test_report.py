@@ -32,10 +32,6 @@ from nnclr.report.embedding_map import available_method, project_2d
 from nnclr.report.galleries import Embedded, galleries
 from nnclr.train import pretrain
 
-TINY = [
-    "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64", "optim.batch_size=32",
-    "optim.warmup_epochs=0", "train.epochs=1", "train.log_every=2", "method.support_size=100",
-]
 SECTIONS = ("summary", "training", "evaluation", "galleries", "map")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars")
@@ -75,11 +71,17 @@ def plot_points(section: str) -> list[dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tiny(tiny_run: tuple[str, ...]) -> list[str]:
+    """The tiny run of this module: one epoch, a support set of 100, a metrics record every 2 steps (not 1)."""
+    return [*tiny_run, "train.epochs=1", "train.log_every=2", "method.support_size=100"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, tiny: list[str]) -> dict:
     """A tiny real NNCLR run (CLI), then a kNN evaluation (CLI) and a semi-supervised record of the eval shape."""
     root = tmp_path_factory.mktemp("report")
     data = write_npz(root / "data", {"train": 400, "test": 150})
-    pretrained = cli("pretrain", "--run-dir", "run", "--no-progress", "--set", *TINY, f"data.name={data}",
+    pretrained = cli("pretrain", "--run-dir", "run", "--no-progress", "--set", *tiny, f"data.name={data}",
                        "train.max_steps=6", cwd=root)
     assert pretrained.returncode == 0, pretrained.stderr
     run_dir = root / "run"
@@ -205,9 +207,9 @@ def test_no_galleries_never_loads_the_training_split(run: dict, tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_unlabelled_run_without_test_split_says_what_is_missing(tmp_path: Path) -> None:
+def test_unlabelled_run_without_test_split_says_what_is_missing(tmp_path: Path, tiny: list[str]) -> None:
     data = write_npz(tmp_path / "data", {"train": 200}, labelled=False)
-    config = load_config(None, [*TINY, f"data.name={data}", "data.test_split=", "train.max_steps=3",
+    config = load_config(None, [*tiny, f"data.name={data}", "data.test_split=", "train.max_steps=3",
                                 f"train.run_dir={tmp_path / 'run'}", "train.report=false"])
     pretrain(config, progress=False, echo=lambda *a, **k: None)
     page = write_report(tmp_path / "run").read_text()
@@ -220,9 +222,9 @@ def test_unlabelled_run_without_test_split_says_what_is_missing(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_kmclr_report_shows_prototype_usage_and_members(tmp_path: Path) -> None:
+def test_kmclr_report_shows_prototype_usage_and_members(tmp_path: Path, tiny: list[str]) -> None:
     data = write_npz(tmp_path / "data", {"train": 200, "test": 60})
-    config = load_config(None, [*TINY, f"data.name={data}", "method.name=kmclr", "method.num_prototypes=8",
+    config = load_config(None, [*tiny, f"data.name={data}", "method.name=kmclr", "method.num_prototypes=8",
                                 "train.max_steps=5", f"train.run_dir={tmp_path / 'run'}",
                                 "train.report=false"])
     pretrain(config, progress=False, echo=lambda *a, **k: None)

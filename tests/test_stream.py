@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import SMALLER_HEADS
 
 from nnclr.augment.params import CROP_DRAWS
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -33,10 +34,9 @@ from nnclr.train import pretrain
 SIZES = [(48, 40), (40, 56), (64, 64), (70, 36)]  # (width, height): wide, tall, square, very wide
 CROPS = (((0.08, 1.0), (3 / 4, 4 / 3)), ((0.08, 1.0), (3 / 4, 4 / 3)))
 TINY = [
-    "model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32", "optim.batch_size=16",
-    "optim.warmup_epochs=0", "train.epochs=1", "train.log_every=1", "method.support_size=40",
-    "data.test_split=", "train.checkpoint_every=2", "train.threads=1", "train.report=false",
-    "data.image_size=32", "data.loader=stream",
+    *SMALLER_HEADS, "optim.batch_size=16", "optim.warmup_epochs=0", "train.epochs=1", "train.log_every=1",
+    "method.support_size=40", "data.test_split=", "train.checkpoint_every=2", "train.threads=1",
+    "train.report=false", "data.image_size=32", "data.loader=stream",
 ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny import HEADS
 
 from nnclr.checkpoint import save_checkpoint
 from nnclr.cli import main
@@ -16,12 +17,10 @@ from nnclr.config import load_config, to_dict
 from nnclr.data import load_dataset
 from nnclr.model import build_model
 
-TINY = ["model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64", "data.name=demo"]
-
 
 def make_checkpoint(path: Path, *overrides: str, seed: int = 0) -> Path:
     """A checkpoint of a small model with random weights and non-trivial batch-norm statistics."""
-    config = load_config(None, [*TINY, *overrides])
+    config = load_config(None, [*HEADS, "data.name=demo", *overrides])
     torch.manual_seed(seed)
     model = build_model(config)
     with torch.no_grad():  # one train-mode pass: running statistics differ from their init
