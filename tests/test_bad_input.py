@@ -218,6 +218,7 @@ def test_broken_links_among_unlabelled_images_are_counted(tmp_path: Path, capsys
     assert "skipped 2 unreadable file(s) or folder(s) (3 image files found)" in warning
     assert f"{tmp_path / 'gone.png'}: " in warning and f"{tmp_path / 'loop.jpg'}: " in warning
 
+@pytest.mark.slow
 def test_unreadable_permissions_are_skipped(tmp_path: Path) -> None:
     """Files and folders without read permission (as root, run without the capabilities that bypass it)."""
     import shutil

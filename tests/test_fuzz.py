@@ -79,6 +79,7 @@ def _report_tried(figures: list[str]):
                        "one-line error, 0 other exceptions")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     seed=st.sampled_from(sorted(SEEDS)),
@@ -96,6 +97,7 @@ def test_mutated_image_files_decode_or_fail_cleanly(tmp_path: Path, seed: str, f
     _decode_or_user_error(path, fuzzer="mutated image files")  # asserts: a uint8 (3, S, S) array or a UserError
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_random_bytes_with_an_image_extension(tmp_path: Path, data: bytes) -> None:
@@ -117,6 +119,7 @@ _VALUES = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     keys=st.lists(st.one_of(st.sampled_from(KEYS), st.text(max_size=15)), min_size=1, max_size=4),
@@ -135,6 +138,7 @@ def test_overrides_parse_or_name_the_problem(keys: list[str], values: list[str],
     TRIED["--set overrides", "valid"] += 1
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     tree=st.recursive(
