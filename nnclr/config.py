@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -221,6 +222,7 @@ EPOCH_KEYS = ("train.epochs", "optim.warmup_epochs", "train.knn_every_epochs", "
 MAX_EPOCHS = 10_000  # the cap of EPOCH_KEYS: 10x the paper's 1000 epochs
 MAX_SEED = 2**64 - 1  # train.seed: torch.manual_seed takes 0..2^64 - 1, numpy's SeedSequence no negative numbers
 MAX_PROJ_LAYERS = 8  # model.proj_layers: the paper's projection MLP has 3 (SimCLR v2 tried up to 4)
+MAX_WORKERS = 8  # data.workers may be up to this or the CPUs, whichever is more (-1 picks up to 8 on a GPU)
 DEVICES = "auto, cpu, cuda or cuda:N"  # train.device and the --device flags
 NON_NEGATIVE = (
     "data.memory_gb", "model.pred_hidden_dim", "optim.final_lr",
@@ -395,7 +397,7 @@ def validate(config: Config) -> Config:
 
     Only what holds on any machine (a saved config is validated when a checkpoint is loaded elsewhere): every
     float finite, the ranges of :data:`POSITIVE`, :data:`NON_NEGATIVE` and the caps below. What this machine
-    bounds is :func:`check_machine`'s.
+    bounds is :func:`check_runnable`'s.
     """
     flat = flatten(to_dict(config))
     for key, allowed in CHOICES.items():
@@ -436,6 +438,103 @@ def validate(config: Config) -> Config:
     return config
 
 
+def smallest_image_size(backbone: str, cifar_stem: bool) -> tuple[int, str] | None:
+    """The smallest ``data.image_size`` a registered backbone takes, and why; None for ``timm:`` and ``py:`` specs
+    (:mod:`nnclr.timm_backbone` tries those on the meta device).
+
+    It is the backbone's total stride, where its last stage sees 1x1: small_cnn's three 2x2 max-pools crash below 8
+    px; ResNets ran below it, but their stride-2 stages then convolve padding and gave non-finite gradients under
+    bf16 (tests/test_validation.py).
+    """
+    if backbone == "small_cnn":
+        return 8, "its three 2x2 max-pools need 8x8 pixels"
+    if backbone in ("resnet18", "resnet34", "resnet50"):
+        if cifar_stem:
+            return 8, "its three stride-2 stages need 8x8 pixels"
+        return 32, ("without the CIFAR stem it downsamples by 32 and its last stages would see only padding; "
+                    "model.cifar_stem=true takes images down to 8x8")
+    return None
+
+
+def _gib(size: float) -> str:
+    gib = size / 2**30
+    return f"{gib:,.1f} GiB" if gib < 1e6 else f"{gib:.3g} GiB"
+
+
+def memory_needed(config: Config, processes: int = 1, world: int = 1) -> list[tuple[int, str, str]]:
+    """Lower bounds of the memory a run holds at once on one device, in bytes: ``(bytes, what, keys to lower)``.
+
+    The support set (float32 rows plus three int64 fields each), the k-means prototypes, the projection and
+    prediction heads (weights, gradients and the optimiser's state: momentum; AdamW's two moments), DeepCluster's
+    classifier, and one batch of two float32 views (``optim.batch_size / world`` per process). ``processes`` is
+    how many processes of the run share the device (a machine's CPU memory under torchrun).
+    """
+    from nnclr.methods import method_of
+
+    m, mo, keys = config.model, config.method, method_of(config).keys
+    copies = 4 if config.optim.name == "adamw" else 3
+    hidden, layers, d = m.proj_hidden_dim, m.proj_layers, m.proj_dim
+    projector = (layers - 2) * hidden * hidden + hidden * d if layers >= 2 else 0  # the backbone's width left out
+    predictor = 2 * d * m.pred_hidden_dim if method_of(config).head == "predictor" else 0
+    classifier = (d + 1) * mo.num_clusters if method_of(config).head == "classifier" else 0
+    image = config.data.image_size
+    parts = [
+        (projector * 4 * copies, "the projection MLP", "model.proj_hidden_dim or model.proj_layers"),
+        (predictor * 4 * copies, "the prediction MLP", "model.pred_hidden_dim"),
+        (classifier * 4 * copies, "the classifier", "method.num_clusters"),
+        (mo.support_size * (4 * d + 24) if "method.support_size" in keys else 0, "the support set",
+         "method.support_size"),
+        (mo.num_prototypes * (4 * d + 8) if "method.num_prototypes" in keys else 0, "the prototypes",
+         "method.num_prototypes"),
+        (2 * -(-config.optim.batch_size // world) * 3 * image * image * 4, "a batch of views",
+         "optim.batch_size or data.image_size"),
+    ]
+    return [(size * processes, what, lower) for size, what, lower in parts if size]
+
+
+def check_runnable(config: Config) -> Config:
+    """What a new run of ``config`` needs of this machine and its backbone, checked before it starts: images at least
+    the backbone's :func:`smallest_image_size`, threads and loader workers at most the CPUs this process may use,
+    a C++ compiler for ``train.compile``, CUDA for a CUDA device, and :func:`memory_needed` within the device's
+    memory. Each error says what the setting needs and what there is.
+    """
+    from nnclr import machine
+
+    t, d = config.train, config.data
+    smallest = smallest_image_size(config.model.backbone, config.model.cifar_stem)
+    if smallest is not None and d.image_size < smallest[0]:
+        raise UserError(f"config key data.image_size={d.image_size} is too small for model.backbone="
+                        f"{config.model.backbone}: {smallest[1]}; use data.image_size >= {smallest[0]}")
+    cpus = len(machine.usable_cpus())
+    if t.threads > cpus:
+        raise UserError(f"config key train.threads={t.threads} is more than the {cpus} CPUs this process may use; "
+                        f"use at most {cpus}, or train.threads=0 for one per physical core")
+    if d.workers > max(MAX_WORKERS, cpus):
+        raise UserError(f"config key data.workers={d.workers} must be at most {MAX_WORKERS} or the {cpus} CPUs this "
+                        "process may use, whichever is more (each worker is a process decoding images); -1 for the "
+                        "default")
+    if t.compile:
+        name, path = machine.cpp_compiler()
+        if path is None:
+            where = "from CXX" if os.environ.get("CXX") else "on the PATH"
+            raise UserError(f"config key train.compile=true needs a C++ compiler (torch.compile's inductor compiles "
+                            f"the kernels it generates) and {name!r} ({where}) is not found; install one, point CXX "
+                            "to one, or set train.compile=false")
+    from nnclr import runtime
+
+    device = runtime.resolve_device(t.device, "train.device")
+    have, where = runtime.device_memory(device)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    parts = memory_needed(config, machine.local_processes() if device.type == "cpu" else 1, world)
+    needed = sum(size for size, _, _ in parts)
+    if have and needed > have:
+        parts.sort(reverse=True)
+        shown = ", ".join(f"{what} {_gib(size)}" for size, what, _ in parts if size >= needed / 100)
+        raise UserError(f"this config needs at least {_gib(needed)} of memory ({shown}) and {where} has "
+                        f"{_gib(have)}; lower {parts[0][2]}")
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``KEY=VALUE`` overrides."""
     config = Config()
@@ -452,7 +551,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         key, value = parse_override(text)
         _set(config, key, value)
-    return validate(config)
+    return check_runnable(validate(config))
 
 
 def from_dict(tree: dict[str, Any]) -> Config:

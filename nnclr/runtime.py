@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from nnclr import machine
+from nnclr.config import device_problem
 from nnclr.errors import UserError
 from nnclr.machine import local_processes, usable_cpus
 
@@ -43,17 +45,31 @@ def tune_allocator() -> bool:
         return False
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a CUDA name without CUDA is a UserError."""
+def resolve_device(name: str, what: str = "device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything but auto, cpu, cuda and cuda:N, or CUDA where there is
+    none, is a UserError naming ``what`` the user typed: a config key (``train.device``) or a flag (``--device``)."""
+    said = f"{what}={name}" if "." in what else f"{what} {name}"
+    cpu = f"{what}=cpu" if "." in what else f"{what} cpu"
+    problem = device_problem(name)
+    if problem:
+        raise UserError(f"{said} {problem}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config key train.device={name!r} is not a device; use auto, cpu or cuda") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu")
+        raise UserError(f"{said}: CUDA is not available here; use {cpu}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{said}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1})")
     return device
+
+
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """The memory a run on ``device`` has, in bytes (0 when unknown), and what it is: a GPU's, or this machine's."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f"cuda:{index}"
+    return machine.total_memory(), "this machine"
 
 
 @lru_cache(maxsize=1)

@@ -91,12 +91,107 @@ def test_projection_layers_have_a_cap() -> None:
     assert load_config(None, ["model.proj_layers=8", "model.proj_hidden_dim=64"]).model.proj_layers == 8
 
 
-# ---------------------------------------------------------------------------- devices
+@pytest.mark.parametrize(("backbone", "cifar_stem", "smallest"), [
+    ("small_cnn", "true", 8), ("small_cnn", "false", 8), ("resnet18", "true", 8), ("resnet18", "false", 32),
+    ("resnet50", "true", 8), ("resnet50", "false", 32),
+])
+def test_images_smaller_than_the_backbone_takes_are_refused(backbone: str, cifar_stem: str, smallest: int) -> None:
+    base = [f"model.backbone={backbone}", f"model.cifar_stem={cifar_stem}"]
+    for size in (1, 2, 4, smallest - 1):
+        refused(*base, f"data.image_size={size}", needles=("data.image_size", backbone, f">= {smallest}"))
+    assert load_config(None, [*base, f"data.image_size={smallest}"]).data.image_size == smallest
+
+
+def test_resnets_without_the_cifar_stem_advise_it() -> None:
+    refused("model.backbone=resnet18", "model.cifar_stem=false", "data.image_size=16",
+            needles=("model.cifar_stem=true",))
+
+
+def test_every_registered_backbone_has_a_smallest_size_and_trains_at_it() -> None:
+    """The sizes of :func:`smallest_image_size` are the backbones' total stride (the last stage sees 1x1): a train-mode
+    forward and backward pass works there; smaller sizes crashed (small_cnn) or gave non-finite gradients under bf16
+    (ResNets at 1-4 px with the CIFAR stem, below 32 without it)."""
+    from nnclr.backbones import BACKBONES
+    from nnclr.config import smallest_image_size
+
+    for name, build in BACKBONES.items():
+        for cifar_stem in (True, False):
+            smallest = smallest_image_size(name, cifar_stem)
+            assert smallest is not None, f"{name}: add its smallest image size to nnclr.config.smallest_image_size"
+            network = build(cifar_stem=cifar_stem).train()
+            network(torch.randn(4, 3, smallest[0], smallest[0])).sum().backward()
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["method.support_size=1000000000"], "method.support_size"),
+    (["model.proj_hidden_dim=100000000"], "model.proj_hidden_dim"),
+    (["model.pred_hidden_dim=100000000000"], "model.pred_hidden_dim"),
+    (["data.image_size=100000"], "data.image_size"),
+    (["optim.batch_size=100000000"], "optim.batch_size"),
+    (["method.name=kmclr", "method.num_prototypes=10000000000"], "method.num_prototypes"),
+])
+def test_what_cannot_fit_in_this_machines_memory_is_refused(overrides: list[str], key: str) -> None:
+    """These were allocation tracebacks (or an attempt to allocate terabytes)."""
+    have = f"{machine.total_memory() / 2**30:.1f} GiB"
+    message = refused(*overrides, needles=(key, "needs at least", "GiB", have))
+    assert message.index(key) > message.index("needs at least")  # the advice names the key to lower
+
+
+def test_the_memory_bound_is_this_machines(monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = ["method.support_size=1000000", "model.proj_dim=256"]  # 0.95 GiB of support set
+    assert load_config(None, overrides).method.support_size == 1_000_000
+    monkeypatch.setattr(machine, "total_memory", lambda: 2**29)
+    refused(*overrides, needles=("needs at least 1.1 GiB", "the support set 1.0 GiB", "this machine has 0.5 GiB",
+                                 "lower method.support_size"))
+    assert load_config(None, [*overrides, "method.name=simclr"]).method.name == "simclr"  # no support set
+    monkeypatch.setattr(machine, "total_memory", lambda: 0)  # unknown: not checked
+    assert load_config(None, overrides).method.support_size == 1_000_000
+
+
+# ---------------------------------------------------------------------------- threads, devices, compile
+
+
+def test_threads_at_most_the_cpus_this_process_may_use() -> None:
+    """train.threads=999 took 200 s for 2 steps on 2 CPUs."""
+    refused("train.threads=999", needles=("train.threads=999", f"{CPUS} CPUs", "train.threads=0"))
+    refused(f"train.threads={CPUS + 1}", needles=("train.threads",))
+    assert load_config(None, [f"train.threads={CPUS}"]).train.threads == CPUS
+
+
+def test_loader_workers_at_most_eight_or_the_cpus() -> None:
+    """A recipe for a GPU machine may ask for 8 (configs/imagenet_nnclr_paper.yaml); 100,000 processes never ran."""
+    most = max(8, CPUS)
+    refused("data.workers=100000", needles=("data.workers", f"{CPUS} CPUs"))
+    refused(f"data.workers={most + 1}", needles=("data.workers",))
+    assert load_config(None, [f"data.workers={most}"]).data.workers == most
+
+
+
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "banana", "cuda:x", "cuda:-1", "xla", "cpu cuda", ""])
 def test_devices_nnclr_cannot_run_on_are_refused(device: str) -> None:
     refused(f"train.device={device}", needles=("train.device", "auto, cpu, cuda or cuda:N"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:7"])
+def test_cuda_without_cuda_is_refused_when_the_config_is_read(device: str) -> None:
+    refused(f"train.device={device}", needles=(f"train.device={device}", "CUDA is not available", "train.device=cpu"))
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """torch.compile's inductor builds C++ kernels on the CPU: without a compiler it failed in a 101-line error."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    refused("train.compile=true", "train.device=cpu",
+            needles=("train.compile=true", "C++ compiler", "no-such-g++", "CXX", "train.compile=false"))
+    assert load_config(None, ["train.compile=false"]).train.compile is False
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ on the PATH
+    refused("train.compile=true", "train.device=cpu", needles=("train.compile=true", "g++"))
 
 
 # ---------------------------------------------------------------------------- --run-dir
