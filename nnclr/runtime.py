@@ -148,20 +148,29 @@ def _cgroup_cpu_limit() -> int | None:
     return None
 
 
-def default_threads() -> int:
-    """The CPU threads of ``train.threads=0``: this process's share of the physical cores.
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a thread count: its first number (``4,2`` asks for nested levels), None when it is
+    unset or not a positive whole number (torch ignores those too)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
 
-    ``OMP_NUM_THREADS`` wins when set (``torchrun`` sets it to 1 for several processes per
-    machine); else the physical cores (:func:`physical_cores`) divided among the processes
-    ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``).
+
+def default_threads() -> int:
+    """The CPU threads of ``train.threads=0`` (and ``nnclr eval --threads 0``): this process's share of the cores.
+
+    ``OMP_NUM_THREADS`` when set (``torchrun`` sets it to 1 for several processes per machine), else the physical
+    cores (:func:`physical_cores`) divided among the processes ``torchrun`` started on this machine
+    (``LOCAL_WORLD_SIZE``); never more than the CPUs this process may use. A number > 0 in ``train.threads`` or
+    ``--threads`` wins over ``OMP_NUM_THREADS`` (:func:`set_threads`).
     """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
+    omp = omp_threads()
+    if omp is not None:
+        return min(omp, len(usable_cpus()))
     return max(1, physical_cores() // local_processes())
 
 
 def set_threads(threads: int) -> None:
-    """Use ``threads`` CPU threads; 0 = :func:`default_threads` (one per physical core)."""
+    """Use ``threads`` CPU threads (a number > 0 wins over ``OMP_NUM_THREADS``); 0 = :func:`default_threads`."""
     torch.set_num_threads(threads if threads > 0 else default_threads())
 
 

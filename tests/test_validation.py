@@ -15,7 +15,7 @@ import pytest
 import torch
 from use_helpers import run_main
 
-from nnclr import machine
+from nnclr import machine, runtime
 from nnclr.config import Config, flatten, load_config, to_dict
 from nnclr.errors import UserError
 
@@ -170,6 +170,35 @@ def test_loader_workers_at_most_eight_or_the_cpus() -> None:
 
 
 
+
+
+@pytest.fixture
+def four_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(runtime, "physical_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_omp_num_threads_is_the_default_and_an_explicit_setting_wins(
+    four_cpus: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What docs/configuration.md and docs/running.md say: train.threads > 0 wins; 0 takes OMP_NUM_THREADS when
+    set (torchrun sets 1), else one thread per physical core; never more than the CPUs this process may use."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.default_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.default_threads() == 3
+    runtime.set_threads(1)
+    assert torch.get_num_threads() == 1  # the explicit setting wins over OMP_NUM_THREADS
+    runtime.set_threads(0)
+    assert torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "999")
+    assert runtime.default_threads() == 4  # capped at the CPUs this process may use
+    monkeypatch.setenv("OMP_NUM_THREADS", "banana")
+    assert runtime.default_threads() == 2  # not a number: as if unset (torch ignores it too)
 
 
 @pytest.mark.parametrize("device", ["meta", "mps", "banana", "cuda:x", "cuda:-1", "xla", "cpu cuda", ""])
