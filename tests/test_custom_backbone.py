@@ -189,3 +189,28 @@ def test_the_documented_example_is_the_tested_module() -> None:
     page = (TESTS.parent / "docs" / "backbones.md").read_text()
     example = next(block for block in page.split("```python\n")[1:] if "class TinyCNN" in block).split("```")[0]
     assert inspect.getsource(user_models.TinyCNN) in example
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+def test_a_module_torch_cannot_convert_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxscript", reason="the onnx extra (part of the dev extra)")
+    export = ("export", "--format", "onnx", "--out")
+    quirky = make_checkpoint(tmp_path / "q.pt", "model.backbone=py:user_models:ScalarFromPython", "data.image_size=16")
+    result = run_main(capsys, *export, str(tmp_path / "q.onnx"), "--checkpoint", str(quirky))
+    assert result.returncode == 0 and result.stderr == ""  # the exporter's reports on stderr are kept from the user
+    checkpoint = make_checkpoint(tmp_path / "c.pt", "model.backbone=py:user_models:SingularValues",
+                                 "data.image_size=16")
+    assert_user_error(run_main(capsys, *export, str(tmp_path / "e.onnx"), "--checkpoint", str(checkpoint)),
+                      "--format onnx: torch.onnx.export cannot convert backbone py:user_models:SingularValues "
+                      "(Failed to convert the exported program to an ONNX model. This is step 3/3",
+                      "export --format safetensors")
+
+    def untraceable(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Tracer cannot infer type of output\nmore detail")
+
+    monkeypatch.setattr(torch.jit, "trace", untraceable)
+    assert_user_error(run_main(capsys, "export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out",
+                               str(tmp_path / "f.pt")),
+                      "--format torchscript: torch.jit.trace cannot convert", "(Tracer cannot infer type of output)")
+    assert not (tmp_path / "e.onnx").exists() and not (tmp_path / "f.pt").exists()

@@ -41,3 +41,19 @@ class WrongWidth(TinyCNN):
 def tiny_cnn(width: int = 16) -> nn.Module:
     """A factory function: nnclr refuses to call functions named in a config (only nn.Module classes)."""
     return TinyCNN(width)
+
+
+class ScalarFromPython(TinyCNN):
+    """Reads a value back to Python in forward (``float(tensor)``): torch.export needs its fallback for it, which
+    reports on stderr; nnclr export stays quiet."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return h * (1.0 + 0.0 * float(h.sum()))
+
+
+class SingularValues(TinyCNN):
+    """Features are singular values (torch.linalg.svdvals): (B, 2); ONNX has no such operator."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svdvals(self.features(x).unflatten(1, (2, -1)))

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -169,8 +170,9 @@ def export_onnx(pretrained: Pretrained, out: Path, with_projector: bool = False)
     module = _module(pretrained, with_projector)
     outputs = ["h", "z"] if with_projector else ["h"]
     batch = torch.export.Dim("batch", min=1)
+    # the exporter reports to stdout and, through torch's logging, to stderr: the user gets one line or the file
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
-            contextlib.redirect_stdout(io.StringIO()):
+            contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -188,7 +190,8 @@ def export_onnx(pretrained: Pretrained, out: Path, with_projector: bool = False)
 
 def _cannot(pretrained: Pretrained, fmt: str, tool: str, error: Exception) -> str:
     """The one line for an encoder that ``tool`` cannot convert."""
-    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # the ONNX exporter colours its messages
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:200]
     return (f"--format {fmt}: {tool} cannot convert backbone {pretrained.config.model.backbone} ({reason}); "
             "export --format safetensors and load the weights into the module in Python")
 
