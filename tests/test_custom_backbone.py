@@ -214,3 +214,24 @@ def test_a_module_torch_cannot_convert_is_one_line(tmp_path: Path, capsys: pytes
                                str(tmp_path / "f.pt")),
                       "--format torchscript: torch.jit.trace cannot convert", "(Tracer cannot infer type of output)")
     assert not (tmp_path / "e.onnx").exists() and not (tmp_path / "f.pt").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_trains_an_instance_in_place_and_the_run_loads_without_it(tmp_path: Path) -> None:
+    from nnclr.train import pretrain
+
+    config = load_config(None, [*TINY, "data.image_size=32", "optim.batch_size=32", "method.support_size=64",
+                                "data.test_split=", "train.max_steps=2", "train.report=false",
+                                f"train.run_dir={tmp_path}"])
+    net = TinyCNN(width=8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UserError, match="py:user_models:TinyCNN builds another network"):
+        pretrain(load_config(None, [*TINY, f"train.run_dir={tmp_path / 'refused'}"]), backbone=net, progress=False)
+    config.model.backbone = "py:user_models:TinyCNN(width=8)"
+    pretrain(config, backbone=net, progress=False, echo=lambda *args: None)
+    assert not torch.equal(net.features[0].weight, before["features.0.weight"])  # trained in place
+    assert "backbone: py:user_models:TinyCNN(width=8)" in (tmp_path / "config.yaml").read_text()
+    loaded = nnclr.load(tmp_path, precision="fp32")
+    assert isinstance(loaded.encoder, TinyCNN) and loaded.encoder is not net
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(loaded.encoder.state_dict()[key], value)
