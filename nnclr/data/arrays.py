@@ -120,5 +120,6 @@ def npz_file_for(path: Path, split: str) -> Path:
 
 
 def load_npz(path: Path, split: str, name: str) -> ImageDataset:
-    """Load ``npz:PATH``: one ``.npz`` file (any split) or a folder holding ``{split}.npz``."""
+    """Load ``npz:PATH``: one ``.npz`` file (any split; :mod:`nnclr.data.pairs` refuses it as both splits of a pair)
+    or a folder holding ``{split}.npz``."""
     return read_npz(npz_file_for(path, split), name)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from nnclr.config import DataConfig
 from nnclr.data.dataset import ImageDataset
+from nnclr.data.pairs import align_labels, check_distinct
 from nnclr.data.registry import load_dataset
 from nnclr.errors import UserError
 from nnclr.machine import local_processes, total_memory
@@ -92,6 +93,8 @@ def load_training_data(data: DataConfig, loader: str | None = None) -> TrainingD
     train_set.index = lazy.index
     test_set = None
     if data.test_split and train_set.has_labels:
+        check_distinct(data.name, data.train_split, data.test_split)
         test_set = load_dataset(data.name, data.test_split, root=data.root, image_size=data.image_size,
                                 download=data.download, lazy=stream)
+        align_labels(train_set, test_set, test_split=data.test_split)
     return TrainingData(train_set, test_set, choice)

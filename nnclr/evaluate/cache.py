@@ -29,7 +29,7 @@ from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.preprocess import Preprocess
 from nnclr.pretrained import Pretrained
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a test split's labels in the training split's class numbering (nnclr.data.pairs)
 CHUNK = 4096  # images per progress-bar tick
 BATCH = 512  # images per encoder call (and per decode of a folder read on demand)
 

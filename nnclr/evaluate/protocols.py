@@ -32,6 +32,7 @@ from nnclr import rundir
 from nnclr.config import EVAL, to_dict
 from nnclr.data import ImageDataset, load_dataset
 from nnclr.data.lazy import select
+from nnclr.data.pairs import align_labels, check_distinct
 from nnclr.errors import UserError
 from nnclr.evaluate import semi
 from nnclr.evaluate.cache import SplitFeatures, safe_name, split_features
@@ -75,18 +76,24 @@ class Evaluation:
     def dataset(self, data: str, split: str) -> ImageDataset:
         """The images of ``data``/``split`` at the encoder's input size (loaded once per evaluation).
 
-        A ``folder:`` source is indexed, not decoded (``lazy=True``): its images are a
-        :class:`~nnclr.data.lazy.FolderImages` that every protocol reads in batches, so memory does
-        not grow with the number of images. The other sources are in-memory tensors.
+        Any other split than ``train_split`` is checked to hold other images than it and its labels are put in
+        its class numbering (:mod:`nnclr.data.pairs`). A ``folder:`` source is indexed, not decoded
+        (``lazy=True``): its images are a :class:`~nnclr.data.lazy.FolderImages` that every protocol reads in
+        batches, so memory does not grow with the number of images. The other sources are in-memory tensors.
         """
         key = (data, split)
         if key not in self.datasets:
             own = data == self.pretrain_data
             config = self.pretrained.config.data
-            self.datasets[key] = load_dataset(
+            if split != self.train_split:  # the test split: other images than the training split's, its classes
+                check_distinct(data, self.train_split, split, what="--test-split")
+            dataset = load_dataset(
                 data, split, root=config.root if own else None, image_size=self.pretrained.image_size,
                 download=config.download if own else False, lazy=True,
             )
+            if split != self.train_split and dataset.classes:
+                align_labels(self.dataset(data, self.train_split), dataset, test_split=split)
+            self.datasets[key] = dataset
         return self.datasets[key]
 
     def features(self, data: str, split: str) -> SplitFeatures:
