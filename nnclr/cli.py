@@ -16,8 +16,42 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from nnclr.commands import COMMANDS
+from nnclr.config import MAX_SEED, device_problem
 from nnclr.errors import UserError
+from nnclr.machine import usable_cpus
 from nnclr.version import __version__
+
+
+def device_type(text: str) -> str:
+    """An argparse type for ``--device``: auto, cpu, cuda or cuda:N (CUDA's presence is checked when the command runs,
+    by :func:`nnclr.runtime.resolve_device`)."""
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
+def _whole_number(text: str, lowest: int, highest: int, why: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {lowest}")
+    if value > highest:
+        raise argparse.ArgumentTypeError(f"{value} must be at most {highest} ({why})")
+    return value
+
+
+def threads_type(text: str) -> int:
+    """An argparse type for ``--threads``: 0 (the default, as ``train.threads=0``) to the CPUs this process may use."""
+    cpus = len(usable_cpus())
+    return _whole_number(text, 0, cpus, f"the {cpus} CPUs this process may use; 0 = one per physical core")
+
+
+def seed_type(text: str) -> int:
+    """An argparse type for ``--seed``: what torch.manual_seed takes, as ``train.seed``."""
+    return _whole_number(text, 0, MAX_SEED, "2^64 - 1: what torch.manual_seed takes")
 
 
 class _Parser(argparse.ArgumentParser):

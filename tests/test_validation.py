@@ -8,12 +8,13 @@ setting would need and what there is.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from use_helpers import run_main
+from use_helpers import assert_user_error, make_checkpoint, run_main
 
 from nnclr import machine, runtime
 from nnclr.config import Config, flatten, load_config, to_dict
@@ -119,7 +120,7 @@ def test_every_registered_backbone_has_a_smallest_size_and_trains_at_it() -> Non
             smallest = smallest_image_size(name, cifar_stem)
             assert smallest is not None, f"{name}: add its smallest image size to nnclr.config.smallest_image_size"
             network = build(cifar_stem=cifar_stem).train()
-            network(torch.randn(4, 3, smallest[0], smallest[0])).sum().backward()
+            network(torch.randn(2, 3, smallest[0], smallest[0])).sum().backward()
 
 
 # ---------------------------------------------------------------------------- memory
@@ -221,6 +222,74 @@ def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++ on the PATH
     refused("train.compile=true", "train.device=cpu", needles=("train.compile=true", "g++"))
+
+
+# ---------------------------------------------------------------------------- the commands' flags
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("device", ["banana", "meta", "mps"])
+def test_device_flags_name_the_flag(capsys: pytest.CaptureFixture, checkpoint: Path, tmp_path: Path,
+                                    device: str) -> None:
+    """``nnclr eval --device banana`` was reported as ``train.device``."""
+    for args in (["eval", "knn", "--checkpoint", str(checkpoint)],
+                 ["embed", "--checkpoint", str(checkpoint), "--images", "demo", "--out", str(tmp_path / "e")],
+                 ["search", "--embeddings", str(tmp_path), str(tmp_path)]):
+        result = _cli(capsys, *args, "--device", device)
+        assert_user_error(result, "--device", device, "auto, cpu, cuda or cuda:N")
+        assert "train.device" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_on_cuda_without_cuda_names_the_flag(capsys: pytest.CaptureFixture, checkpoint: Path) -> None:
+    result = _cli(capsys, "eval", "knn", "--checkpoint", str(checkpoint), "--device", "cuda")
+    assert_user_error(result, "--device cuda", "CUDA is not available", "--device cpu")
+
+
+@pytest.mark.parametrize("value", ["99999999999", str(CPUS + 1), "-1"])
+def test_eval_threads_at_most_the_cpus(capsys: pytest.CaptureFixture, checkpoint: Path, value: str) -> None:
+    """``nnclr eval --threads 99999999999`` was an overflow traceback."""
+    result = _cli(capsys, "eval", "knn", "--checkpoint", str(checkpoint), "--threads", value)
+    assert_user_error(result, "--threads", value)
+
+
+@pytest.mark.parametrize(("value", "needle"), [("18446744073709551616", "at most 18446744073709551615"),
+                                               ("-1", ">= 0")])
+def test_eval_seed_is_what_torch_accepts(capsys: pytest.CaptureFixture, checkpoint: Path, value: str,
+                                         needle: str) -> None:
+    result = _cli(capsys, "eval", "knn", "--checkpoint", str(checkpoint), "--seed", value)
+    assert_user_error(result, "--seed", needle)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "inf"), ("--temperature", "nan"),
+                                             ("--temperature", "1e300"), ("--lr", "inf"), ("--lr", "1e300")])
+def test_eval_floats_are_finite(capsys: pytest.CaptureFixture, checkpoint: Path, flag: str, value: str) -> None:
+    protocol = "knn" if flag == "--temperature" else "linear"
+    result = _cli(capsys, "eval", protocol, "--checkpoint", str(checkpoint), flag, value)
+    assert_user_error(result, flag, "finite")
+
+
+@pytest.mark.parametrize("args", [["linear", "--mode", "paper"], ["all", "--mode", "paper"]])
+def test_eval_paper_linear_needs_two_images_per_batch(capsys: pytest.CaptureFixture, checkpoint: Path,
+                                                       args: list[str]) -> None:
+    """Its head starts with batch-norm in training mode: --batch-size 1 was a ValueError traceback."""
+    result = _cli(capsys, "eval", *args, "--checkpoint", str(checkpoint), "--batch-size", "1")
+    assert_user_error(result, "--batch-size", "batch-norm", "--batch-size 2")
+
+
+def test_eval_flag_types_are_argparse_types() -> None:
+    """The bounded flags stay argparse types: the error names the flag before anything is loaded."""
+    from nnclr.cli import _parser
+
+    eval_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    knn = next(a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction)).choices["knn"]
+    flags = {o: a for a in knn._actions for o in a.option_strings}
+    for flag in ("--threads", "--seed", "--device", "--temperature"):
+        assert callable(flags[flag].type), flag
 
 
 # ---------------------------------------------------------------------------- --run-dir

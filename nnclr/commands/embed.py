@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nnclr.cli import device_type
+
 
 def add_parser(commands: Any) -> None:
     embed = commands.add_parser(
@@ -33,7 +35,7 @@ def add_parser(commands: Any) -> None:
         help="re-embed everything (needed when EMB_DIR holds embeddings of another checkpoint or source)",
     )
     embed.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per batch (default: 256)")
-    embed.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    embed.add_argument("--device", default="cpu", type=device_type, help="cpu (default), cuda, cuda:N, auto")
     embed.add_argument(
         "--precision", choices=("auto", "bf16", "fp32"), default="auto",
         help="auto (default): bf16 autocast where it is fast (CUDA, CPUs with AVX512-BF16/AMX), else fp32",
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if folder is not None:
         scan_images(folder)  # a folder without images fails before the checkpoint is loaded
     progress = not args.no_progress and sys.stderr.isatty()
-    with distributed.process_group(runtime.resolve_device(args.device)) as device:
+    with distributed.process_group(runtime.resolve_device(args.device, "--device")) as device:
         main = distributed.is_main()
         pretrained = nnclr.load(args.checkpoint, device=str(device), precision=args.precision)
         if folder is not None:

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from nnclr.config import EVAL
+from nnclr.cli import device_type, seed_type, threads_type
+from nnclr.config import EVAL, FLOAT32_MAX
 
 
 def _percent(fraction: float) -> str:
@@ -42,7 +43,6 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1)
-_whole = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
@@ -50,8 +50,17 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value:g} must be > 0")
+    if not 0 < value <= FLOAT32_MAX:  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"{value:g} must be a finite number > 0 (at most {FLOAT32_MAX:.3g})")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too small: the paper linear probe and fine-tuning train batch-norm layers, which need at "
+            "least 2 images per batch (use --batch-size 2 or more)")
     return value
 
 
@@ -90,10 +99,11 @@ def add_parser(commands: Any) -> None:
         sub.add_argument("--data", metavar="NAME", help="data set (default: the one the checkpoint was trained on)")
         _with_default(sub, "--train-split", EVAL.train_split, "memory / classifier training split")
         _with_default(sub, "--test-split", EVAL.test_split, "test split")
-        sub.add_argument("--device", default=EVAL.device, help="auto (CUDA if available), cpu, cuda, cuda:N")
-        _with_default(sub, "--seed", EVAL.seed, "seed of validation splits, subsets, SGD", type=int)
-        _with_default(sub, "--threads", EVAL.threads, "CPU threads", ": one per physical core, as train.threads",
-                      type=_whole)
+        sub.add_argument("--device", default=EVAL.device, type=device_type,
+                         help="auto (CUDA if available), cpu, cuda, cuda:N")
+        _with_default(sub, "--seed", EVAL.seed, "seed of validation splits, subsets, SGD", type=seed_type)
+        _with_default(sub, "--threads", EVAL.threads, "CPU threads, at most the CPUs this process may use",
+                      ": OMP_NUM_THREADS if set, else one per physical core, as train.threads", type=threads_type)
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("knn", "all"):
             _with_default(sub, "--k", EVAL.knn_k, "kNN neighbours", type=_positive_int)
@@ -108,7 +118,7 @@ def add_parser(commands: Any) -> None:
             sub.add_argument("--epochs", type=_positive_int,
                              help=f"paper linear: epochs (default {EVAL.paper_epochs}); semi: epochs "
                              f"(default {semi_epochs})")
-            _with_default(sub, "--batch-size", EVAL.batch_size, "SGD batch size", type=_positive_int)
+            _with_default(sub, "--batch-size", EVAL.batch_size, "SGD batch size", type=_batch_size)
             sub.add_argument("--lr", type=_positive_float,
                              help=f"SGD learning rate at batch 256 (default {EVAL.paper_lr:g} paper linear, "
                              f"{EVAL.semi_lr:g} semi)")
@@ -166,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from nnclr.evaluate import protocols
 
     runtime.set_threads(args.threads)
+    runtime.resolve_device(args.device, "--device")  # CUDA where there is none: named as the user typed it
     pretrained = nnclr.load(args.checkpoint, device=args.device)
     progress = False if args.no_progress else None
     evaluation = protocols.Evaluation(

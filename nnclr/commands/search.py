@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nnclr.cli import device_type
+
 
 def add_parser(commands: Any) -> None:
     search = commands.add_parser(
@@ -32,7 +34,7 @@ def add_parser(commands: Any) -> None:
     )
     search.add_argument("--approx-threshold", type=int, default=100_000, metavar="N",
                         help="see --index (default: 100000)")
-    search.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    search.add_argument("--device", default="cpu", type=device_type, help="cpu (default), cuda, cuda:N, auto")
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -53,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UserError(f"-k {args.k}: must be at least 1")
+    from nnclr.runtime import resolve_device
+
+    resolve_device(args.device, "--device")  # CUDA where there is none: named as the user typed it
     embeddings = open_embeddings(args.embeddings)
     warn_if_incomplete(embeddings)
 
