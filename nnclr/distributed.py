@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nnclr.errors import UserError
+
 
 def is_initialized() -> bool:
     """Return True when a default process group exists."""
@@ -308,7 +310,24 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
     On CUDA by ``torch.nn.SyncBatchNorm`` (fused kernels), elsewhere by :class:`GlobalBatchNorm`;
     parameters and running statistics are kept. Returns the converted module.
+
+    Raises:
+        UserError: If ``module`` holds a subclass of batch-norm (e.g. timm's ``BatchNormAct2d``, batch-norm
+            fused with its activation): replacing it by plain batch-norm would silently drop what it adds.
     """
+    other = sorted({type(m).__name__ for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                                        GlobalBatchNorm)})
+    if other:
+        raise UserError(
+            f"model.sync_bn: the network has batch-norm layers that do more than batch-norm ({', '.join(other)}); "
+            "nnclr cannot compute them over the global batch without dropping that: use model.sync_bn=heads "
+            "(the projection and prediction MLPs, as in the paper) or none"
+        )
+    return _convert(module, device)
+
+
+def _convert(module: nn.Module, device: torch.device) -> nn.Module:
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
@@ -321,7 +340,7 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
         converted.train(module.training)
         return converted
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, device))
+        module.add_module(name, _convert(child, device))
     return module
 
 

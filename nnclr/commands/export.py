@@ -11,10 +11,10 @@ FORMATS = ("safetensors", "torchscript", "onnx")
 def add_parser(commands: Any) -> None:
     export = commands.add_parser(
         "export",
-        help="export the trained backbone (safetensors with torchvision names, TorchScript, ONNX)",
+        help="export the trained backbone (safetensors with torchvision's or timm's names, TorchScript, ONNX)",
         description="Write the encoder alone, loadable without nnclr. safetensors keys are torchvision's for "
-        "ResNet backbones; TorchScript and ONNX take normalised images (B, 3, S, S) and return the features "
-        "h (B, F). The preprocessing is stored in the file's metadata.",
+        "ResNet backbones and timm's for timm: backbones; TorchScript and ONNX take normalised images (B, 3, S, S) "
+        "and return the features h (B, F). The preprocessing is stored in the file's metadata.",
     )
     export.add_argument("--checkpoint", required=True, metavar="RUN", help="a run directory or checkpoint.pt")
     export.add_argument("--format", required=True, choices=FORMATS, help="file format")
