@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,6 +270,15 @@ def _union_options(annotation: Any) -> tuple[Any, ...] | None:
     return None
 
 
+_SHORT = reprlib.Repr()  # (Python 3.11's Repr takes no keywords)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: a message stays one readable line whatever a recipe holds."""
+    return _SHORT.repr(value)
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` (from YAML or already parsed) against a field's type hint.
 
@@ -287,7 +297,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except UserError:
                 pass
         names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
-        raise UserError(f"config key {key} expects {names}, got {value!r}")
+        raise UserError(f"config key {key} expects {names}, got {_shown(value)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -296,11 +306,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         except ValueError:
             pass
     if annotation is bool and not isinstance(value, bool):
-        raise UserError(f"config key {key} expects true or false, got {value!r}")
+        raise UserError(f"config key {key} expects true or false, got {_shown(value)}")
     if annotation in (int, float) and isinstance(value, bool):
-        raise UserError(f"config key {key} expects {_type_name(annotation)}, got {value!r}")
+        raise UserError(f"config key {key} expects {_type_name(annotation)}, got {_shown(value)}")
     if not isinstance(value, annotation):
-        raise UserError(f"config key {key} expects {_type_name(annotation)}, got {value!r}")
+        raise UserError(f"config key {key} expects {_type_name(annotation)}, got {_shown(value)}")
     return value
 
 
@@ -345,15 +355,16 @@ def _hint(key: str) -> Any:
     sections = typing.get_type_hints(Config)
     parts = key.split(".")
     if len(parts) != 2:
-        raise UserError(f"config key {key!r} must be SECTION.NAME, one of: " + ", ".join(sections))
+        raise UserError(f"config key {_shown(key)} must be SECTION.NAME, one of: " + ", ".join(sections))
     section_name, name = parts
     if section_name not in sections:
-        raise UserError(f"unknown config section {section_name!r} in {key!r}; sections: {', '.join(sections)}")
+        raise UserError(f"unknown config section {_shown(section_name)} in {_shown(key)}; sections: "
+                        f"{', '.join(sections)}")
     hints = typing.get_type_hints(sections[section_name])
     if key in RETIRED:
         raise UserError(f"config key {key!r} is no longer used: {RETIRED[key]}")
     if name not in hints:
-        raise UserError(f"unknown config key {key!r}; keys in {section_name}: {', '.join(hints)}")
+        raise UserError(f"unknown config key {_shown(key)}; keys in {section_name}: {', '.join(hints)}")
     return hints[name]
 
 
@@ -369,9 +380,12 @@ def merge(config: Config, tree: dict[str, Any], source: str) -> Config:
         raise UserError(f"{source}: expected a mapping of sections (data:, model:, ...)")
     for section, values in tree.items():
         if not isinstance(values, dict):
-            raise UserError(f"{source}: section {section!r} must be a mapping of keys to values")
+            raise UserError(f"{source}: section {_shown(section)} must be a mapping of keys to values")
         for name, value in values.items():
-            _set(config, f"{section}.{name}", value)
+            try:
+                _set(config, f"{section}.{name}", value)
+            except UserError as error:
+                raise UserError(f"{source}: {error}") from None
     return config
 
 
@@ -402,7 +416,7 @@ def validate(config: Config) -> Config:
     flat = flatten(to_dict(config))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
-            raise UserError(f"config key {key}={flat[key]!r} is not one of: {', '.join(allowed)}")
+            raise UserError(f"config key {key}={_shown(flat[key])} is not one of: {', '.join(allowed)}")
     for key, value in flat.items():
         if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # NaN too: every comparison with it is False
             raise UserError(f"config key {key}={value!r} must be a finite number (at most {FLOAT32_MAX:.3g}, "
@@ -535,19 +549,37 @@ def check_runnable(config: Config) -> Config:
     return config
 
 
+def _read_recipe(path: Path) -> Any:
+    """The YAML of a recipe file; anything that cannot be read is a one-line UserError naming the file."""
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder; pass a YAML file to --config (see configs/)")
+    if not path.exists():
+        raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"config file {path} cannot be read ({error.strerror or error}); check its permissions") \
+            from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); "
+                        "save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        first = str(error).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML ({first})") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply to read; a recipe is sections of KEY: VALUE "
+                        "(see configs/)") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``KEY=VALUE`` overrides."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            first = str(error).splitlines()[0]
-            raise UserError(f"config file {path} is not valid YAML ({first})") from None
-        merge(config, tree, str(path))
+        merge(config, _read_recipe(Path(path)), str(path))
     for text in overrides:
         key, value = parse_override(text)
         _set(config, key, value)

@@ -312,3 +312,38 @@ def test_run_dir_is_taken_verbatim(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         assert result.returncode == 2 and seen[-1] == run_dir
     _cli(capsys, "pretrain", "--run-dir", "flag", "--set", "train.run_dir=key")
     assert seen[-1] == "flag"  # the flag wins over --set train.run_dir
+
+
+# ---------------------------------------------------------------------------- --config files
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"optim:\n  lr: 0.5 \xff\xfe\n", "UTF-8"),
+    (b"[" * 10000 + b"]" * 10000, "nested"),
+    (b"a: " + b"{b: " * 5000 + b"1" + b"}" * 5000, "nested"),
+    (b"optim:\n  lr: " + b"[" * 900 + b"]" * 900 + b"\n", "recipe.yaml"),  # its repr went too deep, if it parses
+    (b"optim:\n  lr: [" + b", ".join([b"123456789"] * 100_000) + b"]\n", "optim.lr"),  # a 1 MB message
+], ids=["not-utf8", "deep-list", "deep-mapping", "deep-value", "wide-value"])
+def test_config_files_that_cannot_be_read_are_one_line(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="recipe.yaml") as error:
+        load_config(path)
+    assert needle in str(error.value) and "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("optim:\n  lr: 0.5\n")
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # as chmod 0 does for anyone but root
+    with pytest.raises(UserError, match="recipe.yaml.*cannot be read"):
+        load_config(path)
+
+
+def test_a_config_that_is_a_folder_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="is a folder"):
+        load_config(tmp_path)
