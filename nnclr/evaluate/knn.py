@@ -51,7 +51,9 @@ def knn_scores(
     for start in range(0, test_features.shape[0], chunk_size):
         similarity = test_features[start : start + chunk_size] @ train_features.T  # (m, N)
         top_sim, top_idx = similarity.topk(k, dim=1)  # (m, k)
-        weights = (top_sim / temperature).exp()  # (m, k)
+        # exp(sim / T) up to each row's factor exp(-max sim / T): the same vote, without overflowing float32 for
+        # T < ~1/88 (0.01 gave one class's share); as T -> 0 the nearest neighbour's label
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (m, k)
         votes = torch.zeros(top_sim.shape[0], num_classes, device=similarity.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)  # (m, C)
         scores.append(votes)
