@@ -68,7 +68,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nnclr: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``nnclr`` parser, every command's subparser added (the documentation tests read every flag from it)."""
     parser = _Parser(
         prog="nnclr",
         description="Self-supervised contrastive pretraining of image encoders (NNCLR, SimCLR, KMCLR), "
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lines per file; such files are decoded or skipped and reported in one line all the same.
     # (In the CLI only: a library must not change the warning filters of its caller.)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    parser = _parser()
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the innermost subcommand's parser (``nnclr eval knn``), which lists its own flags
         _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -17,7 +17,7 @@ import torch
 from use_helpers import assert_user_error, make_checkpoint, run_main
 
 from nnclr import __version__
-from nnclr.cli import _parser
+from nnclr.cli import build_parser
 from nnclr.config import CHOICES, Config, flatten, load_config, to_dict
 from nnclr.errors import UserError
 
@@ -32,7 +32,7 @@ def _cli(capsys: pytest.CaptureFixture, *args: str):
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
 

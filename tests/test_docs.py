@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import nnclr
-from nnclr.cli import _parser
+from nnclr.cli import build_parser
 from nnclr.commands import COMMANDS
 from nnclr.config import Config, flatten, to_dict
 
@@ -65,7 +65,7 @@ def test_every_command_has_a_row_in_the_readme_and_a_page() -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_flag_of_every_command_is_on_its_page(command: str) -> None:
-    parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     page = _command_pages()[command]
     text = page.read_text()
     flags = list(_flags(parser, (command,)))
@@ -75,7 +75,7 @@ def test_every_flag_of_every_command_is_on_its_page(command: str) -> None:
 
 
 def test_the_top_level_flags_are_in_the_readme() -> None:
-    flags = [flag for path, flag in _flags(_parser()) if path == ""]
+    flags = [flag for path, flag in _flags(build_parser()) if path == ""]
     assert flags == ["--version"]
     assert all(_documented(flag, README.read_text()) for flag in flags)
 

@@ -283,9 +283,9 @@ def test_eval_paper_linear_needs_two_images_per_batch(capsys: pytest.CaptureFixt
 
 def test_eval_flag_types_are_argparse_types() -> None:
     """The bounded flags stay argparse types: the error names the flag before anything is loaded."""
-    from nnclr.cli import _parser
+    from nnclr.cli import build_parser
 
-    eval_parser = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    eval_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
     knn = next(a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction)).choices["knn"]
     flags = {o: a for a in knn._actions for o in a.option_strings}
     for flag in ("--threads", "--seed", "--device", "--temperature"):
