@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from backbone_helpers import CUSTOM
+from tiny import SMALLER_HEADS
 from torch import nn
 from use_helpers import assert_user_error, make_checkpoint, nnclr_cli, run_main
 from user_models import TinyCNN
@@ -26,7 +27,7 @@ from nnclr.errors import UserError
 from nnclr.model import build_model
 
 TESTS = Path(__file__).resolve().parent
-TINY = ["model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32", "data.image_size=16"]
+TINY = [*SMALLER_HEADS, "data.image_size=16"]
 
 
 def test_parse_spec() -> None:

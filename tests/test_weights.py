@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from tiny import SMALLER_HEADS
 from use_helpers import make_checkpoint
 
 import nnclr
@@ -20,8 +21,8 @@ from nnclr.train import pretrain
 from nnclr.use.export import export
 from nnclr.weights import init_encoder, read_encoder_state, state_mismatch
 
-TINY = ["model.proj_hidden_dim=32", "model.proj_dim=16", "model.pred_hidden_dim=32", "optim.batch_size=32",
-        "optim.warmup_epochs=0", "method.support_size=64", "data.test_split=", "train.report=false"]
+TINY = [*SMALLER_HEADS, "optim.batch_size=32", "optim.warmup_epochs=0", "method.support_size=64", "data.test_split=",
+        "train.report=false"]
 
 
 def _equal(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
