@@ -221,6 +221,8 @@ POSITIVE = (
 FLOAT32_MAX = 3.4028234663852886e38  # every float key must be finite and at most this (float32's largest)
 EPOCH_KEYS = ("train.epochs", "optim.warmup_epochs", "train.knn_every_epochs", "method.kmeans_reset_epochs")
 MAX_EPOCHS = 10_000  # the cap of EPOCH_KEYS: 10x the paper's 1000 epochs
+MAX_INT = 2**63 - 1  # every int key but train.seed: int64, as the tensors they end up in
+MAX_KMEANS_ITERS = 1000  # method.kmeans_iters: 50x DeepCluster's reference (20 per clustering)
 MAX_SEED = 2**64 - 1  # train.seed: torch.manual_seed takes 0..2^64 - 1, numpy's SeedSequence no negative numbers
 MAX_PROJ_LAYERS = 8  # model.proj_layers: the paper's projection MLP has 3 (SimCLR v2 tried up to 4)
 MAX_WORKERS = 8  # data.workers may be up to this or the CPUs, whichever is more (-1 picks up to 8 on a GPU)
@@ -421,6 +423,15 @@ def validate(config: Config) -> Config:
         if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # NaN too: every comparison with it is False
             raise UserError(f"config key {key}={value!r} must be a finite number (at most {FLOAT32_MAX:.3g}, "
                             "float32's largest: the value ends up in float32 tensors)")
+    for key, value in flat.items():
+        if type(value) is int and key != "train.seed" and value > MAX_INT:
+            raise UserError(f"config key {key}={value} must be at most {MAX_INT} (2^63 - 1: it goes into int64 "
+                            "tensors)")
+    if not 0 <= config.optim.momentum < 1:
+        raise UserError(f"config key optim.momentum={config.optim.momentum:g} must be in [0, 1)")
+    if config.method.kmeans_iters > MAX_KMEANS_ITERS:
+        raise UserError(f"config key method.kmeans_iters={config.method.kmeans_iters} must be at most "
+                        f"{MAX_KMEANS_ITERS} (DeepCluster's reference runs 20 Lloyd iterations per clustering)")
     for key in EPOCH_KEYS:
         if flat[key] > MAX_EPOCHS:
             raise UserError(f"config key {key}={flat[key]:g} must be at most {MAX_EPOCHS} epochs (10x the paper's "
@@ -480,7 +491,8 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1) -> list[tu
 
     The support set (float32 rows plus three int64 fields each), the k-means prototypes, the projection and
     prediction heads (weights, gradients and the optimiser's state: momentum; AdamW's two moments), DeepCluster's
-    classifier, and one batch of two float32 views (``optim.batch_size / world`` per process). ``processes`` is
+    classifier, one batch of two float32 views (``optim.batch_size / world`` per process) and, for a ``folder:`` source
+    that may stream, the uint8 batches its workers prepare ahead (``data.prefetch`` each). ``processes`` is
     how many processes of the run share the device (a machine's CPU memory under torchrun).
     """
     from nnclr.methods import method_of
@@ -502,6 +514,9 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1) -> list[tu
          "method.num_prototypes"),
         (2 * -(-config.optim.batch_size // world) * 3 * image * image * 4, "a batch of views",
          "optim.batch_size or data.image_size"),
+        (max(1, config.data.workers) * config.data.prefetch * -(-config.optim.batch_size // world) * 3 * image * image
+         if config.data.name.startswith("folder:") and config.data.loader != "memory" else 0,
+         "the batches the streaming loader prepares ahead", "data.prefetch"),
     ]
     return [(size * processes, what, lower) for size, what, lower in parts if size]
 
@@ -519,6 +534,14 @@ def check_runnable(config: Config) -> Config:
     if smallest is not None and d.image_size < smallest[0]:
         raise UserError(f"config key data.image_size={d.image_size} is too small for model.backbone="
                         f"{config.model.backbone}: {smallest[1]}; use data.image_size >= {smallest[0]}")
+    from nnclr.methods import method_of
+
+    keys = method_of(config).keys
+    for key in ("method.topk", "method.neighbours"):
+        value = getattr(config.method, key.split(".")[1])
+        if key in keys and "method.support_size" in keys and value > config.method.support_size:
+            raise UserError(f"config key {key}={value} is more than the method.support_size="
+                            f"{config.method.support_size} entries it chooses from; use at most that")
     cpus = len(machine.usable_cpus())
     if t.threads > cpus:
         raise UserError(f"config key train.threads={t.threads} is more than the {cpus} CPUs this process may use; "

@@ -372,3 +372,38 @@ def test_knn_with_a_small_temperature_is_not_garbage(temperature: float) -> None
     expected = 100.0 * (votes.argmax(dim=1) == test_y).double().mean().item()
     assert 40 < expected < 100  # the neighbours' labels are mixed: an overflow shows
     assert knn_accuracy(train_x, train_y, test_x, test_y, temperature=temperature).top1 == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------- found by the sweep in test_fuzz.py
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in DEFAULTS.items() if type(v) is int and k != "train.seed"))
+def test_every_int_key_fits_in_int64(key: str) -> None:
+    """2^63 went into int64 tensors: method.topk and method.neighbours were OverflowError tracebacks."""
+    refused(f"{key}={2**63}", needles=(key, str(2**63 - 1)))
+
+
+def test_momentum_is_below_one() -> None:
+    """LARS refused it with a ValueError traceback."""
+    for value in ("1", "1.5", "1e30"):
+        refused(f"optim.momentum={value}", needles=("optim.momentum", "[0, 1)"))
+    assert load_config(None, ["optim.momentum=0.99"]).optim.momentum == 0.99
+
+
+def test_kmeans_iterations_have_a_cap() -> None:
+    """DeepCluster's Lloyd iterations: 1e30 ran for ever."""
+    refused("method.kmeans_iters=100000", needles=("method.kmeans_iters", "at most 1000"))
+    assert load_config(None, ["method.kmeans_iters=1000"]).method.kmeans_iters == 1000
+
+
+@pytest.mark.parametrize(("method", "key"), [("nnclr", "method.topk"), ("nnclr_multi", "method.neighbours")])
+def test_neighbours_at_most_the_support_set(method: str, key: str) -> None:
+    refused(f"method.name={method}", "method.support_size=100", f"{key}=101",
+            needles=(key, "method.support_size=100"))
+    assert load_config(None, [f"method.name={method}", "method.support_size=100", f"{key}=100"])
+    assert load_config(None, ["method.name=simclr", "method.support_size=100", f"{key}=101"])  # not read
+
+
+def test_a_streaming_loader_prefetch_is_held_to_memory(tmp_path: Path) -> None:
+    refused(f"data.name=folder:{tmp_path}", "data.prefetch=1000000000000", needles=("data.prefetch", "GiB"))
+    assert load_config(None, [f"data.name=folder:{tmp_path}", "data.prefetch=4"]).data.prefetch == 4
