@@ -505,13 +505,13 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1) -> list[tu
     classifier = (d + 1) * mo.num_clusters if method_of(config).head == "classifier" else 0
     image = config.data.image_size
     parts = [
-        (projector * 4 * copies, "the projection MLP", "model.proj_hidden_dim or model.proj_layers"),
-        (predictor * 4 * copies, "the prediction MLP", "model.pred_hidden_dim"),
-        (classifier * 4 * copies, "the classifier", "method.num_clusters"),
+        (projector * 4 * copies, "the projection MLP", "model.proj_hidden_dim, model.proj_layers or model.proj_dim"),
+        (predictor * 4 * copies, "the prediction MLP", "model.pred_hidden_dim or model.proj_dim"),
+        (classifier * 4 * copies, "the classifier", "method.num_clusters or model.proj_dim"),
         (mo.support_size * (4 * d + 24) if "method.support_size" in keys else 0, "the support set",
-         "method.support_size"),
+         "method.support_size or model.proj_dim"),
         (mo.num_prototypes * (4 * d + 8) if "method.num_prototypes" in keys else 0, "the prototypes",
-         "method.num_prototypes"),
+         "method.num_prototypes or model.proj_dim"),
         (2 * -(-config.optim.batch_size // world) * 3 * image * image * 4, "a batch of views",
          "optim.batch_size or data.image_size"),
         (max(1, config.data.workers) * config.data.prefetch * -(-config.optim.batch_size // world) * 3 * image * image

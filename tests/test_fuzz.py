@@ -1,4 +1,4 @@
-"""Fuzzing the two parsers a user feeds directly: image decoding and the config.
+"""Fuzzing the two parsers a user feeds directly, image decoding and the config, and every numeric key at its extremes.
 
 The guarantee: whatever the bytes of an image file or the text of a ``--set`` override or YAML
 recipe, the result is a valid value or a :class:`~nnclr.errors.UserError` (a one-line message
@@ -116,6 +116,8 @@ def test_unmutated_seed_files_decode(tmp_path: Path) -> None:
 _VALUES = st.one_of(
     st.text(max_size=12), st.integers(-(10**12), 10**12).map(str), st.floats(allow_nan=True).map(str),
     st.sampled_from(["true", "no", "null", "~", "[1, 2]", "{a: 1}", "1e-3", "0x10", ".inf", "-", "'", "demo"]),
+    st.sampled_from(["nan", ".nan", "-inf", "1e308", "3.4e38", "1e-308", "-0", "0", "-1", str(2**63), str(2**64),
+                     str(10**30), "1_000", " 7 "]),  # the extremes every numeric key must take or refuse in one line
 )
 
 
@@ -171,3 +173,67 @@ def test_broken_yaml_text(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(UserError, match="recipe.yaml"):
         load_config(path)
+
+
+# ---------------------------------------------------------------------------- every numeric key at its extremes
+
+
+NUMERIC = sorted(key for key, value in flatten(to_dict(Config())).items() if type(value) in (int, float))
+_FLOAT_EXTREMES = ["nan", "-inf", "inf", "1e30", "3.4e38", "1e-30", "-1", "0"]
+_INT_EXTREMES = [str(10**30), str(2**64), str(2**63), str(2**63 - 1), "-1", "0", "1"]
+EXTREMES = [(key, value) for key in NUMERIC
+            for value in (_FLOAT_EXTREMES if isinstance(flatten(to_dict(Config()))[key], float) else _INT_EXTREMES)]
+# a tiny run on 256 random 16x16 images (64 in the test split: the kNN monitor runs), 2 steps
+_TINY_RUN = ["model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64", "optim.batch_size=32",
+             "method.support_size=100", "method.num_prototypes=8", "method.num_clusters=8", "data.image_size=16",
+             "data.test_split=test", "train.threads=1", "train.max_steps=2", "train.epochs=1", "train.report=false",
+             "optim.warmup_epochs=0", "train.checkpoint_every=1"]
+
+
+def _method_reading(key: str) -> str:
+    """The first method whose record reads ``key`` (nnclr for keys every method reads)."""
+    from nnclr.methods import METHODS
+
+    return next((name for name, method in METHODS.items() if key in method.keys), "nnclr")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("extremes")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 64)):
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+                 labels=rng.integers(0, 4, n))
+    return folder
+
+
+@pytest.mark.parametrize(("key", "value"), EXTREMES)
+def test_every_numeric_key_at_its_extremes_runs_or_is_one_line(
+    tmp_path: Path, tiny_data: Path, key: str, value: str
+) -> None:
+    """NaN, infinities, huge, negative and zero values of every int and float key: the config is refused in one line,
+    or a tiny pretraining runs, or stops with one line (issue 23, item 11: values that passed validation crashed,
+    hung or gave garbage). A value that is refused when read may not fail later with another exception."""
+    import torch
+
+    from nnclr.train import pretrain
+
+    overrides = [*_TINY_RUN, f"data.name=npz:{tiny_data}", f"method.name={_method_reading(key)}", f"{key}={value}",
+                 f"train.run_dir={tmp_path / 'run'}"]
+    fuzzer = "numeric keys at their extremes"
+    try:
+        config = load_config(None, overrides)
+    except UserError as error:
+        assert "\n" not in str(error) and key in str(error), str(error)
+        TRIED[fuzzer, "refused"] += 1
+        return
+    threads = torch.get_num_threads()
+    try:
+        pretrain(config, fresh=True, progress=False)
+    except UserError as error:  # e.g. optim.lr=1e30: the loss becomes NaN and the run stops, saying what to do
+        assert "\n" not in str(error), str(error)
+        TRIED[fuzzer, "refused"] += 1
+        return
+    finally:
+        torch.set_num_threads(threads)
+    TRIED[fuzzer, "valid"] += 1
