@@ -407,3 +407,40 @@ def test_neighbours_at_most_the_support_set(method: str, key: str) -> None:
 def test_a_streaming_loader_prefetch_is_held_to_memory(tmp_path: Path) -> None:
     refused(f"data.name=folder:{tmp_path}", "data.prefetch=1000000000000", needles=("data.prefetch", "GiB"))
     assert load_config(None, [f"data.name=folder:{tmp_path}", "data.prefetch=4"]).data.prefetch == 4
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["train.epochs=.nan"], ["train.epochs", "finite"]),
+    (["data.image_size=4"], ["data.image_size", "small_cnn", ">= 8"]),
+    (["method.support_size=1000000000"], ["method.support_size", "GiB"]),
+    (["model.proj_layers=10000"], ["model.proj_layers"]),
+    (["train.seed=18446744073709551616"], ["train.seed"]),
+    (["train.device=meta"], ["train.device"]),
+    (["train.threads=999"], ["train.threads"]),
+    (["optim.lr=1e-3", "train.knn_temperature=.nan"], ["train.knn_temperature"]),
+    (["method.kmeans_iters=1000000000", "method.name=deepcluster"], ["method.kmeans_iters"]),
+], ids=lambda case: " ".join(case) if isinstance(case, list) and "=" in case[0] else None)
+def test_pretrain_refuses_in_one_line(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, overrides: list[str],
+                                      needles: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _cli(capsys, "pretrain", "--no-progress", "--set", "train.report=false", *overrides)
+    assert_user_error(result, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_as_a_user_runs_it(tmp_path: Path, checkpoint: Path) -> None:
+    """Two of the cases as subprocesses: exit code 2 and one line on stderr, nothing else."""
+    import sys
+
+    def nnclr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nnclr", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+
+    assert_user_error(nnclr("pretrain", "--set", "train.epochs=.nan"), "train.epochs=nan", "finite")
+    assert_user_error(nnclr("eval", "knn", "--checkpoint", str(checkpoint), "--threads", "99999999999"),
+                      "--threads", "99999999999")
+    assert not (tmp_path / "runs").exists()
