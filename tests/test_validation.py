@@ -444,3 +444,18 @@ def test_as_a_user_runs_it(tmp_path: Path, checkpoint: Path) -> None:
     assert_user_error(nnclr("eval", "knn", "--checkpoint", str(checkpoint), "--threads", "99999999999"),
                       "--threads", "99999999999")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_paper_linear_probe_with_one_image_left_over() -> None:
+    """N % batch == 1 left a last batch of one image for the head's batch-norm in training mode: ``nnclr eval linear
+    --mode paper --batch-size 3499`` on the demo's 3,500 images was a ValueError traceback. It joins the batch
+    before it."""
+    from test_eval_metrics import EVAL_KWARGS, colour_images, tiny_encoder
+
+    from nnclr.evaluate.linear import paper_linear_probe
+    from nnclr.evaluate.sgd import ClassifierTask, SGDSettings
+
+    x, y = colour_images(65)
+    result = paper_linear_probe(ClassifierTask(tiny_encoder(), x, y, x[:32], y[:32], **EVAL_KWARGS),
+                                SGDSettings(epochs=2, batch_size=32, lr=1.0))
+    assert result.extra["steps"] == 4  # 32 and 33 images, twice

@@ -13,7 +13,8 @@ Both then test on centre (un-augmented) images in eval mode (:func:`nnclr.evalua
 
 What differs is the caller's: which parameters move (the head; or the encoder too) and how the logits come
 from a batch (a frozen encoder under ``no_grad``, or the whole network under autocast), the batches (fixed
-``batch_size`` with a smaller last one, or near-equal), weight decay, and what a non-finite loss means.
+``batch_size`` with a smaller last one, never of one image: that one joins the batch before it, for batch norm in
+training mode; or near-equal), weight decay, and what a non-finite loss means.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def train_classifier(
     num = task.num_train
     batch_size = settings.batch_size
     steps_per_epoch = max(1, math.ceil(num / batch_size))
+    if not equal_batches and num > 1 and num % batch_size == 1:
+        steps_per_epoch -= 1  # a last batch of one image joins the one before: batch norm in training mode needs two
     if equal_batches:
         batch_size = math.ceil(num / steps_per_epoch)  # the largest of the near-equal batches
     optimizer = torch.optim.SGD(
@@ -155,6 +158,8 @@ def train_classifier(
                 batches = list(order.tensor_split(steps_per_epoch))
             else:
                 batches = [order[start : start + batch_size] for start in range(0, num, batch_size)]
+                if len(batches) > steps_per_epoch:
+                    batches[-2:] = [torch.cat(batches[-2:])]
             losses.append([])
             for idx, batch in zip(batches, prefetched(images, batches)):
                 x = preprocess.augmented(batch, generator)
