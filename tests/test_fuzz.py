@@ -207,6 +207,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # 260 cases, about 20 s on 2 cores: 60 of them train
 @pytest.mark.parametrize(("key", "value"), EXTREMES)
 def test_every_numeric_key_at_its_extremes_runs_or_is_one_line(
     tmp_path: Path, tiny_data: Path, key: str, value: str
