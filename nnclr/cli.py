@@ -31,7 +31,8 @@ def device_type(text: str) -> str:
     return text
 
 
-def _whole_number(text: str, lowest: int, highest: int, why: str) -> int:
+def whole_number(text: str, lowest: int, highest: int = 2**63 - 1, why: str = "int64") -> int:
+    """An argparse value: the whole number ``text`` in [``lowest``, ``highest``] (``why``: where the top comes from)."""
     try:
         value = int(text)
     except ValueError:
@@ -43,15 +44,20 @@ def _whole_number(text: str, lowest: int, highest: int, why: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    return whole_number(text, 1)
+
+
 def threads_type(text: str) -> int:
     """An argparse type for ``--threads``: 0 (the default, as ``train.threads=0``) to the CPUs this process may use."""
     cpus = len(usable_cpus())
-    return _whole_number(text, 0, cpus, f"the {cpus} CPUs this process may use; 0 = one per physical core")
+    return whole_number(text, 0, cpus, f"the {cpus} CPUs this process may use; 0 = one per physical core")
 
 
 def seed_type(text: str) -> int:
     """An argparse type for ``--seed``: what torch.manual_seed takes, as ``train.seed``."""
-    return _whole_number(text, 0, MAX_SEED, "2^64 - 1: what torch.manual_seed takes")
+    return whole_number(text, 0, MAX_SEED, "2^64 - 1: what torch.manual_seed takes")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from nnclr.cli import device_type, seed_type, threads_type
+from nnclr.cli import device_type, positive_int, seed_type, threads_type
 from nnclr.config import EVAL, FLOAT32_MAX
 
 
@@ -27,22 +26,6 @@ PROTOCOL_HELP = {
 }
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
 
 
 def _positive_float(text: str) -> float:
@@ -56,7 +39,7 @@ def _positive_float(text: str) -> float:
 
 
 def _batch_size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(
             f"{value} is too small: the paper linear probe and fine-tuning train batch-norm layers, which need at "
@@ -106,7 +89,7 @@ def add_parser(commands: Any) -> None:
                       ": OMP_NUM_THREADS if set, else one per physical core, as train.threads", type=threads_type)
         sub.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("knn", "all"):
-            _with_default(sub, "--k", EVAL.knn_k, "kNN neighbours", type=_positive_int)
+            _with_default(sub, "--k", EVAL.knn_k, "kNN neighbours", type=positive_int)
             _with_default(sub, "--temperature", EVAL.knn_temperature, "kNN vote weight exp(sim/T)",
                           type=_positive_float)
             sub.add_argument("--sweep", action="store_true", help="kNN over a grid of k and T; reports the best")
@@ -115,7 +98,7 @@ def add_parser(commands: Any) -> None:
                           "fast: L-BFGS on cached features; paper: SGD on augmented images", choices=("fast", "paper"))
         if name in ("linear", "semi", "all"):
             semi_epochs = ", ".join(f"{EVAL.semi_epochs(f)} for {_percent(f)}" for f in EVAL.semi_fractions)
-            sub.add_argument("--epochs", type=_positive_int,
+            sub.add_argument("--epochs", type=positive_int,
                              help=f"paper linear: epochs (default {EVAL.paper_epochs}); semi: epochs "
                              f"(default {semi_epochs})")
             _with_default(sub, "--batch-size", EVAL.batch_size, "SGD batch size", type=_batch_size)
