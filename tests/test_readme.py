@@ -36,6 +36,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert command in README
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert command in ci
+    assert ci.index("python -m ruff check .") > ci.index(command)  # the linter runs too (issue 22)
 
 
 def test_the_readme_quickstart_is_the_default_run() -> None:
