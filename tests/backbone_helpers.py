@@ -13,6 +13,8 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 # One of each kind, tiny: a timm ResNet (one block per stage), a timm ViT (one block; patch 4 with the small-image
 # variant), the user's own module (tests/user_models.py).
@@ -52,3 +54,16 @@ def colour_npz(folder: Path, palette: list[tuple[int, int, int]], train: int, te
         images = np.clip(base + rng.integers(-60, 61, (n, side, side, 3)), 0, 255).astype(np.uint8)
         np.savez(folder / f"{split}.npz", images=images, labels=labels)
     return folder
+
+
+def assert_trains_bf16_channels_last(model: nn.Module, features: int, size: int, batch: int = 4) -> None:
+    """The fast CPU path of the training loop: bf16 autocast + channels_last, forward and backward; finite
+    gradients for every parameter, which stays float32."""
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.shape == (batch, features)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())

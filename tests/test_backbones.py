@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 import torchvision
+from backbone_helpers import assert_trains_bf16_channels_last
 from torch import nn
 
 from nnclr.backbones import BACKBONES, build_backbone
@@ -110,16 +111,7 @@ def test_small_cnn_any_input_size(size: int) -> None:
 
 def test_small_cnn_trains_bf16_channels_last() -> None:
     """The fast CPU path: bf16 autocast + channels_last, forward and backward."""
-    model, features = build_backbone("small_cnn")
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert out.shape == (8, features)
-    out.float().square().mean().backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_trains_bf16_channels_last(*build_backbone("small_cnn"), size=32, batch=8)
 
 
 def test_unknown_backbone_lists_valid_names() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from backbone_helpers import TIMM_RESNET, TIMM_VIT, require_timm
+from backbone_helpers import TIMM_RESNET, TIMM_VIT, assert_trains_bf16_channels_last, require_timm
 from safetensors.torch import save_file
 from torch import nn
 
@@ -108,14 +108,7 @@ def test_vit_uses_pytorch_fused_attention(timm, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize("spec", [TIMM_RESNET, TIMM_VIT])
 def test_trains_in_bf16_channels_last(spec: str) -> None:
     """The fast CPU path of the training loop: bf16 autocast + channels_last, forward and backward."""
-    model, features = build_backbone(spec, cifar_stem=True, image_size=16)
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    assert out.shape == (4, features)
-    out.float().square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert_trains_bf16_channels_last(*build_backbone(spec, cifar_stem=True, image_size=16), size=16)
 
 
 def test_missing_timm_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
