@@ -49,7 +49,7 @@ def save_checkpoint(state: dict[str, Any], path: Path, previous_step: int | None
     write_atomic(path, lambda file: torch.save(state, file), what="the checkpoint", kept=kept)
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def unsafe_globals(path: Path) -> list[str]:
     """What unpickling ``path`` would import beyond tensors and plain data, found without unpickling it."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
@@ -69,7 +69,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        unsafe = _unsafe_globals(path)
+        unsafe = unsafe_globals(path)
         if unsafe:
             raise UserError(
                 f"refused to load {path}: it needs unpickling arbitrary Python objects ({', '.join(unsafe[:3])}), "

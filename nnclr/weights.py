@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models import ResNet
 
 from nnclr import rundir
+from nnclr.checkpoint import unsafe_globals
 from nnclr.errors import UserError
 
 SHOWN = 4  # keys named per kind of mismatch
@@ -57,10 +58,7 @@ def _torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        try:
-            unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # noqa: BLE001 - not a zip file at all
-            unsafe = []
+        unsafe = unsafe_globals(path)
         if unsafe:
             raise UserError(
                 f"model.init_from={path}: refused, it needs unpickling Python objects ({', '.join(unsafe[:3])}), which "
