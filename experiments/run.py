@@ -14,7 +14,7 @@ Tables (Dwibedi et al., ICCV 2021):
 - ``prototypes``: KMCLR's number of prototypes and what each keeps against NNCLR's support set;
 - ``budget``: NNCLR against SimCLR with the default recipe at a fixed wall-clock budget (``--budget``, the
   issue's 10-minute target: NNCLR's kNN at least 62% and at least SimCLR's);
-- ``neighbours``: the several-neighbour methods (issue 21: ``nnclr_multi``, ``nnclr_soft``, ``nnclr_mean``)
+- ``neighbours``: the several-neighbour methods (issue 21: ``nnclr_multi``, ``nnclr_soft``, ``nnclr_mean``, ``snclr``)
   against NNCLR and SimCLR, with the label agreement of each run's positives at its end;
 - ``recipe``: NNCLR settings studied against that target at the same budget (a larger support set, a
   shorter fade of the SimCLR part of the short-run schedule) beside the default NNCLR and SimCLR, so that
@@ -82,7 +82,7 @@ TABLES: dict[str, tuple[Row, ...]] = {
     + (Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),),
     "budget": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",))),
     "neighbours": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft",
-                                                                 "nnclr_mean")),
+                                                                 "nnclr_mean", "snclr")),
     "recipe": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",)),  # the references
                Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),
                Row("nnclr, support 16,384, instance_decay 0.5",

@@ -31,7 +31,7 @@ import yaml
 
 from nnclr.errors import UserError
 
-METHODS = ("nnclr", "simclr", "kmclr", "deepcluster", "nnclr_multi", "nnclr_soft", "nnclr_mean")
+METHODS = ("nnclr", "simclr", "kmclr", "deepcluster", "nnclr_multi", "nnclr_soft", "nnclr_mean", "snclr")
 
 
 @dataclass
@@ -85,8 +85,9 @@ class MethodConfig:
     support_size: int = 1024  # support set Q (the paper: 98,304 for ImageNet)
     topk: int = 1  # 1 = the nearest neighbour; k > 1 samples one of the k nearest
     exclude_self: bool = True  # never use the sample's own older copy as its neighbour
-    neighbours: int = 5  # nnclr_multi, nnclr_soft, nnclr_mean: k, the nearest neighbours used as positives
+    neighbours: int = 5  # nnclr_multi, nnclr_soft, nnclr_mean, snclr: k, the nearest neighbours used as positives
     soft_temperature: float = 0.1  # nnclr_soft: neighbour weights softmax(cosine / soft_temperature)
+    attention_temperature: float = 1.0  # snclr: positiveness softmax(cosine / attention_temperature); its code: 1
     # Short-run schedule (the methods whose record has short_run: nnclr, kmclr):
     # loss = w * NT-Xent(z1, z2) + (1 - w) * NNCLR loss, with w falling
     # linearly from instance_weight to 0 over the first instance_decay share of the run; 0 = the paper.
@@ -212,7 +213,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "data.image_size", "data.prefetch", "model.proj_hidden_dim", "model.proj_dim", "model.proj_layers",
     "method.temperature", "method.support_size", "method.topk", "method.num_prototypes", "method.neighbours",
-    "method.soft_temperature",
+    "method.soft_temperature", "method.attention_temperature",
     "method.kmeans_iters", "optim.lr", "optim.batch_size",
     "train.epochs", "train.checkpoint_every", "train.log_every", "train.knn_k",
     "train.knn_temperature",

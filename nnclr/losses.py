@@ -93,6 +93,80 @@ def multi_positive_loss(positives: Tensor, weights: Tensor, predictions: Tensor,
         return -(weights.to(logits.dtype) * log_prob).sum(dim=1).mean()
 
 
+def positiveness(z: Tensor, neighbours: Tensor, found: Tensor, temperature: float = 1.0) -> Tensor:
+    """SNCLR's positiveness scores: how much each of a sample's k soft neighbours counts as its positive.
+
+    The attention module of Ge et al. (ICLR 2023, arXiv 2303.17142, Sec. 3.2): the anchor's projection is the
+    query, its candidate neighbours the keys, and the scores are the attention map over the candidates::
+
+        w_ij = exp(ẑ_i·n_ij / τ_a) / Σ_j' exp(ẑ_i·n_ij' / τ_a)
+
+    The reference code (ChongjianGE/SNCLR, ``att_clc``) uses τ_a = 1 and lets the gradient flow into ``z``
+    through the scores; so does this function (``z`` is not detached). A sample without any neighbour yet (a
+    support set still filling) gets all-zero scores.
+
+    Args:
+        z: (B, D) the anchors' projections (with gradient).
+        neighbours: (B, k, D) candidate neighbours, L2-normalised (detached).
+        found: (B, k) True where a candidate exists.
+        temperature: τ_a.
+
+    Returns:
+        (B, k) scores, each row summing to 1 (0 where ``found`` is False; all 0 for a row with none).
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        dtype = torch.promote_types(at_least_fp32(z).dtype, at_least_fp32(neighbours).dtype)
+        sims = torch.einsum("bd,bkd->bk", _fp32_normalised(z).to(dtype), at_least_fp32(neighbours).to(dtype))
+        none = ~found.any(dim=1, keepdim=True)
+        logits = torch.where(found, sims / temperature, float("-inf"))
+        logits = torch.where(none, 0.0, logits)  # a finite row, so that softmax and its gradient stay finite
+        return logits.softmax(dim=1) * found
+
+
+def soft_neighbours_loss(predictions: Tensor, targets: Tensor, neighbours: Tensor, weights: Tensor,
+                         found: Tensor, temperature: float = 0.1) -> Tensor:
+    """One direction of SNCLR's soft-neighbour contrastive loss (Ge et al., ICLR 2023, arXiv 2303.17142, Eq. 4).
+
+    The other view's target ``k_i`` stays a positive (SimCLR's) and its k nearest support-set neighbours
+    ``n_ij`` are added as soft positives weighted by their positiveness ``w_ij`` (:func:`positiveness`).
+    The candidates are every sample's target and neighbours over the global batch, C = {k_b} ∪ {n_bj}; with
+    everything L2-normalised and q_i this view's prediction::
+
+        L_i = -[ log σ_i(k_i) + Σ_j w_ij log σ_i(n_ij) ],   σ_i(c) = exp(q_i·c / τ) / Σ_{c'∈C} exp(q_i·c' / τ)
+
+    so another sample's neighbours are negatives, as in the reference code (its ``soft_neighbors_constrastive``;
+    it also scales the loss by 2τ, MoCo v3's convention, which this function leaves out). Candidates that do
+    not exist (``found`` False, a support set still filling) are left out of every softmax.
+
+    Args:
+        predictions: (B, D) this view's predictions q (with gradient).
+        targets: (B, D) the other view's projections k, the instance positives (gathered with gradient).
+        neighbours: (B, k, D) the k nearest support-set neighbours of ``targets`` (detached).
+        weights: (B, k) their positiveness scores, rows summing to 1 (or 0 for a sample without neighbours).
+        found: (B, k) True where a neighbour exists.
+        temperature: softmax temperature τ.
+
+    Returns:
+        Scalar float32 tensor: the mean of L_i over the local batch.
+    """
+    with torch.autocast(device_type=predictions.device.type, enabled=False):
+        b, k = found.shape
+        dtype = torch.promote_types(at_least_fp32(predictions).dtype, at_least_fp32(targets).dtype)
+        q = _fp32_normalised(predictions).to(dtype)  # (B, D)
+        candidates = torch.cat([_fp32_normalised(targets).to(dtype)[:, None],
+                                F.normalize(at_least_fp32(neighbours), dim=-1).to(dtype)], dim=1)  # (B, 1+k, D)
+        exists = torch.cat([torch.ones_like(found[:, :1]), found], dim=1)  # (B, 1+k)
+        candidates_all = distributed.gather_with_grad(candidates.flatten(0, 1))  # (W*B*(1+k), D)
+        exists_all = distributed.gather_no_grad(exists.flatten().to(torch.uint8)).bool()  # (W*B*(1+k),)
+        logits = (q @ candidates_all.T / temperature).masked_fill(~exists_all, float("-inf"))
+        log_prob = logits.log_softmax(dim=1)  # (B, W*B*(1+k))
+        own = (distributed.rank() * b + torch.arange(b, device=q.device))[:, None] * (1 + k)
+        own = own + torch.arange(1 + k, device=q.device)  # (B, 1+k): the columns of k_i and its neighbours
+        label = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1).to(dtype)  # (B, 1+k)
+        picked = log_prob.gather(1, own).masked_fill(~exists, 0.0)  # -inf of missing neighbours -> 0 (weight 0)
+        return -(label * picked).sum(dim=1).mean()
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """SimCLR's NT-Xent loss (Chen et al., ICML 2020, arXiv 2002.05709, Eq. 1).
 

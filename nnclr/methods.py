@@ -19,7 +19,7 @@ from nnclr.config import Config
 from nnclr.deepcluster import PseudoLabels
 from nnclr.errors import UserError
 from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector, PrototypeSelector, Selector
-from nnclr.step import Loss, instance_loss, neighbours_loss, positive_loss, pseudo_label_loss
+from nnclr.step import Loss, instance_loss, neighbours_loss, positive_loss, pseudo_label_loss, snclr_loss
 
 HEADS = ("predictor", "none", "classifier")
 DIAGNOSTICS = ("neighbours", "clustering", "none")
@@ -92,6 +92,13 @@ def _neighbours(weighting: str) -> Callable[[Config, BuildContext], Selector]:
     return build
 
 
+def _attention_candidates(config: Config, context: BuildContext) -> Selector:
+    """SNCLR's candidates: the k nearest support-set rows, scored by the loss (``method.attention_temperature``)."""
+    m = config.method
+    return NeighboursSelector(k=m.neighbours, weighting="uniform", soft_temperature=m.attention_temperature,
+                              exclude_self=m.exclude_self, low_precision=context.dtype == torch.bfloat16)
+
+
 def _prototypes(config: Config, context: BuildContext) -> Selector:
     m = config.method
     return PrototypeSelector(num_prototypes=m.num_prototypes, dim=config.model.proj_dim,
@@ -161,6 +168,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         summary="the positive is the normalised mean of the k nearest support-set neighbours of z",
         selector=_neighbours("uniform"), loss=positive_loss, head="predictor", support=True, short_run=True,
         keys=NEIGHBOURS_KEYS, diagnostics="neighbours",
+    ),
+    Method(
+        name="snclr",
+        paper="Ge et al., Soft Neighbors are Positive Supporters in Contrastive Visual Representation Learning, "
+              "ICLR 2023 (arXiv 2303.17142); here without its momentum encoder",
+        summary="the other view's z stays the positive; its k nearest support-set neighbours join it as soft "
+                "positives weighted by attention (positiveness) scores",
+        selector=_attention_candidates, loss=snclr_loss, head="predictor", support=True, short_run=False,
+        keys=("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
+              "method.attention_temperature"),
+        diagnostics="neighbours",
     ),
 )}
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from nnclr import deepcluster
 from nnclr.config import MethodConfig
-from nnclr.losses import at_least_fp32, multi_positive_loss, nnclr_loss, nt_xent
+from nnclr.losses import at_least_fp32, multi_positive_loss, nnclr_loss, nt_xent, positiveness, soft_neighbours_loss
 from nnclr.selectors import NeighboursSelector, PositiveSelector, Selector
 from nnclr.support import SupportSet
 
@@ -133,6 +133,31 @@ def neighbours_loss(x: StepInputs) -> StepOutput:
     similarity = (n1.weights * n1.similarity).sum(dim=1)  # (b,) weighted cosine of z with its positives
     diagnostics: dict[str, float] = {"positive_similarity": similarity.float().mean().item(), "instance_weight": w}
     k = n1.rows.shape[1]  # label agreement, age and self-hits over every neighbour used
+    diagnostics |= x.support.diagnostics(n1.rows.flatten(), n1.similarity.flatten(), step=x.step,
+                                         labels=x.labels.repeat_interleave(k), indices=x.indices.repeat_interleave(k))
+    return StepOutput(loss, x.z1.detach(), diagnostics)
+
+
+def snclr_loss(x: StepInputs) -> StepOutput:
+    """SNCLR (Ge et al., ICLR 2023): the other view's z stays the positive and the k nearest support-set
+    neighbours of that z join it as soft positives, weighted by their positiveness to this view's z
+    (:func:`~nnclr.losses.positiveness`, τ_a = ``method.attention_temperature``); symmetrised over the views
+    (:func:`~nnclr.losses.soft_neighbours_loss`). The reference code's targets come from a momentum encoder;
+    here they are the online network's z, as NNCLR's and SimCLR's are. The diagnostics are over all k."""
+    selector = x.selector
+    assert isinstance(selector, NeighboursSelector) and x.support is not None
+    n1 = selector.neighbours(x.z1.detach(), x.support, indices=x.indices)  # neighbours of view 1's z
+    n2 = selector.neighbours(x.z2.detach(), x.support, indices=x.indices)
+    found1, found2 = n1.rows >= 0, n2.rows >= 0
+    w1 = positiveness(x.z1, n2.positives, found2, temperature=selector.soft_temperature)  # view 1 scores k2's
+    w2 = positiveness(x.z2, n1.positives, found1, temperature=selector.soft_temperature)
+    loss = 0.5 * (
+        soft_neighbours_loss(x.p1, x.z2, n2.positives, w1, found2, temperature=x.temperature)
+        + soft_neighbours_loss(x.p2, x.z1, n1.positives, w2, found1, temperature=x.temperature)
+    )
+    similarity = (w2.detach() * n1.similarity).sum(dim=1)  # (b,) score-weighted cosine of z1 with its neighbours
+    diagnostics: dict[str, float] = {"positive_similarity": similarity.float().mean().item()}
+    k = n1.rows.shape[1]
     diagnostics |= x.support.diagnostics(n1.rows.flatten(), n1.similarity.flatten(), step=x.step,
                                          labels=x.labels.repeat_interleave(k), indices=x.indices.repeat_interleave(k))
     return StepOutput(loss, x.z1.detach(), diagnostics)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnclr.losses import multi_positive_loss, nnclr_loss, nt_xent
+from nnclr.losses import multi_positive_loss, nnclr_loss, nt_xent, positiveness, soft_neighbours_loss
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -134,3 +134,60 @@ def test_multi_positive_loss_with_one_positive_is_nnclr_loss() -> None:
     positives, predictions = torch.randn(5, 8), torch.randn(5, 8, requires_grad=True)
     one = multi_positive_loss(positives[:, None], torch.ones(5, 1), predictions, temperature=0.1)
     assert one.item() == pytest.approx(nnclr_loss(positives, predictions, temperature=0.1).item(), rel=1e-6)
+
+
+def _soft_neighbours_reference(q: torch.Tensor, targets: torch.Tensor, neighbours: torch.Tensor, z: torch.Tensor,
+                               found: torch.Tensor, temperature: float, attention_temperature: float) -> float:
+    """SNCLR's loss written out from its Eq. 4 and the attention scores of its Sec. 3.2, one scalar at a time
+    (float64): candidates are every sample's target and existing neighbours; the target has weight 1, the
+    neighbours their positiveness softmax_j(z_i.n_ij / T_a)."""
+    normalise = lambda x: torch.nn.functional.normalize(x.double(), dim=-1)  # noqa: E731
+    q, targets, neighbours, z = normalise(q), normalise(targets), normalise(neighbours), normalise(z)
+    b, k, _ = neighbours.shape
+    candidates = []  # (owner, slot, vector): slot 0 = the target, j + 1 = neighbour j
+    for m in range(b):
+        candidates.append((m, 0, targets[m]))
+        candidates += [(m, j + 1, neighbours[m, j]) for j in range(k) if found[m, j]]
+    total = 0.0
+    for i in range(b):
+        logits = [float(q[i] @ c) / temperature for _, _, c in candidates]
+        top = max(logits)
+        log_denominator = top + math.log(sum(math.exp(v - top) for v in logits))
+        scores = [math.exp(float(z[i] @ neighbours[i, j]) / attention_temperature) if found[i, j] else 0.0
+                  for j in range(k)]
+        weight = {0: 1.0} | {j + 1: s / sum(scores) for j, s in enumerate(scores) if s > 0}
+        total += -sum(weight.get(slot, 0.0) * (logit - log_denominator)
+                      for (owner, slot, _), logit in zip(candidates, logits) if owner == i)
+    return total / b
+
+
+@pytest.mark.parametrize("attention_temperature", [1.0, 0.1])
+def test_soft_neighbours_loss_matches_a_reference_loop(attention_temperature: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    q, targets, z = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    neighbours = torch.nn.functional.normalize(torch.randn(6, 4, 8, generator=g), dim=-1)
+    found = torch.rand(6, 4, generator=g) > 0.3
+    found[0] = False  # a sample without neighbours yet: only its target is a positive
+    weights = positiveness(z, neighbours, found, temperature=attention_temperature)
+    loss = soft_neighbours_loss(q, targets, neighbours, weights, found, temperature=0.2)
+    expected = _soft_neighbours_reference(q, targets, neighbours, z, found, 0.2, attention_temperature)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_soft_neighbours_loss_without_neighbours_is_infonce_on_the_targets() -> None:
+    q, targets = torch.randn(5, 8), torch.randn(5, 8)
+    found = torch.zeros(5, 3, dtype=torch.bool)
+    weights = positiveness(torch.randn(5, 8), torch.randn(5, 3, 8), found)
+    assert torch.equal(weights, torch.zeros(5, 3))
+    loss = soft_neighbours_loss(q, targets, torch.randn(5, 3, 8), weights, found, temperature=0.1)
+    # every anchor q_i against the batch's targets, its own the positive: nnclr_loss with the roles swapped
+    assert loss.item() == pytest.approx(nnclr_loss(q, targets, temperature=0.1).item(), rel=1e-6)
+
+
+def test_soft_neighbours_gradients_reach_predictions_targets_and_the_attention_query() -> None:
+    q, targets, z = (torch.randn(4, 8, requires_grad=True) for _ in range(3))
+    neighbours, found = torch.randn(4, 2, 8), torch.ones(4, 2, dtype=torch.bool)
+    loss = soft_neighbours_loss(q, targets, neighbours, positiveness(z, neighbours, found), found)
+    loss.backward()
+    for x in (q, targets, z):  # z through the positiveness scores, as the reference code lets it
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
