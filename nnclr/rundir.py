@@ -9,19 +9,24 @@ Layout (every other module asks this one for a name, e.g. ``run_dir / rundir.CHE
       results.json     RESULTS       written when the run ends: steps, kNN before/after, timings, hardware
       data-index.npz   DATA_INDEX    the files of a folder: training split when the run started
       tensorboard/     TENSORBOARD   TensorBoard events of the metrics (when tensorboard is installed)
-      .lock            LOCK          who holds the run directory (acquire_lock)
+      .lock            LOCK          who holds the run directory (acquire_lock locks the directory itself)
       report.html      REPORT        ``nnclr report``'s page
       features/        FEATURES      ``nnclr eval``'s cached features, one file per checkpoint, data set and split
       eval/            EVAL          ``nnclr eval``'s results, one JSON file per protocol and data set
       eval/subsets/    EVAL_SUBSETS  the labelled subsets semi-supervised evaluation drew
-      .NAME.tmp                      a write in progress (write_atomic); a kill may leave one, replaced next time
+      .NAME.nnclr.tmp                a write in progress (write_atomic); one a kill left is removed by the next write
 
 Writing, so that a kill, a full disk or a read-only folder never breaks a file:
 
 * :func:`write_atomic` writes a whole file (checkpoint, ``config.yaml``, ``results.json``, a
-  rewritten ``metrics.jsonl``) into a temporary file beside it (``.NAME.tmp``), flushes it to
-  disk, then renames it over the old one: at every moment the file is either the complete old
-  one or the complete new one. A kill leaves at most a stray ``.NAME.tmp``, replaced next time.
+  rewritten ``metrics.jsonl``, the report, features, exports) into a temporary file beside it
+  (``.NAME.nnclr.tmp``), flushes it to disk, then renames it over the old one: at every moment the
+  file is either the complete old one or the complete new one. A kill leaves at most a stray
+  temporary file, which the next write into that folder removes (:func:`remove_stale_tmps`).
+* Nothing is written through a symbolic link nnclr did not create: files are opened with
+  ``O_NOFOLLOW``, a link at a file's name is replaced by the rename, one at a folder of the run
+  (``features/``, ``eval/``, ``tensorboard/``) is refused (:func:`make_dir`). The run directory
+  itself may be a link: the user chose it.
 * :func:`append_line` adds one line to ``metrics.jsonl``; a kill leaves at most a cut last line,
   which :class:`MetricsLog` drops on resume and the readers skip.
 * A write the operating system refuses (no space left, read-only file system, no permission)
@@ -32,16 +37,20 @@ Writing, so that a kill, a full disk or a read-only folder never breaks a file:
 campaign (``tests/test_kill_campaign.py``) replaces them to kill the process inside a write. The
 atomic writers also serve files outside a run directory (``nnclr embed``, ``nnclr export``).
 
-One process per run directory: :func:`acquire_lock` takes an advisory ``flock`` on ``.lock``.
+One process per run directory (and EMB_DIR): :func:`acquire_lock` takes an advisory ``flock`` on
+the directory.
 
 This module does not import torch (``nnclr report`` checks a run directory before importing it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -68,6 +77,7 @@ FEATURES = "features"
 EVAL = "eval"
 EVAL_SUBSETS = f"{EVAL}/subsets"
 
+_OLD_STABLE = {f".{name}.tmp" for name in (CONFIG, CHECKPOINT, METRICS, RESULTS, DATA_INDEX, LOCK, REPORT)}
 FRESH_DELETES = (CHECKPOINT, METRICS, RESULTS, DATA_INDEX)  # and TENSORBOARD/: what --fresh starts over from
 
 
@@ -83,30 +93,82 @@ def clear_for_fresh(run_dir: Path) -> None:
     ``config.yaml`` is rewritten at every start; evaluation results, cached features and the
     report are kept (they name the checkpoint they came from).
     """
-    for name in FRESH_DELETES:
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
+    for name in (*FRESH_DELETES, TENSORBOARD):
+        path = run_dir / name
+        try:
+            if name == TENSORBOARD and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)  # a file, or a link (removed, its target untouched)
+        except OSError as error:
+            raise UserError(f"--fresh cannot delete {path} ({error.strerror or error}); delete it yourself or make "
+                            f"{run_dir} writable, then rerun the same command") from None
 
 
 # --- atomic writes ----------------------------------------------------------------------------------
+#
+# Never through a link nnclr did not create: every file is opened with O_NOFOLLOW (a symbolic link at
+# its name is refused, a FIFO or device is refused), and whole files are written to the temporary
+# file and renamed over the name, which replaces a link planted there instead of writing through it.
+# The temporary file has a stable name (``.NAME.tmp``, at most one per file) and is held with an
+# ``flock`` while it is written: a second process writing the same file waits, and a temporary file
+# no process holds is one a killed writer left, removed by the next write into its folder.
 
-_open = open
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows: the previous behaviour
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a planted FIFO must not hang
+_FLAGS = os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _NONBLOCK | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+_SUFFIX = ".nnclr.tmp"  # write_atomic's temporary files: .NAME.nnclr.tmp, a name no other program uses
+# the temporary files of earlier versions: features and eval records NAME.<pid>.tmp, indexes .NAME.<pid>.<n>.tmp
+_LEGACY = re.compile(r"(?:.+?\.(?:pt|json)\.(\d+)|\..+?\.npz\.(\d+)\.\d+)\.tmp")
+
+
+def _open(path: Path, mode: str) -> IO[bytes]:
+    """Open ``path`` for writing (``"wb"``: created if missing, *not* truncated; ``"ab"``: appended to).
+
+    A symbolic link at ``path`` is not followed (OSError ELOOP), nor is anything but a regular file
+    opened. With :func:`_replace`, the only calls of the writers that touch the disk (the kill
+    campaign's seam).
+    """
+    fd = os.open(path, _FLAGS | (os.O_APPEND if mode == "ab" else 0), 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if _NONBLOCK and fcntl is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_NONBLOCK)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 _replace = os.replace
 
 
 def tmp_path(path: Path) -> Path:
-    """The temporary sibling ``.NAME.tmp`` that :func:`write_atomic` writes first."""
-    return path.with_name(f".{path.name}.tmp")
+    """The temporary sibling ``.NAME.nnclr.tmp`` that :func:`write_atomic` writes first."""
+    return path.with_name(f".{path.name}{_SUFFIX}")
+
+
+_ADVICE = {
+    errno.ENOSPC: "free space on that disk",
+    errno.EDQUOT: "free space within your disk quota",
+    errno.EISDIR: "move that folder out of the way",
+    errno.ELOOP: "remove the symbolic link (nnclr does not write through links it did not create)",
+    errno.EINVAL: "move that file out of the way",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: move it out of the way",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
 
 
 def disk_error(path: Path, error: OSError, what: str, kept: str = "") -> UserError:
-    """The one-line error for a refused write of ``what`` (e.g. "the checkpoint") to ``path``."""
+    """The one-line error for a refused write of ``what`` (e.g. "the checkpoint") to ``path``.
+
+    The advice follows the reason: free space, a writable folder, a link or folder in the way.
+    """
     reason = error.strerror or type(error).__name__
     kept = f"{kept}; " if kept else ""
-    return UserError(
-        f"cannot write {what} {path} ({reason}); {kept}free space on that disk or make {path.parent} "
-        "writable, then rerun the same command"
-    )
+    advice = _ADVICE.get(error.errno or 0, f"free space on that disk or make {path.parent} writable")
+    return UserError(f"cannot write {what} {path} ({reason}); {kept}{advice}, then rerun the same command")
 
 
 class _Recording:
@@ -145,8 +207,111 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not renamed, removed or replaced meanwhile)."""
+    try:
+        seen = os.lstat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (seen.st_dev, seen.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _claim(tmp: Path) -> IO[bytes]:
+    """Open the temporary file ``tmp`` for this write, emptied, held (flock) until it is renamed.
+
+    What is at its name and is not a regular file (a planted link, FIFO, socket) is removed first;
+    a writer of the same file in another process is waited for.
+    """
+    while True:
+        try:
+            file = _open(tmp, "wb")
+        except OSError:
+            if not os.path.islink(tmp) and (not os.path.lexists(tmp) or os.path.isdir(tmp)):
+                raise
+            tmp.unlink()  # a link or a special file at a name that is ours: never opened, never followed
+            continue
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)  # another process writing the same file: wait for it
+        except OSError:
+            break  # a file system without flock: as without fcntl
+        if _same_file(file.fileno(), tmp):  # not renamed or removed by the writer we waited for
+            break
+        file.close()
+    try:
+        file.truncate(0)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def remove_stale_tmps(folder: Path) -> None:
+    """Remove the temporary files killed writers left in ``folder``; those being written are kept.
+
+    Ours (``.NAME.nnclr.tmp``) are stale when no process holds them (flock); those of earlier
+    versions (``NAME.pt.<pid>.tmp``, ``.NAME.<pid>.<n>.tmp``) when their process is gone, or
+    (``.config.yaml.tmp``, ...) when no process holds them. Nothing else is touched; errors are ignored.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        legacy = _LEGACY.fullmatch(entry.name)
+        if legacy is not None:
+            if not _alive(int(legacy.group(1) or legacy.group(2))):
+                _unlink_quietly(entry.path)
+        elif entry.name.endswith(_SUFFIX) or entry.name in _OLD_STABLE:
+            if entry.is_symlink():
+                _unlink_quietly(entry.path)
+            elif fcntl is not None and entry.is_file(follow_symlinks=False):
+                _unlink_unless_held(Path(entry.path))
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _unlink_unless_held(path: Path) -> None:
+    """Remove ``path`` unless a writer holds it (flock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer holds it
+        if _same_file(fd, path):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    if pid <= 0 or pid == os.getpid():
+        return pid == os.getpid()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # another user's process, or cannot tell: keep its file
+    return True
+
+
 def write_atomic(path: Path, write: Callable[[Any], object], *, what: str, kept: str = "") -> None:
     """Write ``path`` through ``write(file)`` (a binary file), atomically and durably.
+
+    A symbolic link at ``path`` or at its temporary name is replaced, never written through. Stale
+    temporary files other (killed) writers left in the folder are removed (:func:`remove_stale_tmps`).
 
     Args:
         path: The file to (re)place.
@@ -155,28 +320,40 @@ def write_atomic(path: Path, write: Callable[[Any], object], *, what: str, kept:
         kept: What is still intact when the write fails, for the error message.
 
     Raises:
-        UserError: The operating system refused the write (no space, read-only, permission);
-            ``path`` is left as it was.
+        UserError: The operating system refused the write (no space, read-only, permission, a folder
+            in the way); ``path`` is left as it was.
     """
-    tmp = tmp_path(path)
-    recording: _Recording | None = None
     try:
-        with _open(tmp, "wb") as file:
-            recording = _Recording(file)
+        replace_file(path, write)
+    except OSError as error:
+        raise disk_error(path, error, what, kept) from None
+
+
+def replace_file(path: Path, write: Callable[[Any], object]) -> None:
+    """:func:`write_atomic` raising the OSError itself (for callers with their own message)."""
+    tmp = tmp_path(path)
+    file = _claim(tmp)
+    recording = _Recording(file)
+    try:
+        try:
             write(recording)
             recording.flush()
             os.fsync(file.fileno())
-        _replace(tmp, path)
-    except BaseException as error:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        cause = recording.error if recording is not None and recording.error is not None else error
-        if isinstance(cause, OSError):
-            raise disk_error(path, cause, what, kept) from None
-        raise
+            if fcntl is None:
+                file.close()  # Windows renames no open file
+            _replace(tmp, path)  # still held: a writer waiting for tmp sees it is no longer its file
+        except BaseException as error:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            if recording.error is not None and isinstance(error, Exception) and not isinstance(error, OSError):
+                raise recording.error from None  # torch.save turned it into a RuntimeError
+            raise
+    finally:
+        file.close()
     _fsync_dir(path.parent)
+    remove_stale_tmps(path.parent)
 
 
 def write_text_atomic(path: Path, text: str, *, what: str, kept: str = "") -> None:
@@ -184,8 +361,13 @@ def write_text_atomic(path: Path, text: str, *, what: str, kept: str = "") -> No
     write_atomic(path, lambda file: file.write(text.encode("utf-8")), what=what, kept=kept)
 
 
+def write_bytes_atomic(path: Path, data: bytes, *, what: str, kept: str = "") -> None:
+    """:func:`write_atomic` of bytes."""
+    write_atomic(path, lambda file: file.write(data), what=what, kept=kept)
+
+
 def append_line(path: Path, line: str, *, what: str, kept: str = "") -> None:
-    """Append ``line`` and a newline to ``path`` in one write.
+    """Append ``line`` and a newline to ``path`` in one write (never through a symbolic link at ``path``).
 
     Raises:
         UserError: The operating system refused the write.
@@ -195,6 +377,36 @@ def append_line(path: Path, line: str, *, what: str, kept: str = "") -> None:
             file.write((line + "\n").encode("utf-8"))
     except OSError as error:
         raise disk_error(path, error, what, kept) from None
+
+
+def make_dir(root: Path, name: str) -> Path:
+    """``root / name`` (e.g. :data:`FEATURES`, :data:`EVAL_SUBSETS`), created if missing; returns it.
+
+    ``root`` is the user's choice (created if missing, may be a link); every folder of ``name`` below
+    it must be a real folder: a symbolic link planted there is not followed.
+
+    Raises:
+        UserError: A part of ``name`` is a symbolic link or a file, or the folder cannot be created.
+    """
+    folder = root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for part in Path(name).parts:
+            folder = folder / part
+            if folder.is_symlink():
+                raise UserError(
+                    f"{folder} is a symbolic link; nnclr writes only into real folders inside {root} and does not "
+                    f"follow links it did not create: remove the link (rm {folder}) and rerun the same command"
+                )
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise UserError(f"{folder} is a file, not a folder; move it out of the way and rerun the same "
+                                    "command") from None
+    except OSError as error:
+        raise disk_error(folder, error, "the folder") from None
+    return folder
 
 
 def write_config(run_dir: Path, text: str) -> None:
@@ -319,64 +531,162 @@ Log = MetricsLog | NoLog
 
 # --- one process per run directory --------------------------------------------------------------------
 #
-# ``nnclr pretrain`` holds an exclusive ``flock`` on ``.lock`` for as long as it runs. A second
-# process pointed at the same run directory, concurrently, is refused with a message naming the
-# holder (pid, command, start time), whatever its arguments: resuming or ``--fresh`` while the
-# first one writes would interleave two runs' checkpoints and metrics. The kernel releases the
-# lock when the holder exits in any way (including ``kill -9`` and a crash), so rerunning the same
-# command after the first process died resumes as usual; a lock file left behind means nothing.
-# Where ``fcntl`` does not exist (Windows) there is no lock.
+# ``nnclr pretrain`` (from before it reads the run until its report is written) and ``nnclr embed``
+# hold an exclusive ``flock`` on the directory itself (a descriptor of the folder): unlike a lock
+# file, it cannot be deleted from under the holder. A second process pointed at the same directory
+# is refused with a message naming the holder (pid, command, start time, from the note ``.lock``),
+# whatever its arguments: resuming or ``--fresh`` while the first one writes would interleave two
+# runs' files. The kernel releases the lock when the holder exits in any way (including ``kill -9``
+# and a crash), so rerunning the same command after the first process died resumes as usual; a
+# ``.lock`` left behind means nothing. Where a folder cannot be locked (some network file systems)
+# ``.lock`` itself is locked; where ``fcntl`` does not exist (Windows) there is no lock.
+#
+# The lock is re-entrant within a process: ``nnclr pretrain``'s command takes it around the
+# training (which takes it again) and the report.
+
+
+@dataclass
+class _Held:
+    fd: int
+    pid: int
+    count: int
+
+
+_HELD: dict[tuple[int, int], _Held] = {}  # (device, inode) of a locked directory -> this process's hold
 
 
 @dataclass
 class RunLock:
     """A held lock; :meth:`release` (or the process ending) lets the next process in."""
 
-    path: Path
-    fd: int | None
+    path: Path  # the note .lock
+    fd: int | None  # the descriptor holding the flock (None: released, or no lock on this platform)
+    key: tuple[int, int] | None = None  # the directory's (device, inode), for a re-entrant hold
 
     def release(self) -> None:
-        """Let the next process in."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor releases the flock
-            self.fd = None
+        """Let the next process in (once every hold of this process is released)."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        held = _HELD.get(self.key) if self.key is not None else None
+        if held is not None and held.fd == fd:
+            held.count -= 1
+            if held.count > 0:
+                return
+            del _HELD[self.key]  # type: ignore[arg-type]
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _read_note(path: Path) -> str:
+    """The note's text: never through a link, never blocking on a FIFO; "" when it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _holder(path: Path) -> str:
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(_read_note(path))
         return f"pid {info['pid']}, `{info['command']}`, since {info['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return "pid unknown"
 
 
-def acquire_lock(run_dir: Path) -> RunLock:
-    """Lock ``run_dir`` (created if missing) for this process.
+def _lock_fd(run_dir: Path, path: Path) -> tuple[int, bool]:
+    """A descriptor of ``run_dir`` flocked by this process (or of ``.lock`` where folders cannot be locked).
+
+    Returns the descriptor and whether it is ``.lock``'s; raises BlockingIOError when another process holds it.
+    """
+    fd = os.open(run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, False
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # e.g. NFS: no flock on a read-only descriptor of a folder
+        os.close(fd)
+    while True:  # lock .lock, making sure the file locked is the one at the name (not one deleted meanwhile)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError:
+            if not os.path.islink(path):
+                raise
+            path.unlink()
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            return fd, True
+        os.close(fd)
+
+
+def acquire_lock(run_dir: Path, *, flag: str = "--run-dir") -> RunLock:
+    """Lock ``run_dir`` (created if missing) for this process; re-entrant within a process.
+
+    Args:
+        run_dir: The run directory (or EMB_DIR).
+        flag: How the user named it, for the messages (``--run-dir``, ``--out``).
 
     Raises:
-        UserError: Another live process holds the lock, or the folder cannot be written.
+        UserError: Another live process holds the lock, ``run_dir`` is a file, or the folder cannot be written.
     """
     path = run_dir / LOCK
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise disk_error(path, error, "the run's lock file") from None
+        if isinstance(error, FileExistsError) or (run_dir.exists() and not run_dir.is_dir()):
+            raise UserError(f"{flag} {run_dir} is a file, not a folder; pass a folder to {flag} or move the file "
+                            "out of the way") from None
+        raise disk_error(path, error, "the lock file") from None
     if fcntl is None:
-        return RunLock(path, fd)
+        _write_note(path)
+        return RunLock(path, None)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+        info = os.stat(run_dir)
+        key = (info.st_dev, info.st_ino)
+        held = _HELD.get(key)
+        if held is not None and held.pid == os.getpid():
+            held.count += 1
+            return RunLock(path, held.fd, key)
+        fd, on_note = _lock_fd(run_dir, path)
+    except BlockingIOError:
         raise UserError(
             f"{run_dir} is in use by another nnclr process ({_holder(path)}); wait for it to end or stop it "
-            "(it saves a checkpoint on Ctrl-C), then rerun to resume, or use another --run-dir"
+            f"(it saves what it has done on Ctrl-C), then rerun the same command, or use another {flag}"
         ) from None
-    info = {"pid": os.getpid(), "command": " ".join(["nnclr", *sys.argv[1:]]),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    except OSError as error:
+        raise disk_error(path, error, "the lock file") from None
+    _HELD[key] = _Held(fd, os.getpid(), 1)
+    if on_note:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, _note().encode())
+        except OSError:
+            pass  # the lock holds without the note; a full disk is reported by the first real write
+    else:
+        _write_note(path)
+    return RunLock(path, fd, key)
+
+
+def _note() -> str:
+    return json.dumps({"pid": os.getpid(), "command": " ".join(["nnclr", *sys.argv[1:]]),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _write_note(path: Path) -> None:
+    """Who holds the lock, for the message of the processes refused (atomically: a link there is replaced)."""
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-    except OSError:
+        write_text_atomic(path, _note(), what="the lock note")
+    except UserError:
         pass  # the lock holds without the note; a full disk is reported by the first real write
-    return RunLock(path, fd)

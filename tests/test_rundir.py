@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nnclr import rundir
 from nnclr.checkpoint import CHECKPOINT_NAME
+from nnclr.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nnclr"
 FILES = (rundir.CONFIG, rundir.CHECKPOINT, rundir.METRICS, rundir.RESULTS, rundir.DATA_INDEX, rundir.REPORT,
@@ -92,7 +96,7 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     path = tmp_path / rundir.RESULTS
     rundir.write_results(tmp_path, {"steps": 3})
     assert rundir.read_json(path) == {"steps": 3} and not rundir.tmp_path(path).exists()
-    assert rundir.tmp_path(path).name == ".results.json.tmp"
+    assert rundir.tmp_path(path).name == ".results.json.nnclr.tmp"
 
 
 def test_every_file_of_the_run_directory_is_in_the_manual_and_fresh_says_what_it_deletes() -> None:
@@ -104,3 +108,148 @@ def test_every_file_of_the_run_directory_is_in_the_manual_and_fresh_says_what_it
     fresh += running.split(fresh, 1)[1].split("\n- ", 1)[0]
     for name in (*rundir.FRESH_DELETES, rundir.TENSORBOARD):
         assert f"`{name}" in fresh, name
+
+
+# --------------------------------------------------------------------------- links planted in a run directory
+
+TARGETS = ("outside file", "dangling", "directory")
+
+
+def _plant(link: Path, kind: str, outside: Path) -> Path:
+    """A symbolic link at ``link`` to a file outside (holding KEEP), to nothing, or to a folder outside."""
+    names = {"outside file": "victim", "dangling": "nothing", "directory": "folder"}
+    target = outside / names[kind]
+    if kind == "outside file":
+        target.write_text("KEEP")
+    elif kind == "directory":
+        target.mkdir(exist_ok=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return target
+
+
+def _outside_unchanged(outside: Path) -> None:
+    """The victim still holds KEEP, nothing was created at the dangling target or in the folder."""
+    assert (outside / "victim").read_text() == "KEEP" if (outside / "victim").exists() else True
+    assert not (outside / "nothing").exists()
+    assert not (outside / "folder").exists() or list((outside / "folder").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+@pytest.mark.parametrize("at", ["file", "tmp"])
+def test_an_atomic_write_replaces_a_planted_link_and_never_writes_through_it(tmp_path: Path, kind: str,
+                                                                             at: str) -> None:
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    path = run / rundir.RESULTS
+    _plant(path if at == "file" else rundir.tmp_path(path), kind, outside)
+    rundir.write_results(run, {"steps": 3})
+    _outside_unchanged(outside)
+    assert not path.is_symlink() and rundir.read_json(path) == {"steps": 3}
+    assert not os.path.lexists(rundir.tmp_path(path))
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_appending_to_a_planted_link_is_refused_in_one_line(tmp_path: Path, kind: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _plant(tmp_path / rundir.METRICS, kind, outside)
+    with pytest.raises(UserError, match="metrics") as raised:
+        rundir.append_line(tmp_path / rundir.METRICS, "{}", what="the metrics")
+    assert "\n" not in str(raised.value)
+    _outside_unchanged(outside)
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_the_lock_never_writes_through_a_planted_link(tmp_path: Path, kind: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _plant(tmp_path / "run" / rundir.LOCK, kind, outside)
+    lock = rundir.acquire_lock(tmp_path / "run")
+    try:
+        _outside_unchanged(outside)
+        assert json.loads((tmp_path / "run" / rundir.LOCK).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize("name", [rundir.FEATURES, rundir.EVAL_SUBSETS, rundir.TENSORBOARD])
+def test_a_planted_link_at_a_folder_of_the_run_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _plant(tmp_path / "run" / name, "directory", outside)
+    with pytest.raises(UserError, match="symbolic link") as raised:
+        rundir.make_dir(tmp_path / "run", name)
+    assert "\n" not in str(raised.value) and str(tmp_path / "run" / name) in str(raised.value)
+    _outside_unchanged(outside)
+    assert rundir.make_dir(tmp_path / "run2", name) == tmp_path / "run2" / name
+    assert (tmp_path / "run2" / name).is_dir()
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def _try_lock(run_dir: Path, flag: str = "--run-dir") -> subprocess.CompletedProcess:
+    """Another process asks for the lock of ``run_dir`` (rundir imports no torch: a fraction of a second)."""
+    code = ("import sys; from pathlib import Path; from nnclr import rundir; from nnclr.errors import UserError\n"
+            "try:\n    rundir.acquire_lock(Path(sys.argv[1]), flag=sys.argv[2])\n"
+            "except UserError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
+    return subprocess.run([sys.executable, "-c", code, str(run_dir), flag], capture_output=True, text=True)
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path: Path) -> None:
+    lock = rundir.acquire_lock(tmp_path / "run")
+    try:
+        (tmp_path / "run" / rundir.LOCK).unlink()
+        second = _try_lock(tmp_path / "run", "--out")
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1
+        assert f"{tmp_path / 'run'} is in use by another nnclr process" in second.stderr
+        assert "--out" in second.stderr
+    finally:
+        lock.release()
+    assert _try_lock(tmp_path / "run").returncode == 0  # released: the next one gets in
+
+
+def test_the_lock_is_reentrant_in_one_process_and_held_until_the_last_release(tmp_path: Path) -> None:
+    outer = rundir.acquire_lock(tmp_path / "run")
+    inner = rundir.acquire_lock(tmp_path / "run")  # e.g. pretrain inside the command that then writes the report
+    inner.release()
+    assert _try_lock(tmp_path / "run").returncode == 2
+    outer.release()
+    assert _try_lock(tmp_path / "run").returncode == 0
+
+
+def test_a_run_directory_that_is_a_file_is_named_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"--out {tmp_path / 'file'} is a file") as raised:
+        rundir.acquire_lock(tmp_path / "file", flag="--out")
+    assert "free space" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------- temporary files left by kills
+
+
+def test_temporary_files_a_killed_writer_left_are_removed_and_those_being_written_are_not(tmp_path: Path) -> None:
+    features = tmp_path / rundir.FEATURES
+    features.mkdir()
+    stale = [rundir.tmp_path(features / "a.pt"), features / "b.pt.999999999.tmp",
+             rundir.tmp_path(tmp_path / rundir.RESULTS)]
+    for path in stale:
+        path.write_bytes(b"x" * 1000)
+    other = [features / "notes.tmp", features / ".notes.tmp", features / "c.pt"]  # not nnclr's temporary files
+    for path in other:
+        path.write_bytes(b"y")
+    busy = rundir.tmp_path(features / "d.pt")  # a live writer holds it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(busy)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        rundir.write_bytes_atomic(features / "e.pt", b"new", what="the features")
+        assert [p.exists() for p in stale[:2]] == [False, False] and busy.exists()
+        assert all(p.exists() for p in other) and stale[2].exists()  # another folder: cleaned when written there
+    finally:
+        holder.kill()
+        holder.wait()
