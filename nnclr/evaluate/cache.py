@@ -12,7 +12,6 @@ autocast where :func:`nnclr.runtime.resolve_dtype` says it is fast, with a progr
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -146,11 +145,11 @@ def split_features(
         raise ValueError(f"features of {data}/{split} are not cached and no loader was given")
     dataset = load(data, split)
     features = extract_split(pretrained, dataset, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({
+    state = {
         "format": CACHE_FORMAT, "checkpoint_hash": pretrained.checkpoint_hash, "data": data, "split": split,
         "features": features, "labels": dataset.labels.clone(), "classes": list(dataset.classes),
-    }, tmp)
-    os.replace(tmp, path)
+    }
+    rundir.make_dir(run_dir, rundir.FEATURES)
+    rundir.write_atomic(path, lambda file: torch.save(state, file), what="the feature cache",
+                        kept="nothing else was changed")
     return SplitFeatures(features, dataset.labels.clone(), list(dataset.classes), data, split)

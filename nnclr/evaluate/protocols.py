@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -123,10 +122,9 @@ def result_path(run_dir: Path, protocol: str, data: str, mode: str | None = None
 def write_record(run_dir: Path, record: dict[str, Any]) -> Path:
     """Write ``record`` as JSON (atomically) and return its path."""
     path = result_path(run_dir, record["protocol"], record["data"], record["settings"].get("mode"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    rundir.make_dir(run_dir, rundir.EVAL)
+    rundir.write_text_atomic(path, json.dumps(record, indent=2) + "\n", what=f"the {record['protocol']} result",
+                             kept="the cached features are intact")
     return path
 
 
@@ -303,6 +301,7 @@ def semi_supervised(
                 if not torch.equal(semi.read_subset(path, len(train_set), train_set.labels), indices):
                     raise UserError(f"{path} differs from the subset drawn now; delete it or pass --subset-file")
             else:
+                rundir.make_dir(evaluation.run_dir, rundir.EVAL_SUBSETS)  # links planted there are not followed
                 semi.write_subset(path, indices)
             subsets.append((semi.fraction_name(fraction), fraction, indices, path))
     per_subset = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnclr import rundir
 from nnclr.config import EVAL
 from nnclr.data.lazy import FolderImages, batch_slices, prefetched
 from nnclr.errors import UserError
@@ -64,9 +65,9 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> tor
 
 
 def write_subset(path: Path, indices: torch.Tensor) -> None:
-    """One index per line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{i}\n" for i in indices.tolist()))
+    """One index per line, written atomically (a full or read-only disk: a UserError naming ``path``)."""
+    rundir.make_dir(path.parent, "")
+    rundir.write_text_atomic(path, "".join(f"{i}\n" for i in indices.tolist()), what="the label subset")
 
 
 def read_subset(path: Path, num_train: int, labels: torch.Tensor) -> torch.Tensor:
