@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nnclr.rundir import TENSORBOARD
+from nnclr.rundir import TENSORBOARD, make_dir
 
 SKIP = ("type", "step", "epoch")
 
@@ -41,7 +41,8 @@ class TensorBoardLog:
         if enabled and available():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD), purge_step=purge_step)
+            log_dir = make_dir(Path(run_dir), TENSORBOARD)  # a link planted there is refused, not followed
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     @property
     def active(self) -> bool:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,167 @@ def test_temporary_files_a_killed_writer_left_are_removed_and_those_being_writte
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------- the campaign: every command, every name
+
+RUN_FILES = (rundir.CONFIG, rundir.CHECKPOINT, rundir.METRICS, rundir.RESULTS, rundir.DATA_INDEX, rundir.LOCK,
+             rundir.REPORT)
+EMB_FILES = ("embeddings.npy", "index.csv", "manifest.json", rundir.LOCK)
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnclr", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+
+
+def _succeeded_or_refused(result: subprocess.CompletedProcess) -> None:
+    """The command succeeded, or refused in one line (exit 1 or 2), never a traceback."""
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode in (1, 2) and len(lines) == 1 and lines[0].startswith("nnclr: error: "), \
+            result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _plant_everywhere(folder: Path, names: tuple[str, ...], outside: Path) -> list[Path]:
+    """Links at every name and its temporary name, to an outside file, nothing or an outside folder in turn."""
+    links = []
+    for i, name in enumerate(names):
+        for j, link in enumerate((folder / name, rundir.tmp_path(folder / name))):
+            _plant(link, TARGETS[(i + j) % len(TARGETS)], outside / link.name)
+            links.append(link)
+    return links
+
+
+def _outside(tmp_path: Path, names: tuple[str, ...]) -> Path:
+    outside = tmp_path / "outside"
+    for name in names:
+        for link in (Path(name), rundir.tmp_path(Path(name))):
+            (outside / link.name).mkdir(parents=True, exist_ok=True)
+    return outside
+
+
+def _outside_untouched(outside: Path) -> None:
+    for folder in outside.iterdir():
+        _outside_unchanged(folder)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from use_helpers import save_demo_image
+
+    root = tmp_path_factory.mktemp("images") / "photos"
+    for i in range(24):
+        save_demo_image(i, root / ("a" if i % 2 else "b") / f"{i}.png")
+    return root
+
+
+def _pretrain_args(run: Path, images: Path, *extra: str) -> list[str]:
+    from tiny import SMALLER_HEADS
+
+    return ["pretrain", "--run-dir", str(run), "--no-progress", "--set", *SMALLER_HEADS, f"data.name=folder:{images}",
+            "data.image_size=16", "data.test_split=", "optim.batch_size=8", "train.threads=1", "train.max_steps=2",
+            "train.checkpoint_every=1", "train.log_every=1", *extra]
+
+
+@pytest.mark.slow
+def test_no_command_writes_through_a_link_planted_at_a_name_it_writes(tmp_path: Path, image_folder: Path) -> None:
+    """pretrain (with its report and data index), report, eval, export and embed, with links at every file name."""
+    run, emb = tmp_path / "run", tmp_path / "emb"
+    outside = _outside(tmp_path, (*RUN_FILES, *EMB_FILES, "model.safetensors", "knn-demo.json"))
+    links = _plant_everywhere(run, RUN_FILES, outside)
+    result = _cli(*_pretrain_args(run, image_folder, "train.report=true"))
+    _succeeded_or_refused(result)  # a file linked at checkpoint.pt or data-index.npz is read as the run's: refused
+    _outside_untouched(outside)
+    if result.returncode != 0:
+        result = _cli(*_pretrain_args(run, image_folder, "train.report=true"), "--fresh")
+        assert result.returncode == 0, result.stderr
+        _outside_untouched(outside)
+    assert not any(link.is_symlink() for link in links if not link.name.endswith(".tmp"))
+    assert not any(os.path.lexists(link) for link in links if link.name.endswith(".tmp"))
+    assert (run / rundir.REPORT).is_file() and (run / rundir.DATA_INDEX).is_file()
+
+    (run / rundir.REPORT).unlink()
+    _plant_everywhere(run, (rundir.REPORT,), outside)
+    _succeeded_or_refused(_cli("report", str(run)))
+    _outside_untouched(outside)
+
+    _plant_everywhere(tmp_path, ("model.safetensors",), outside)
+    _succeeded_or_refused(_cli("export", "--checkpoint", str(run), "--format", "safetensors",
+                               "--out", str(tmp_path / "model.safetensors")))
+    _outside_untouched(outside)
+
+    _plant_everywhere(emb, EMB_FILES, outside)
+    result = _cli("embed", "--checkpoint", str(run), "--images", str(image_folder), "--out", str(emb),
+                  "--no-progress")
+    _succeeded_or_refused(result)
+    _outside_untouched(outside)
+
+
+@pytest.mark.slow
+def test_a_link_planted_at_a_folder_of_the_run_is_refused_in_one_line(tmp_path: Path, image_folder: Path) -> None:
+    from nnclr.tensorboard_log import available
+
+    if not available():
+        pytest.skip("tensorboard is not installed: nnclr writes no tensorboard/ folder")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    _plant(run / rundir.TENSORBOARD, "directory", outside)
+    result = _cli(*_pretrain_args(run, image_folder, "train.report=false"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "symbolic link" in lines[0], result.stderr
+    _outside_unchanged(outside)
+
+
+# --------------------------------------------------------------------------- the lock, as users meet it
+
+
+@pytest.mark.slow
+def test_fresh_is_refused_while_a_run_writes_its_report(tmp_path: Path, tiny_data: Path, monkeypatch, capsys) -> None:
+    from robust_helpers import run_overrides
+
+    import nnclr.report
+    from nnclr.cli import main
+    from nnclr.report.build import write_report as build_report
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--run-dir", str(run), "--no-progress", "--set",
+            *run_overrides(tiny_data, "train.max_steps=2", "data.test_split=")]
+    seen: list[subprocess.CompletedProcess] = []
+
+    def report_with_a_fresh_start_meanwhile(run_dir: Path) -> Path:
+        seen.append(_cli(*args, "--fresh"))  # a user starts over while the first run writes its report
+        return build_report(run_dir)
+
+    monkeypatch.setattr(nnclr.report, "write_report", report_with_a_fresh_start_meanwhile)
+    assert main([*args, "train.report=true"]) == 0
+    assert len(seen) == 1 and seen[0].returncode == 2, seen[0].stderr
+    assert f"{run} is in use by another nnclr process (pid {os.getpid()}" in seen[0].stderr
+    assert (run / rundir.CHECKPOINT).is_file() and (run / rundir.RESULTS).is_file() and (run / rundir.REPORT).is_file()
+
+
+@pytest.mark.slow
+def test_deleting_the_lock_file_during_a_run_does_not_let_a_second_run_in(tmp_path: Path, tiny_data: Path) -> None:
+    from robust_helpers import run_overrides
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--run-dir", str(run), "--no-progress", "--set",
+            *run_overrides(tiny_data, "train.epochs=500", "data.test_split=")]
+    first = subprocess.Popen([sys.executable, "-m", "nnclr", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / rundir.CHECKPOINT).is_file():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        (run / rundir.LOCK).unlink()
+        for extra in ([], ["--fresh"]):
+            second = _cli(*args, *extra)
+            assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+            assert f"{run} is in use by another nnclr process" in second.stderr
+        assert first.poll() is None and (run / rundir.CHECKPOINT).is_file()
+    finally:
+        first.kill()
+        first.wait()

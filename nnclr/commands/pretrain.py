@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -43,9 +44,24 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)  # config mistakes fail before torch is imported
     if args.run_dir:  # a path, as typed: not through the text of an override
         config.train.run_dir = args.run_dir
-    from nnclr.train import pretrain
+    from nnclr import rundir
 
-    echo = print if os.environ.get("RANK", "0") == "0" else _silent  # under torchrun: rank 0 speaks
+    main = os.environ.get("RANK", "0") == "0"
+    echo = print if main else _silent  # under torchrun: rank 0 speaks
+    run_dir = Path(config.train.run_dir or rundir.default_run_dir(config.method.name, config.data.name))
+    # rank 0 holds the run directory from before training reads it until the report is written
+    lock = rundir.acquire_lock(run_dir, flag="--run-dir" if args.run_dir else "train.run_dir") if main else None
+    try:
+        from nnclr.train import pretrain  # torch: after a refusal, which is instant
+
+        return _pretrain(args, config, pretrain, echo)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(args: argparse.Namespace, config: Any, pretrain: Any, echo: Any) -> int:
+    """Train, print kNN before/after and the run directory, write the report."""
     echo(
         f"nnclr pretrain: {config.method.name} on {config.data.name}, backbone {config.model.backbone}, "
         f"batch {config.optim.batch_size}, {config.train.epochs:g} epochs",

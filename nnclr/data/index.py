@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnclr import rundir
 from nnclr.errors import UserError
 
 FORMAT_VERSION = 1
@@ -185,12 +186,14 @@ class FileIndex:
         return ", ".join(parts) or "same files, classes, sizes and mtimes, but other labels or order"
 
     def save(self, path: Path) -> None:
-        """Write the index to ``path`` (.npz, no pickle), atomically; never through a symlink it did not create.
+        """Write the index to ``path`` (.npz, no pickle) with :func:`nnclr.rundir.write_atomic`: atomically,
+        never through a symlink it did not create.
 
         Raises:
-            OSError: If the file cannot be written (no temporary file is left behind).
+            UserError: If the file cannot be written, naming it and the reason (no temporary file is left behind).
         """
-        write_npz(Path(path), self.to_arrays())
+        arrays = self.to_arrays()
+        rundir.write_atomic(Path(path), lambda file: np.savez(file, **arrays), what="the file index")
 
     @classmethod
     def load(cls, path: Path) -> FileIndex:

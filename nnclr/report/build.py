@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from nnclr.errors import UserError
+from nnclr import rundir
 from nnclr.report import html as H
 from nnclr.report.data import read_run
 from nnclr.report.run_sections import evaluation_section, get, summary_section, training_section
@@ -47,9 +47,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, galleries: 
     document = H.page(title, subtitle, sections, list(run.missing.values()))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(document, encoding="utf-8")
-        tmp.replace(out)
     except OSError as error:
-        raise UserError(f"cannot write the report to {out}: {error.strerror or error}") from None
+        raise rundir.disk_error(out, error, "the report") from None
+    rundir.write_text_atomic(out, document, what="the report")  # never through a link planted at its name
     return out
