@@ -192,6 +192,9 @@ class _Recording:
             self.error = error
             raise
 
+    def __getattr__(self, name: str) -> Any:  # tell, seek, fileno, ... (zipfile and np.savez need them)
+        return getattr(self.file, name)
+
 
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
