@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,26 +35,37 @@ from torch import nn
 from nnclr import rundir, runtime
 from nnclr.augment import eval_transform, normalization_for
 from nnclr.backbones import feature_dim
-from nnclr.checkpoint import load_checkpoint, load_state_strict, written_by
+from nnclr.checkpoint import PRETRAINING_FIELDS, check_fields, load_state_strict, read_checkpoint, written_by
 from nnclr.config import Config, from_dict
 from nnclr.data.decode import square_box, to_rgb
 from nnclr.data.resize import resize_images
 from nnclr.errors import UserError
+from nnclr.integrity import check_safetensors
 from nnclr.model import ContrastiveModel, build_model
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray
 
 
+def shown_path(path: str | Path, limit: int = 80) -> str:
+    """``path`` for a one-line message: cut in the middle when longer than ``limit`` characters, saying how long."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory -> its ``checkpoint.pt``; a file -> itself; anything else is a UserError."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        candidate = path / rundir.CHECKPOINT
-        if not candidate.is_file():
-            raise UserError(f"{path} has no {rundir.CHECKPOINT}; is it a run directory of `nnclr pretrain`?")
-        return candidate
-    if not path.exists():
-        raise UserError(f"checkpoint {path} not found; pass a run directory or a checkpoint file")
+    try:
+        if path.is_dir():
+            candidate = path / rundir.CHECKPOINT
+            if not candidate.is_file():
+                raise UserError(f"{path} has no {rundir.CHECKPOINT}; is it a run directory of `nnclr pretrain`?")
+            return candidate
+        if not path.exists():
+            raise UserError(f"checkpoint {path} not found; pass a run directory or a checkpoint file")
+    except OSError as error:  # a name too long for the file system, a folder we may not enter...
+        raise UserError(f"checkpoint {shown_path(path)} cannot be looked up ({error.strerror or error}); pass the "
+                        "path of a run directory or a checkpoint file (at most 255 bytes per name)") from None
     return path
 
 
@@ -200,24 +212,106 @@ class Pretrained:
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """An ``nnclr export --format safetensors`` file -> (config dict, backbone state, projector state or None)."""
+    """An ``nnclr export --format safetensors`` file -> (config dict, backbone state, projector state or None).
+
+    Raises:
+        UserError: The file cannot be read, its checksum (:func:`nnclr.integrity.check_safetensors`) does not
+            match, or its ``config`` metadata is missing or not a JSON object.
+    """
     import json
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     try:
+        damage = check_safetensors(path)
+        if damage is not None:
+            raise UserError(f"{path} is damaged: {damage} (changed on disk or in a copy); export it again "
+                            "(nnclr export) or copy it again from where it came from")
         with safe_open(str(path), framework="pt") as file:
             meta = file.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path} cannot be read as safetensors ({error})") from None
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:200]
+        raise UserError(f"{path} cannot be read as safetensors ({reason})") from None
     if "config" not in meta:
         raise UserError(f"{path} has no nnclr metadata; only files written by `nnclr export` can be loaded")
+    try:
+        tree = json.loads(meta["config"])
+    except ValueError as error:
+        raise UserError(f"{path}: its config metadata is not JSON ({error}); the file is damaged or not written "
+                        "by `nnclr export`: export it again") from None
+    if not isinstance(tree, dict) or not all(isinstance(v, dict) for v in tree.values()):
+        raise UserError(f"{path}: its config metadata is not a mapping of config sections; the file is damaged or "
+                        "not written by `nnclr export`: export it again")
     prefix = "projector."
     backbone = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
     projector = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)} or None
-    return json.loads(meta["config"]), backbone, projector
+    return tree, backbone, projector
+
+
+def _config_of(tree: dict[str, Any], path: Path) -> Config:
+    """The Config saved in ``path``; a value the config refuses is one line naming the file."""
+    try:
+        return from_dict(tree)
+    except UserError as error:
+        raise UserError(f"{path}: the config stored in it is refused ({error}); the file is damaged or crafted, "
+                        "or written by another nnclr version") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise UserError(f"{path}: the config stored in it cannot be read ({type(error).__name__}: "
+                        f"{str(error)[:120]}); the file is damaged or crafted") from None
+
+
+def build_checked(config: Config, path: Path, parts: dict[str, dict[str, torch.Tensor]], device: torch.device,
+                  origin: str = "") -> ContrastiveModel:
+    """Build the model ``config`` describes and load ``parts`` into it (``{"": model state}`` or
+    ``{"backbone": ..., "projector": ...}``), strictly.
+
+    The model is first built on the ``meta`` device (no memory): the file's tensors must fit its shapes, and
+    the whole model must fit in ``device``'s memory, so that a crafted config asking for a huge model is one
+    line, not an allocation that takes the machine down.
+
+    Raises:
+        UserError: A key or shape mismatch (:func:`nnclr.checkpoint.load_state_strict`) or a model too large.
+    """
+    m = config.model
+    sizes = (f"model.backbone={m.backbone}, model.proj_hidden_dim={m.proj_hidden_dim}, model.proj_dim={m.proj_dim}, "
+             f"model.pred_hidden_dim={m.pred_hidden_dim}")
+    try:
+        with torch.device("meta"):
+            shapes: ContrastiveModel | None = build_model(config)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a backbone that cannot be built on meta tensors: checked when built
+        if "overflow" in str(error).lower():  # more elements than an int64 counts
+            raise UserError(f"{path}: its config asks for a model too large to build ({sizes}); the file is damaged "
+                            "or crafted") from None
+        shapes = None
+    if shapes is not None:
+        with warnings.catch_warnings():  # copying into meta tensors is a no-op: only keys and shapes are compared
+            warnings.simplefilter("ignore")
+            _load_parts(shapes, parts, path, origin)
+        size = sum(t.numel() * t.element_size() for t in itertools.chain(shapes.parameters(), shapes.buffers()))
+        have, where = runtime.device_memory(device)
+        if have and size > have:
+            raise UserError(f"{path}: its config asks for a model of {size / 2**30:,.1f} GiB ({sizes}) and {where} "
+                            f"has {have / 2**30:,.1f} GiB; the file is damaged or crafted")
+    try:
+        model = build_model(config)
+    except RuntimeError as error:  # what the meta build could not check: the allocator's refusal
+        raise UserError(f"{path}: the model its config describes cannot be built ({str(error).splitlines()[0][:160]}; "
+                        f"{sizes}); the file is damaged or crafted") from None
+    _load_parts(model, parts, path, origin)
+    return model
+
+
+def _load_parts(model: nn.Module, parts: dict[str, dict[str, torch.Tensor]], path: Path, origin: str) -> None:
+    """:func:`nnclr.checkpoint.load_state_strict` of each part, the file named in the message."""
+    for name, state in parts.items():
+        try:
+            load_state_strict(getattr(model, name) if name else model, state, name or "model", origin)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
 
 
 def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pretrained:
@@ -233,29 +327,26 @@ def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pret
         UserError: the path is not a checkpoint, cannot be read safely, or does not match its config.
     """
     checkpoint = resolve_checkpoint(path)
+    resolved = runtime.resolve_device(device)
     if checkpoint.suffix == ".safetensors":
         tree, backbone_state, projector_state = _load_safetensors(checkpoint)
-        config = from_dict(tree)
-        model: ContrastiveModel = build_model(config)
-        load_state_strict(model.backbone, backbone_state, "backbone")
-        if projector_state is not None:
-            load_state_strict(model.projector, projector_state, "projector")
+        config = _config_of(tree, checkpoint)
+        parts = {"backbone": backbone_state, **({"projector": projector_state} if projector_state is not None else {})}
+        model = build_checked(config, checkpoint, parts, resolved)
         state: dict[str, Any] = {"step": 0}
+        digest = file_hash(checkpoint, 64)
     else:
-        state = load_checkpoint(checkpoint)
-        if "config" not in state or "model" not in state:
-            raise UserError(f"{checkpoint} is not an nnclr pretraining checkpoint (no config or model in it)")
-        config = from_dict(state["config"])
-        model = build_model(config)
-        load_state_strict(model, state["model"], "model", written_by(state))
+        state, digest = read_checkpoint(checkpoint)
+        check_fields(state, checkpoint, PRETRAINING_FIELDS)
+        config = _config_of(state["config"], checkpoint)
+        model = build_checked(config, checkpoint, {"": state["model"]}, resolved, written_by(state))
         projector_state = state["model"]
-    resolved = runtime.resolve_device(device)
     model = model.to(resolved).eval()
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Pretrained(
         encoder=model.backbone, projector=model.projector if projector_state is not None else None,
         config=config, checkpoint=checkpoint,
-        checkpoint_hash=file_hash(checkpoint), step=int(state.get("step", 0)), device=resolved,
+        checkpoint_hash=digest[:16], step=int(state.get("step", 0)), device=resolved,
         dtype=runtime.resolve_dtype(precision, resolved),
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnclr import distributed, rundir, runtime
+from nnclr import checkpoint, distributed, rundir, runtime
 from nnclr.checkpoint import config_differences, load_checkpoint, load_state_strict, written_by
 from nnclr.config import to_dict
 from nnclr.data.index import FileIndex
@@ -56,7 +56,13 @@ def restore(run: Run, state: dict[str, Any]) -> int:
     if run.support is not None:
         load_state_strict(run.support, state["support"], "support set", origin)
     load_state_strict(run.selector, state["selector"], "selector", origin)
-    run.optimizer.load_state_dict(state["optimizer"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise UserError(
+            f"the checkpoint's optimiser state does not fit this run{origin} ({str(error).splitlines()[0][:160]}); "
+            f"the file is damaged or crafted: start over with --fresh, or use another --run-dir"
+        ) from None
     run.knn_before = state.get("knn_before")
     run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
     # every rank adds its own files to the total, which the checkpoint holds: rank 0 carries it on
@@ -84,6 +90,8 @@ def read_for_resume(run: Run, path: Path, fresh: bool, accept_changes: bool, ech
             check_folder(run, path.is_file(), accept_changes, echo)
             if path.is_file():  # one process loads onto its device; several share a CPU copy
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
+                needed = checkpoint.RESUME_FIELDS + (("support",) if run.support is not None else ())
+                checkpoint.check_fields(state, path, needed)
         except UserError as error:
             if distributed.world_size() == 1:
                 raise

@@ -18,6 +18,7 @@ fetch the file yourself (e.g. ``huggingface-cli download timm/resnet18.a1_in1k``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from torch import nn
 from torchvision.models import ResNet
 
 from nnclr import rundir
-from nnclr.checkpoint import unsafe_globals
+from nnclr.checkpoint import load_failure, unsafe_globals
 from nnclr.errors import UserError
+from nnclr.integrity import check_safetensors, verify_zip
 
 SHOWN = 4  # keys named per kind of mismatch
 
@@ -55,17 +57,35 @@ def classifier_names(encoder: nn.Module) -> tuple[str, ...]:
 
 
 def _torch_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``, its checksum checked when it has one (:mod:`nnclr.integrity`)."""
+    zipped = False
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as file:
+            if verify_zip(file).damaged:
+                raise UserError(f"model.init_from={path} is damaged: its bytes no longer match the SHA-256 written "
+                                "with it (changed on disk or in a copy); copy it again from where it came from")
+            file.seek(0)
+            zipped = file.read(4) == b"PK\x03\x04"
+            file.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(file, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except OSError as error:
+        raise UserError(f"model.init_from={path} cannot be read ({error.strerror or error}); check its permissions "
+                        "and the path") from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to a user
-        unsafe = unsafe_globals(path)
+        unsafe = unsafe_globals(path) if zipped else []
         if unsafe:
             raise UserError(
                 f"model.init_from={path}: refused, it needs unpickling Python objects ({', '.join(unsafe[:3])}), which "
                 "can run code; save the weights alone: torch.save(model.state_dict(), FILE)"
             ) from None
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"model.init_from={path} cannot be read ({reason})") from None
+        kind = "" if zipped else (", not in torch's zip format (a plain pickle or a torch < 1.6 file); nnclr never "
+                                  "unpickles code")
+        raise UserError(f"model.init_from={path} cannot be read ({load_failure(error)}){kind}; save the weights alone "
+                        "from a copy you trust: torch.save(model.state_dict(), FILE)") from None
 
 
 def _is_state(tree: Any) -> bool:
@@ -84,6 +104,10 @@ def read_encoder_state(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         from safetensors import SafetensorError, safe_open
 
         try:
+            damage = check_safetensors(path)
+            if damage is not None:
+                raise UserError(f"model.init_from={path} is damaged: {damage} (changed on disk or in a copy); export "
+                                "it again or copy it again from where it came from")
             with safe_open(str(path), framework="pt") as file:
                 meta = file.metadata() or {}
                 state = {key: file.get_tensor(key) for key in file.keys()}

@@ -8,7 +8,9 @@ Formats:
   (the header's ``timm`` key holds NAME and the keywords); what does not carry over, or how to build
   the network it loads into, is in the header (key ``left_out``) and in :func:`left_out`. With the
   projector its keys are prefixed ``projector.``. The header's metadata holds the preprocessing,
-  the backbone name and the config as JSON strings.
+  the backbone name and the config as JSON strings, and ``nnclr_sha256``, the SHA-256 of the tensor
+  bytes and the other metadata (:func:`nnclr.integrity.safetensors_digest`), which ``nnclr.load`` and
+  ``model.init_from`` check.
 * ``torchscript``: ``torch.jit.trace`` of the encoder in fp32 eval mode; ``preprocessing.json`` is
   stored as an extra file.
 * ``onnx``: ``torch.onnx.export`` (the dynamo exporter, dynamic batch size); metadata properties
@@ -24,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import json
+import os
 import re
 import tempfile
 import warnings
@@ -38,7 +42,8 @@ from torch import nn
 from nnclr.backbones import parse_spec, rebuild_note
 from nnclr.config import to_dict
 from nnclr.errors import UserError
-from nnclr.pretrained import Pretrained
+from nnclr.integrity import SAFETENSORS_KEY, safetensors_digest, safetensors_parts
+from nnclr.pretrained import Pretrained, shown_path
 from nnclr.rundir import write_atomic
 from nnclr.version import __version__
 
@@ -135,7 +140,11 @@ def export_safetensors(pretrained: Pretrained, out: Path, with_projector: bool =
     if module.projector is not None:
         projector = module.projector.state_dict()
         tensors.update({PROJECTOR_PREFIX + k: v.detach().contiguous() for k, v in projector.items()})
-    _write(out, save(tensors, metadata=metadata(pretrained, with_projector)), "safetensors")
+    meta = metadata(pretrained, with_projector)
+    # the checksum covers the tensor bytes, which the metadata does not change: serialise, hash, serialise again
+    _, data = safetensors_parts(save(tensors, metadata=meta))
+    meta[SAFETENSORS_KEY] = safetensors_digest(data, meta)
+    _write(out, save(tensors, metadata=meta), "safetensors")
 
 
 def _example(pretrained: Pretrained, batch: int = 2) -> torch.Tensor:
@@ -201,10 +210,17 @@ def export(pretrained: Pretrained, out: str | Path, fmt: str, with_projector: bo
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     out = Path(out).expanduser()
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; pass a file name, e.g. {out / ('encoder.' + fmt)}")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        if out.is_dir():
+            raise UserError(f"--out {out} is a directory; pass a file name, e.g. {out / ('encoder.' + fmt)}")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.parent} does not exist")
+        longest = (os.pathconf(out.parent, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255) - len("..tmp")
+        if len(os.fsencode(out.name)) > longest:  # write_atomic writes .NAME.tmp beside it first
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+    except OSError as error:
+        raise UserError(f"--out {shown_path(out)} cannot be written ({error.strerror or error}); pass a shorter "
+                        "file name (at most 250 bytes: a temporary .NAME.tmp is written beside it first)") from None
     writer: dict[str, Any] = {
         "safetensors": export_safetensors, "torchscript": export_torchscript, "onnx": export_onnx,
     }
