@@ -77,7 +77,9 @@ FEATURES = "features"
 EVAL = "eval"
 EVAL_SUBSETS = f"{EVAL}/subsets"
 
-_OLD_STABLE = {f".{name}.tmp" for name in (CONFIG, CHECKPOINT, METRICS, RESULTS, DATA_INDEX, LOCK, REPORT)}
+# what earlier versions left: .NAME.tmp of the run's files, report.html.tmp
+_OLD_STABLE = {f".{name}.tmp" for name in (CONFIG, CHECKPOINT, METRICS, RESULTS, DATA_INDEX, LOCK, REPORT)} | {
+    f"{REPORT}.tmp"}
 FRESH_DELETES = (CHECKPOINT, METRICS, RESULTS, DATA_INDEX)  # and TENSORBOARD/: what --fresh starts over from
 
 

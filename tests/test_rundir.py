@@ -324,6 +324,9 @@ def test_no_command_writes_through_a_link_planted_at_a_name_it_writes(tmp_path: 
     run, emb = tmp_path / "run", tmp_path / "emb"
     outside = _outside(tmp_path, (*RUN_FILES, *EMB_FILES, "model.safetensors", "knn-demo.json"))
     links = _plant_everywhere(run, RUN_FILES, outside)
+    left = [run / ".checkpoint.pt.tmp", run / "report.html.tmp", run / ".data-index.npz.999999999.0.tmp"]
+    for path in left:  # what killed runs of earlier versions left (51 MB each for CIFAR-10 features)
+        path.write_bytes(b"x" * 100_000)
     result = _cli(*_pretrain_args(run, image_folder, "train.report=true"))
     _succeeded_or_refused(result)  # a file linked at checkpoint.pt or data-index.npz is read as the run's: refused
     _outside_untouched(outside)
@@ -334,6 +337,7 @@ def test_no_command_writes_through_a_link_planted_at_a_name_it_writes(tmp_path: 
     assert not any(link.is_symlink() for link in links if not link.name.endswith(".tmp"))
     assert not any(os.path.lexists(link) for link in links if link.name.endswith(".tmp"))
     assert (run / rundir.REPORT).is_file() and (run / rundir.DATA_INDEX).is_file()
+    assert not any(path.exists() for path in left)
 
     (run / rundir.REPORT).unlink()
     _plant_everywhere(run, (rundir.REPORT,), outside)
@@ -418,3 +422,31 @@ def test_deleting_the_lock_file_during_a_run_does_not_let_a_second_run_in(tmp_pa
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_a_second_embed_into_the_same_emb_dir_is_refused_in_one_line(tmp_path: Path, image_folder: Path,
+                                                                     monkeypatch) -> None:
+    from use_helpers import make_checkpoint
+
+    import nnclr
+    from nnclr.cli import main
+
+    checkpoint, emb = make_checkpoint(tmp_path / "model.pt", "data.image_size=16"), tmp_path / "emb"
+    args = ["embed", "--checkpoint", str(checkpoint), "--images", str(image_folder), "--out", str(emb), "--no-progress"]
+    seen: list[subprocess.CompletedProcess] = []
+    real_load = nnclr.load
+
+    def load_while_another_embed_starts(*a, **k):
+        seen.append(_cli(*args))  # a user starts the same embed while the first one runs
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(nnclr, "load", load_while_another_embed_starts)
+    assert main(args) == 0
+    assert len(seen) == 1 and seen[0].returncode == 2, seen[0].stderr
+    assert seen[0].stderr.count("\n") == 1 and "Traceback" not in seen[0].stderr
+    assert f"{emb} is in use by another nnclr process (pid {os.getpid()}" in seen[0].stderr
+    assert "--out" in seen[0].stderr
+    from nnclr.use.embeddings import open_embeddings
+
+    assert len(open_embeddings(emb)) == 24  # the first one finished
