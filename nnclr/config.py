@@ -31,7 +31,8 @@ import yaml
 
 from nnclr.errors import UserError
 
-METHODS = ("nnclr", "simclr", "kmclr", "deepcluster", "nnclr_multi", "nnclr_soft", "nnclr_mean", "snclr")
+METHODS = ("nnclr", "simclr", "kmclr", "deepcluster", "nnclr_multi", "nnclr_soft", "nnclr_mean", "snclr", "nnbyol",
+           "msf")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class MethodConfig:
     neighbours: int = 5  # nnclr_multi, nnclr_soft, nnclr_mean, snclr: k, the nearest neighbours used as positives
     soft_temperature: float = 0.1  # nnclr_soft: neighbour weights softmax(cosine / soft_temperature)
     attention_temperature: float = 1.0  # snclr: positiveness softmax(cosine / attention_temperature); its code: 1
+    target_momentum: float = 0.99  # nnbyol, msf: BYOL's tau_base; the target's EMA rate rises from it to 1 (cosine)
     # Short-run schedule (the methods whose record has short_run: nnclr, kmclr):
     # loss = w * NT-Xent(z1, z2) + (1 - w) * NNCLR loss, with w falling
     # linearly from instance_weight to 0 over the first instance_decay share of the run; 0 = the paper.
@@ -430,6 +432,9 @@ def validate(config: Config) -> Config:
                             "tensors)")
     if not 0 <= config.optim.momentum < 1:
         raise UserError(f"config key optim.momentum={config.optim.momentum:g} must be in [0, 1)")
+    if not 0 <= config.method.target_momentum <= 1:
+        raise UserError(f"config key method.target_momentum={config.method.target_momentum:g} must be in [0, 1] "
+                        "(BYOL's tau_base: 0.99 on CIFAR, 0.996 on ImageNet)")
     if config.method.kmeans_iters > MAX_KMEANS_ITERS:
         raise UserError(f"config key method.kmeans_iters={config.method.kmeans_iters} must be at most "
                         f"{MAX_KMEANS_ITERS} (DeepCluster's reference runs 20 Lloyd iterations per clustering)")

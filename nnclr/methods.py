@@ -19,7 +19,16 @@ from nnclr.config import Config
 from nnclr.deepcluster import PseudoLabels
 from nnclr.errors import UserError
 from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector, PrototypeSelector, Selector
-from nnclr.step import Loss, instance_loss, neighbours_loss, positive_loss, pseudo_label_loss, snclr_loss
+from nnclr.step import (
+    Loss,
+    instance_loss,
+    mean_shift_loss,
+    neighbours_loss,
+    nn_byol_loss,
+    positive_loss,
+    pseudo_label_loss,
+    snclr_loss,
+)
 
 HEADS = ("predictor", "none", "classifier")
 DIAGNOSTICS = ("neighbours", "clustering", "none")
@@ -52,6 +61,9 @@ class Method:
         diagnostics: the report's training diagnostics: ``neighbours`` (support-set neighbours), ``clustering``
             (per-epoch clustering records) or ``none``.
         prototypes: the report shows the selector's prototypes.
+        target: keeps BYOL's target network (an exponential moving average of backbone and projector,
+            ``method.target_momentum``); the loss gets its projections of both views and the support set stores
+            them.
     """
 
     name: str
@@ -65,12 +77,14 @@ class Method:
     keys: tuple[str, ...]
     diagnostics: str
     prototypes: bool = False
+    target: bool = False
 
     def __post_init__(self) -> None:
         assert self.head in HEADS and self.diagnostics in DIAGNOSTICS, self
         assert all(key.startswith("method.") for key in self.keys), self.keys
         assert self.support == ("method.support_size" in self.keys), "a support set is sized by method.support_size"
         assert self.short_run == ("method.instance_weight" in self.keys), "the short-run schedule reads its keys"
+        assert self.target == ("method.target_momentum" in self.keys), "a target network moves by target_momentum"
 
 
 SHORT_RUN_KEYS = ("method.instance_weight", "method.instance_decay")
@@ -179,6 +193,26 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         keys=("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
               "method.attention_temperature"),
         diagnostics="neighbours",
+    ),
+    Method(
+        name="nnbyol",
+        paper="NNBYOL: BYOL (Grill et al., NeurIPS 2020, arXiv 2006.07733) with NNCLR's nearest neighbour as the "
+              "target (Dwibedi et al., ICCV 2021, Sec. 4.4; solo-learn's nnbyol)",
+        summary="BYOL's loss between the prediction p and the nearest support-set neighbour of the other view's "
+                "target-network projection; the support set holds target projections",
+        selector=_nearest_neighbour, loss=nn_byol_loss, head="predictor", support=True, short_run=False,
+        keys=("method.support_size", "method.topk", "method.exclude_self", "method.target_momentum"),
+        diagnostics="neighbours", target=True,
+    ),
+    Method(
+        name="msf",
+        paper="MSF, Koohpayegani, Tejankar, Pirsiavash, Mean Shift for Self-Supervised Learning, ICCV 2021 "
+              "(arXiv 2105.07269)",
+        summary="BYOL's loss averaged over the other view's target-network projection and its k nearest "
+                "support-set neighbours (the mean shift of the target)",
+        selector=_neighbours("uniform"), loss=mean_shift_loss, head="predictor", support=True, short_run=False,
+        keys=("method.support_size", "method.neighbours", "method.exclude_self", "method.target_momentum"),
+        diagnostics="neighbours", target=True,
     ),
 )}
 

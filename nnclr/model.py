@@ -3,11 +3,16 @@
 NNCLR (Dwibedi et al., ICCV 2021, Sec. 3.2 and Fig. 2): ``h = f(x)``, ``z = g(h)``, ``p = q(z)``;
 the support set stores ``z`` and the loss compares neighbours of ``z`` with ``p`` of the other
 view. SimCLR has no predictor: ``p = z``. DeepCluster (Caron et al., ECCV 2018) has a linear
-classifier on ``z`` in the predictor's place: ``p`` = its logits over the K pseudo-classes. No loss
-and no support set live here.
+classifier on ``z`` in the predictor's place: ``p`` = its logits over the K pseudo-classes. The methods
+built on BYOL (Grill et al., NeurIPS 2020, Sec. 3.1) add a target network: a copy of f and g whose
+weights are an exponential moving average of the online ones, ``ξ ← τ ξ + (1 - τ) θ`` after every step.
+No loss and no support set live here.
 """
 
 from __future__ import annotations
+
+import copy
+import math
 
 import torch
 from torch import nn
@@ -27,17 +32,36 @@ class ContrastiveModel(nn.Module):
         predictor: maps z (B, D) to p (B, D), or None (then p = z).
         classifier: DeepCluster's classifier, z (B, D) -> logits (B, K), or None; when given it
             takes the predictor's place: p = its logits.
+        target: keep a target network (BYOL's momentum encoder): backbone and projector copied, without
+            gradients, moved towards the online ones by :meth:`update_target`.
     """
 
     def __init__(
         self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
-        classifier: nn.Module | None = None,
+        classifier: nn.Module | None = None, target: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
         self.predictor = predictor
         self.classifier = classifier
+        self.target: nn.Module | None = None
+        if target:
+            self.target = copy.deepcopy(nn.Sequential(backbone, projector)).requires_grad_(False)
+
+    @torch.no_grad()
+    def copy_to_target(self) -> None:
+        """Set the target network's weights and buffers to the online ones (after loading encoder weights)."""
+        assert self.target is not None
+        self.target.load_state_dict(nn.Sequential(self.backbone, self.projector).state_dict())
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """BYOL's update of the target weights ξ ← τ ξ + (1 - τ) θ (Grill et al., 2020, Eq. 1); buffers
+        (batch-norm statistics) are the target's own, from its own forward passes."""
+        assert self.target is not None
+        online = [p.detach() for p in nn.Sequential(self.backbone, self.projector).parameters()]
+        torch._foreach_lerp_(list(self.target.parameters()), online, 1.0 - tau)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) -> (h (B, F), z (B, D), p (B, D), or logits (B, K) with a classifier)."""
@@ -78,4 +102,14 @@ def build_model(config: Config, backbone: nn.Module | None = None) -> Contrastiv
         return ContrastiveModel(backbone, projector, None, classifier=nn.Linear(m.proj_dim, config.method.num_clusters))
     use_predictor = head == "predictor" and m.pred_hidden_dim > 0
     predictor = prediction_head(m.proj_dim, hidden_dim=m.pred_hidden_dim) if use_predictor else None
-    return ContrastiveModel(backbone, projector, predictor)
+    return ContrastiveModel(backbone, projector, predictor, target=method_of(config).target)
+
+
+def target_momentum(base: float, step: int, schedule_steps: int) -> float:
+    """BYOL's τ at 0-based ``step``: from ``base`` up to 1 along a cosine over the schedule (Grill et al., 2020,
+    Sec. 3.2: τ = 1 - (1 - τ_base)(cos(πk/K) + 1)/2).
+
+    >>> target_momentum(0.99, 0, 100), target_momentum(0.99, 100, 100)
+    (0.99, 1.0)
+    """
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, schedule_steps) / schedule_steps) + 1.0) / 2.0

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from nnclr import deepcluster
 from nnclr.config import MethodConfig
 from nnclr.losses import at_least_fp32, multi_positive_loss, nnclr_loss, nt_xent, positiveness, soft_neighbours_loss
-from nnclr.selectors import NeighboursSelector, PositiveSelector, Selector
+from nnclr.selectors import Neighbours, NeighboursSelector, PositiveSelector, Selector
 from nnclr.support import SupportSet
 
 
@@ -53,6 +53,8 @@ class StepInputs:
     ``z1``/``z2`` (b, D) are the L2-normalised fp32 projections of the two views, ``p1``/``p2`` the
     prediction head's outputs (b, D), z itself without a predictor, or a classifier's logits (b, K).
     ``uniforms`` (2, b) are this rank's rows of uniforms drawn for the global batch, one row per view.
+    ``t1``/``t2`` (b, D) are the target network's L2-normalised fp32 projections of the views (no gradient), for
+    the methods with one (BYOL's), else None.
     """
 
     z1: torch.Tensor
@@ -67,11 +69,14 @@ class StepInputs:
     uniforms: torch.Tensor
     temperature: float
     instance_weight: float
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
 
 
 @dataclass
 class StepOutput:
-    """The loss (fp32 scalar with graph), z1 to enqueue (b, D), and the diagnostics.
+    """The loss (fp32 scalar with graph), what to enqueue into the support set (b, D): view 1's z, or its target
+    projection t1 for the methods with a target network, and the diagnostics.
 
     ``diagnostics`` (see ``SupportSet.diagnostics``): ``positive_similarity`` (mean cosine between
     z and its positive), ``nn_label_agreement`` (share of neighbours with the query's label,
@@ -163,6 +168,52 @@ def snclr_loss(x: StepInputs) -> StepOutput:
     return StepOutput(loss, x.z1.detach(), diagnostics)
 
 
+def byol_loss(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BYOL's loss (Grill et al., NeurIPS 2020, Eq. 2) averaged over k targets per sample:
+    mean_j ||p̂ - t̂_j||² = 2 - 2 mean_j cos(p, t_j), p (b, D), targets (b, k, D) detached; mean over the batch."""
+    p = F.normalize(at_least_fp32(p), dim=1)
+    return (2 - 2 * torch.einsum("bd,bkd->bk", p, F.normalize(targets, dim=-1))).mean()
+
+
+def nn_byol_loss(x: StepInputs) -> StepOutput:
+    """NNBYOL (Dwibedi et al., ICCV 2021, Sec. 4.4; solo-learn's ``nnbyol``): BYOL's loss between p of one view
+    and the nearest support-set neighbour of the other view's target projection, symmetrised; the support set
+    holds the target projections t1."""
+    selector = x.selector
+    assert isinstance(selector, PositiveSelector) and x.t1 is not None and x.t2 is not None
+    s1 = selector(x.t1, x.support, indices=x.indices, uniform=x.uniforms[0])
+    s2 = selector(x.t2, x.support, indices=x.indices, uniform=x.uniforms[1])
+    loss = 0.5 * (byol_loss(x.p1, s2.positives[:, None]) + byol_loss(x.p2, s1.positives[:, None]))
+    diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item()}
+    if x.support is not None:
+        diagnostics |= x.support.diagnostics(s1.rows, s1.similarity, step=x.step, labels=x.labels, indices=x.indices)
+    return StepOutput(loss, x.t1, diagnostics)
+
+
+def mean_shift_loss(x: StepInputs) -> StepOutput:
+    """MSF (Koohpayegani et al., ICCV 2021, Sec. 3): BYOL's loss between p of one view and each of the other
+    view's target projection t and t's k nearest support-set neighbours, averaged (t itself is one of its own
+    k + 1 nearest: MSF's k = ``method.neighbours`` + 1); symmetrised, the support set holds target projections.
+    A query whose neighbours are not there yet (a support set still filling) has t alone, as BYOL."""
+    selector = x.selector
+    assert isinstance(selector, NeighboursSelector) and x.t1 is not None and x.t2 is not None
+    n1 = selector.neighbours(x.t1, x.support, indices=x.indices)
+    n2 = selector.neighbours(x.t2, x.support, indices=x.indices)
+
+    def shifted(t: torch.Tensor, n: Neighbours, p: torch.Tensor) -> torch.Tensor:
+        targets = torch.cat([t[:, None], n.positives], dim=1)  # (b, 1 + k, D)
+        found = torch.cat([torch.ones_like(n.rows[:, :1], dtype=torch.bool), n.rows >= 0], dim=1)
+        cosine = torch.einsum("bd,bkd->bk", F.normalize(at_least_fp32(p), dim=1), targets)
+        return ((2 - 2 * cosine) * found).sum(dim=1).div(found.sum(dim=1)).mean()
+
+    loss = 0.5 * (shifted(x.t2, n2, x.p1) + shifted(x.t1, n1, x.p2))
+    diagnostics: dict[str, float] = {"positive_similarity": n1.similarity.float().mean().item()}
+    k = n1.rows.shape[1]
+    diagnostics |= x.support.diagnostics(n1.rows.flatten(), n1.similarity.flatten(), step=x.step,
+                                         labels=x.labels.repeat_interleave(k), indices=x.indices.repeat_interleave(k))
+    return StepOutput(loss, x.t1, diagnostics)
+
+
 def pseudo_label_loss(x: StepInputs) -> StepOutput:
     """DeepCluster: cross-entropy of both views' logits ``p`` (b, K) with the samples' pseudo-labels."""
     targets = x.selector(x.indices)  # (b,)
@@ -183,6 +234,7 @@ def contrastive_step(
     step: int,
     uniforms: torch.Tensor | None = None,
     instance_weight: float = 0.0,
+    target: torch.nn.Module | None = None,
 ) -> StepOutput:
     """Forward both views (2b, 3, H, W), then the method's ``loss``; no optimiser, no enqueue.
 
@@ -193,14 +245,20 @@ def contrastive_step(
         loss: the method's loss (``Method.loss`` of :mod:`nnclr.methods`).
         uniforms: (2, b) uniforms for the selector's random choices (None: zeros, i.e. no randomness needed).
         instance_weight: w in [0, 1], the share of SimCLR's NT-Xent in a positive-selector loss.
+        target: the model's target network (images -> z), for the methods with one; it sees the same views.
     """
     _, z, p = model(views)
     z = F.normalize(at_least_fp32(z), dim=1)  # (2b, D)
     z1, z2 = z.chunk(2)
     p1, p2 = at_least_fp32(p).chunk(2)
+    t1 = t2 = None
+    if target is not None:
+        with torch.no_grad():
+            t1, t2 = F.normalize(at_least_fp32(target(views)), dim=1).chunk(2)  # (b, D) each
     if uniforms is None:
         uniforms = torch.zeros(2, z1.shape[0])
     return loss(StepInputs(
         z1=z1, z2=z2, p1=p1, p2=p2, support=support, selector=selector, labels=labels, indices=indices,
         step=step, uniforms=uniforms.to(z.device), temperature=temperature, instance_weight=instance_weight,
+        t1=t1, t2=t2,
     ))

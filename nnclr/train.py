@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from nnclr.errors import Interrupted, UserError
 from nnclr.evaluate import monitor
 from nnclr.evaluate.knn import KnnResult
 from nnclr.methods import BuildContext, Method, method_of
-from nnclr.model import ContrastiveModel, build_model
+from nnclr.model import ContrastiveModel, build_model, target_momentum
 from nnclr.optim import build_optimizer, param_groups, scaled_lr, warmup_cosine
 from nnclr.resume import checkpoint_state, read_for_resume, restore
 from nnclr.seeding import AUGMENT, CLUSTER, ORDER, SELECT, derive_seed
@@ -83,6 +83,7 @@ class Run:
     lock: rundir.RunLock | None = None  # rank 0's hold on the run directory
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
     consecutive_skips: int = 0
+    log_window: list = field(default_factory=list)  # (loss, diagnostics) of the steps since the last metrics record
 
 
 @dataclass
@@ -256,7 +257,7 @@ def train_step(
         out = contrastive_step(
             run.network, views, loss=run.method.loss, temperature=config.method.temperature,
             support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
-            uniforms=uniforms, instance_weight=weight,
+            uniforms=uniforms, instance_weight=weight, target=run.model.target,
         )
     loss, diagnostics = distributed.global_mean(out.loss.detach(), out.diagnostics)
     run.optimizer.zero_grad(set_to_none=True)
@@ -268,6 +269,8 @@ def train_step(
         return _nonfinite_step(run, step, problem, saved)
     run.consecutive_skips = 0
     run.optimizer.step()
+    if run.model.target is not None:  # BYOL's target network follows the online one
+        run.model.update_target(target_momentum(config.method.target_momentum, step, len(run.lr_schedule)))
     if run.support is not None:
         run.support.enqueue(out.z1, labels, indices, step)
     return loss, diagnostics | run.selector.after_step(out.z1, choices)
@@ -337,6 +340,8 @@ def _pretrain(
         start = restore(run, state) if state is not None else 0
         if state is None and config.model.init_from:  # a new run starts from these weights (nnclr.weights)
             echo(init_encoder(run.model.backbone, config.model.init_from, config.model.backbone))
+            if run.model.target is not None:
+                run.model.copy_to_target()
         del state
         if main:
             rundir.write_config(run.run_dir, dump_yaml(config))
@@ -366,7 +371,7 @@ def _train(run: Run, log: rundir.Log, start: int, *, progress: bool, echo: Any) 
         run.knn_before = vars(before) if before else None
         if before:
             log.write({"type": "knn", "step": 0, "epoch": 0.0, "top1": before.top1, "top5": before.top5})
-    t0, images_seen, window, last_log = time.perf_counter(), 0, [], time.perf_counter()
+    t0, images_seen, window, last_log = time.perf_counter(), 0, run.log_window, time.perf_counter()  # (resumed)
     knn_every = round(config.train.knn_every_epochs * run.steps_per_epoch)
     knn_every = max(1, knn_every) if config.train.knn_every_epochs else 0
     bar = tqdm(total=run.total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
@@ -398,7 +403,8 @@ def _train(run: Run, log: rundir.Log, start: int, *, progress: bool, echo: Any) 
                 log.write(record)
                 shown = math.nan if record["loss"] is None else record["loss"]  # None: every step skipped
                 bar.set_postfix(loss=f"{shown:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                window, last_log = [], now
+                window = run.log_window = []  # the checkpoint holds what is not logged yet
+                last_log = now
             if knn_every and step % knn_every == 0 and step < run.total_steps:
                 result = knn_monitor(run)
                 if result:
