@@ -647,13 +647,14 @@ def acquire_lock(run_dir: Path, *, flag: str = "--run-dir") -> RunLock:
         UserError: Another live process holds the lock, ``run_dir`` is a file, or the folder cannot be written.
     """
     path = run_dir / LOCK
+    what = "the run's lock file" if "run" in flag else "the lock file"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         if isinstance(error, FileExistsError) or (run_dir.exists() and not run_dir.is_dir()):
             raise UserError(f"{flag} {run_dir} is a file, not a folder; pass a folder to {flag} or move the file "
                             "out of the way") from None
-        raise disk_error(path, error, "the lock file") from None
+        raise disk_error(path, error, what) from None
     if fcntl is None:
         _write_note(path)
         return RunLock(path, None)
@@ -671,7 +672,7 @@ def acquire_lock(run_dir: Path, *, flag: str = "--run-dir") -> RunLock:
             f"(it saves what it has done on Ctrl-C), then rerun the same command, or use another {flag}"
         ) from None
     except OSError as error:
-        raise disk_error(path, error, "the lock file") from None
+        raise disk_error(path, error, what) from None
     _HELD[key] = _Held(fd, os.getpid(), 1)
     if on_note:
         try:
