@@ -2,20 +2,27 @@
 
 The checkpoint (:func:`checkpoint_state`, written by :func:`nnclr.checkpoint.save_checkpoint`) holds the
 step, the config, the model, the support set, the selector's state (prototypes, pseudo-labels), the optimiser,
-the kNN accuracy before training, the loader a run started with and the non-finite-step counters: with the
-generators seeded by (seed, epoch) and (seed, step) (:mod:`nnclr.seeding`), everything a resumed run needs
-to replay the uninterrupted one step for step. A ``folder:`` source also keeps its file index in the run
+the kNN accuracy before training, the loader a run started with, the non-finite-step counters, the steps
+since the last metrics record (so that the next record averages the same steps as in an uninterrupted run)
+and a fingerprint of the training data (:func:`data_fingerprint`; a resume on other data is refused,
+:func:`check_data`): with the generators seeded by (seed, epoch) and (seed, step) (:mod:`nnclr.seeding`),
+everything a resumed run needs to replay the uninterrupted one step for step. A ``folder:`` source also keeps its file index in the run
 directory (:func:`check_folder`), so that sample ``i`` stays the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from nnclr import checkpoint, distributed, rundir, runtime
 from nnclr.checkpoint import config_differences, load_checkpoint, load_state_strict, written_by
 from nnclr.config import to_dict
+from nnclr.data.dataset import ImageDataset
 from nnclr.data.index import FileIndex
 from nnclr.errors import UserError
 
@@ -36,6 +43,8 @@ def checkpoint_state(run: Run, step: int) -> dict[str, Any]:
         "loader": run.loader.loader,
         "skipped_steps": run.skipped_steps,
         "consecutive_skips": run.consecutive_skips,
+        "log_window": list(run.log_window),
+        "data": data_fingerprint(run.train_set),
     }
 
 
@@ -65,6 +74,8 @@ def restore(run: Run, state: dict[str, Any]) -> int:
         ) from None
     run.knn_before = state.get("knn_before")
     run.skipped_steps, run.consecutive_skips = state.get("skipped_steps", 0), state.get("consecutive_skips", 0)
+    # the steps since the last metrics record (older checkpoints: none), so that the next record averages them all
+    run.log_window = [(float(loss), dict(diagnostics)) for loss, diagnostics in state.get("log_window", [])]
     # every rank adds its own files to the total, which the checkpoint holds: rank 0 carries it on
     if run.feed is not None:
         run.feed.unreadable = state.get("unreadable_files", 0) if distributed.is_main() else 0
@@ -92,6 +103,7 @@ def read_for_resume(run: Run, path: Path, fresh: bool, accept_changes: bool, ech
                 state = load_checkpoint(path, run.device if distributed.world_size() == 1 else "cpu")
                 needed = checkpoint.RESUME_FIELDS + (("support",) if run.support is not None else ())
                 checkpoint.check_fields(state, path, needed)
+                check_data(run, state, accept_changes, echo)
         except UserError as error:
             if distributed.world_size() == 1:
                 raise
@@ -126,3 +138,53 @@ def check_folder(run: Run, resuming: bool, accept_changes: bool, echo: Any) -> N
     index.save(saved)
 
 
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a data set's, computed once
+SAMPLED_IMAGES = 256  # images of an array source hashed for its fingerprint, spread evenly over it
+
+
+def data_fingerprint(dataset: ImageDataset) -> dict[str, Any]:
+    """What identifies the training data a checkpoint was trained on: the number of images, their shape, and a
+    SHA-256 of a ``folder:`` source's index (files, labels, sizes, mtimes: :meth:`FileIndex.fingerprint`) or of an
+    array source's labels and :data:`SAMPLED_IMAGES` images spread evenly over it (a few milliseconds for CIFAR-10).
+    """
+    if dataset in _FINGERPRINTS:
+        return _FINGERPRINTS[dataset]
+    n, shape = len(dataset), [int(s) for s in dataset.images.shape[1:]]
+    if dataset.index is not None:
+        digest = dataset.index.fingerprint()
+    else:
+        sha = hashlib.sha256(repr((n, shape)).encode())
+        picks = torch.linspace(0, n - 1, min(n, SAMPLED_IMAGES)).round().long().unique() if n else torch.zeros(0).long()
+        sha.update(dataset.images[picks].contiguous().numpy().tobytes())
+        sha.update(dataset.labels.contiguous().numpy().tobytes())
+        digest = sha.hexdigest()
+    _FINGERPRINTS[dataset] = {"images": n, "shape": shape, "sha256": digest}
+    return _FINGERPRINTS[dataset]
+
+
+def check_data(run: Run, state: dict[str, Any], accept_changes: bool, echo: Any) -> None:
+    """Refuse to resume on other training data than the checkpoint's (:func:`data_fingerprint`).
+
+    A checkpoint without a fingerprint (written before nnclr kept one) resumes as before. With ``accept_changes``
+    the run goes on with the data as it is now (a ``folder:`` source has said so in :func:`check_folder`).
+    """
+    saved, now = state.get("data"), data_fingerprint(run.train_set)
+    if saved is None or saved == now:
+        return
+    then = f"{saved.get('images', '?')} images of {'x'.join(map(str, saved.get('shape', [])))}"
+    if saved.get("images") == now["images"] and saved.get("shape") == now["shape"]:
+        change = f"the same {then}, other content"
+    else:
+        change = f"{then} when it started, {now['images']} images of {'x'.join(map(str, now['shape']))} now"
+    batch = run.config.optim.batch_size
+    steps = f"{int(saved.get('images', 0)) // batch} steps per epoch then, {run.steps_per_epoch} now"
+    if accept_changes:
+        if run.train_set.index is None:
+            echo(f"data: going on with the changed data ({change}; {steps})")
+        return
+    raise UserError(
+        f"{run.config.data.name} changed since this run started ({change}; {steps}); restore it, pass "
+        "--accept-data-changes to go on with the data as it is now, or start over with --fresh"
+    )

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from robust_helpers import metrics_without_timing, tiny_config
 
 import nnclr.train
-from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from nnclr.config import load_config
-from nnclr.errors import UserError
+from nnclr.errors import Interrupted, UserError
 from nnclr.methods import METHODS
 from nnclr.train import pretrain
 
@@ -103,6 +107,64 @@ def test_resume_equals_uninterrupted(tmp_path: Path, method: str, demo_data: str
     if method == "deepcluster":  # each clustering logged once, and the pseudo-labels are in the checkpoint
         assert [r["step"] for r in read_metrics(parts) if r["type"] == "clustering"] == [0, 3, 6]
         assert int(b["selector"]["epoch"]) == 2 and int(b["selector"]["labels"].min()) >= 0
+
+
+@pytest.mark.slow
+def test_metrics_after_a_ctrl_c_between_two_records_equal_an_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny
+) -> None:
+    """Issue 23, item 5: a checkpoint every 3 steps, a record every 2; Ctrl-C during step 3 saves a checkpoint
+    between two records, and the record of step 4 still averages steps 3 and 4 (the partial logging window is in
+    the checkpoint): every record equals the uninterrupted run's, bitwise, but the wall-clock images_per_s."""
+    settings = ("train.log_every=2", "train.checkpoint_every=3", "train.max_steps=7")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    pretrain(tiny(whole, *settings), progress=False)
+    original = nnclr.train.contrastive_step
+
+    def ctrl_c_during_step_3(*args, **kwargs):
+        if kwargs["step"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(nnclr.train, "contrastive_step", ctrl_c_during_step_3)
+    with pytest.raises(Interrupted):
+        pretrain(tiny(parts, *settings), progress=False)
+    assert load_checkpoint(parts / CHECKPOINT_NAME)["step"] == 3
+    monkeypatch.setattr(nnclr.train, "contrastive_step", original)
+    assert pretrain(tiny(parts, *settings), progress=False).resumed_from == 3
+    assert [r["step"] for r in read_metrics(whole) if r["type"] == "train"] == [2, 4, 6, 7]
+    assert metrics_without_timing(parts) == metrics_without_timing(whole)
+
+
+@pytest.mark.slow
+def test_a_resume_on_other_data_is_refused_in_one_line(tmp_path: Path, tiny_data: Path) -> None:
+    """Issue 23, item 15: images added to (or changed in) an npz source since the run started are refused with the
+    counts and --fresh; --accept-data-changes goes on; a checkpoint without a fingerprint resumes as before."""
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_data, data)
+    pretrain(tiny_config(data, run_dir, "train.max_steps=1"), progress=False)
+    train = dict(np.load(data / "train.npz"))
+    more = {key: np.concatenate([value, value[:64]]) for key, value in train.items()}
+    np.savez(data / "train.npz", **more)
+    with pytest.raises(UserError) as error:
+        pretrain(tiny_config(data, run_dir, "train.max_steps=2"), progress=False)
+    assert str(error.value) == (
+        f"npz:{data} changed since this run started (256 images of 3x16x16 when it started, 320 images of 3x16x16 "
+        "now; 8 steps per epoch then, 10 now); restore it, pass --accept-data-changes to go on with the data as it "
+        "is now, or start over with --fresh")
+    other = {**train, "images": 255 - train["images"]}
+    np.savez(data / "train.npz", **other)
+    with pytest.raises(UserError, match=r"\(the same 256 images of 3x16x16, other content; "):
+        pretrain(tiny_config(data, run_dir, "train.max_steps=2"), progress=False)
+    said: list[str] = []
+    result = pretrain(tiny_config(data, run_dir, "train.max_steps=2"), progress=False, accept_data_changes=True,
+                      echo=said.append)
+    assert result.resumed_from == 1 and any("going on with the changed data" in line for line in said)
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    del state["data"], state["format_version"]  # as nnclr wrote it before the fingerprint
+    save_checkpoint(state, run_dir / CHECKPOINT_NAME)
+    np.savez(data / "train.npz", **more)
+    assert pretrain(tiny_config(data, run_dir, "train.max_steps=3"), progress=False).resumed_from == 2
 
 
 @pytest.mark.slow
