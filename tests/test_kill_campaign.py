@@ -1,11 +1,12 @@
 """Kill campaign: ``kill -9`` at random moments of a run, again and again, loses nothing.
 
-A tiny run (16 steps over 2 epochs of 8x8 images, a checkpoint every 2, kNN before and after) is
-started, killed with SIGKILL at a random point, started again with the same command, killed again,
-..., until a start is let finish. Then its checkpoint (weights, support set, optimiser state), ``metrics.jsonl`` (every
-record, the wall-clock ``images_per_s`` aside) and kNN results must equal those of a run that
-was never killed. After every kill the checkpoint on disk must load and never go back in steps,
-and the next start must say it resumes from exactly that step.
+A tiny run (16 steps over 2 epochs of 8x8 images, kNN before and after; a checkpoint every 2 steps and a
+record every step, or, every other run, a checkpoint every 3 and a record every 2, so that kills land between
+a checkpoint and the record after it: issue 23, item 5) is started, killed with SIGKILL at a random point,
+started again with the same command, killed again, ..., until a start is let finish. Then its checkpoint
+(weights, support set, optimiser state), ``metrics.jsonl`` (every record, the wall-clock ``images_per_s``
+aside) and kNN results must equal those of a run that was never killed. After every kill the checkpoint on
+disk must load and never go back in steps, and the next start must say it resumes from exactly that step.
 
 Kill points are drawn with a fixed seed, of three kinds:
 
@@ -49,6 +50,8 @@ KILLS = int(os.environ.get("NNCLR_KILLS", "200" if LONG else "20"))
 SEED = 8  # issue 8
 TOTAL_STEPS = 16
 KILLS_PER_CHAIN = 6
+# (train.checkpoint_every, train.log_every) of the runs, in turn; the second is not a multiple of the first
+SETTINGS = ((2, 1), (3, 2))
 
 
 # ---------------------------------------------------------------------------- in the child
@@ -173,28 +176,33 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_kill_campaign_loses_nothing(forkserver, tmp_path: Path, tiny_data: Path, figures: list[str]) -> None:
-    data = tiny_data
-    overrides = run_overrides(data, "train.checkpoint_every=2", "train.log_every=1", "data.image_size=8")  # ~0.7 CPU s
-
-    def command(run_dir: Path) -> list[str]:
+    def command(run_dir: Path, every: tuple[int, int]) -> list[str]:
+        overrides = run_overrides(tiny_data, f"train.checkpoint_every={every[0]}", f"train.log_every={every[1]}",
+                                  "data.image_size=8")  # ~0.7 CPU s
         return ["pretrain", "--run-dir", str(run_dir), "--no-progress", "--set", *overrides]
 
-    reference = tmp_path / "reference"
-    started = time.monotonic()
-    process = _start(forkserver, command(reference), None, tmp_path / "reference.log")
-    process.join(120)
-    duration = time.monotonic() - started
-    assert process.exitcode == 0, (tmp_path / "reference.log").read_text()
-    # what a whole run writes through nnclr.rundir: 8 checkpoints, the small files (about) once
-    written = sum(f.stat().st_size for f in reference.iterdir() if f.is_file())
-    written += (reference / CHECKPOINT_NAME).stat().st_size * (TOTAL_STEPS // 2 - 1)
-    renames = TOTAL_STEPS // 2 + 3  # checkpoints; config.yaml, metrics.jsonl (rewritten), results.json
+    references = {}  # settings -> (run directory, duration, bytes written through nnclr.rundir, renames)
+    for every in SETTINGS:
+        reference = tmp_path / f"reference-{every[0]}-{every[1]}"
+        started = time.monotonic()
+        process = _start(forkserver, command(reference, every), None, tmp_path / f"{reference.name}.log")
+        process.join(120)
+        duration = time.monotonic() - started
+        assert process.exitcode == 0, (tmp_path / f"{reference.name}.log").read_text()
+        # what a whole run writes through nnclr.rundir: its checkpoints, the small files (about) once
+        checkpoints = -(-TOTAL_STEPS // every[0])
+        written = sum(f.stat().st_size for f in reference.iterdir() if f.is_file())
+        written += (reference / CHECKPOINT_NAME).stat().st_size * (checkpoints - 1)
+        renames = checkpoints + 3  # checkpoints; config.yaml, metrics.jsonl (rewritten), results.json
+        references[every] = (reference, duration, written, renames)
 
     rng = random.Random(SEED)
     kinds: Counter = Counter()
     where: Counter = Counter()
     chains = 0
     while sum(kinds.values()) < KILLS:
+        every = SETTINGS[chains % len(SETTINGS)]
+        reference, duration, written, renames = references[every]
         run_dir = tmp_path / f"chain{chains}"
         chains += 1
         resumed_from = None
@@ -206,7 +214,7 @@ def test_kill_campaign_loses_nothing(forkserver, tmp_path: Path, tiny_data: Path
                 "rename": ("rename", rng.randint(1, max(1, round(renames * left))), rng.choice(["before", "after"])),
             }.get(kind)
             log = tmp_path / f"{run_dir.name}-{attempt}.log"
-            process = _start(forkserver, command(run_dir), fault, log)
+            process = _start(forkserver, command(run_dir, every), fault, log)
             if kind == "timer":
                 process.join(rng.uniform(0, duration * left))
                 if process.exitcode is None:
@@ -229,6 +237,7 @@ def test_kill_campaign_loses_nothing(forkserver, tmp_path: Path, tiny_data: Path
         _assert_same_run(reference, run_dir)
 
     summary = (f"kill campaign (seed {SEED}): {sum(kinds.values())} kills survived in {chains} runs "
+               f"(checkpoint/record every {' or '.join(f'{c}/{r}' for c, r in SETTINGS)} steps) "
                f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); kill points: "
                f"{', '.join(f'{n} {w}' for w, n in where.most_common())}; every run equal to the uninterrupted one")
     figures.append(summary)
