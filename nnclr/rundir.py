@@ -581,6 +581,12 @@ class RunLock:
             del _HELD[self.key]  # type: ignore[arg-type]
         os.close(fd)  # closing the only descriptor releases the flock
 
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 def _read_note(path: Path) -> str:
     """The note's text: never through a link, never blocking on a FIFO; "" when it cannot be read."""
