@@ -1,7 +1,8 @@
 """The ``nnclr`` command: one subcommand per module of :mod:`nnclr.commands`.
 
 Every mistake a user can make ends in a one-line ``nnclr: error: ...`` and exit code 2, with
-no traceback; an interrupted run (Ctrl-C, SIGTERM) saves what it has and exits with 130 (143 for SIGTERM).
+no traceback; an interrupted run (Ctrl-C, SIGTERM) saves what it has and exits with 130 (143 for SIGTERM), in
+one line also when a second or third signal cuts the save short (:mod:`nnclr.stopping`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
+from nnclr import stopping
 from nnclr.commands import COMMANDS
 from nnclr.config import MAX_SEED, device_problem
 from nnclr.errors import UserError
@@ -103,18 +104,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lines per file; such files are decoded or skipped and reported in one line all the same.
     # (In the CLI only: a library must not change the warning filters of its caller.)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # reported by the innermost subcommand's parser (``nnclr eval knn``), which lists its own flags
-        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
-    command = importlib.import_module(f"nnclr.commands.{args.command}")
-    try:
-        return command.run(args)
-    except UserError as error:
+    # argv None: this process is the ``nnclr`` command, which ends once main returns; once a signal stopped it,
+    # a further one while the interpreter exits (joining decode threads, atexit) ends it at once
+    with stopping.interrupts(restore=argv is not None):
+        try:
+            parser = build_parser()
+            args, unknown = parser.parse_known_args(argv)
+            if unknown:  # reported by the innermost subcommand's parser (``nnclr eval knn``), which lists its flags
+                _innermost(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+            command = importlib.import_module(f"nnclr.commands.{args.command}")
+            return command.run(args)
+        except BaseException as error:  # noqa: BLE001 - an interrupt may hide in any error's context
+            return _stopped(error)
+
+
+def _stopped(error: BaseException) -> int:
+    """Report ``error`` in one line and return the exit code: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal,
+    as shells report), also when the interrupt surfaced as another error (:func:`nnclr.stopping.interrupted_by`);
+    2 for a UserError. Anything else (a bug, argparse's exit) is re-raised."""
+    interrupt = stopping.interrupted_by(error)
+    if interrupt is not None:
+        code = 128 + interrupt.signum
+        stopping.exit_at_once_on_signal(code)  # the user insists: no traceback from here on
+        print("nnclr: interrupted", file=sys.stderr)
+        return code
+    if isinstance(error, UserError):
         rank = os.environ.get("RANK", "0")  # under torchrun every process reports; name the others
         where = "" if rank == "0" else f" (rank {rank})"
         print(f"nnclr: error{where}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as interrupt:  # 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as shells report)
-        print("nnclr: interrupted", file=sys.stderr)
-        return 128 + getattr(interrupt, "signum", signal.SIGINT)
+    raise error

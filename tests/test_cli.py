@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nnclr import rundir
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 
@@ -154,3 +156,118 @@ def test_ctrl_c_or_sigterm_finishes_the_step_saves_and_says_how_to_resume(
     assert err.strip().splitlines()[-1] == "nnclr: interrupted" and "Traceback" not in err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, step + 1))  # the step was finished
+
+
+# --- a second (and third) Ctrl-C or SIGTERM at chosen moments (issue 23, item 4) ---------------------------------
+
+SEAM = Path(__file__).parent / "signal_seam"  # its sitecustomize.py sends the signals: NNCLR_TEST_SIGNALS
+
+
+def nnclr_signalled(*args: str, cwd: Path, signals: str = "") -> subprocess.CompletedProcess:
+    """``python -m nnclr ARGS`` that sends itself signals where ``signals`` says (tests/signal_seam)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SEAM), os.environ.get("PYTHONPATH")]))}
+    if signals:
+        env["NNCLR_TEST_SIGNALS"] = signals
+    return subprocess.run([sys.executable, "-m", "nnclr", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_interrupted(result: subprocess.CompletedProcess, code: int, signals: str) -> None:
+    """Exit ``code``, and stderr is the one line ``nnclr: interrupted`` besides the seam's notes of what it sent."""
+    sent = [line for line in result.stderr.splitlines() if line.startswith("seam: ")]
+    assert len(sent) == len(signals.split("=")[1].split(",")), result.stderr  # every signal was sent
+    rest = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("seam: ")]
+    assert result.returncode == code and rest == ["nnclr: interrupted"], (result.returncode, result.stderr)
+
+
+def no_tmp_files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("names", "write"), [("SIGINT,SIGINT", 2), ("SIGTERM,SIGTERM", 5),
+                                             ("SIGINT,SIGINT,SIGINT", 3), ("SIGTERM,SIGINT", 1)])
+def test_a_second_signal_inside_the_checkpoint_write_stops_at_once_and_the_run_resumes(
+    tmp_path: Path, tiny: list[str], names: str, write: int
+) -> None:
+    """The first signal asks the loop to stop; the second lands inside the checkpoint's write (torch's zip writer:
+    was a 40-line RuntimeError traceback and exit 1); a third one while that unwinds changes nothing."""
+    args = ["pretrain", "--run-dir", "run", "--no-progress", "--set", *tiny, "data.test_split=", "train.epochs=1",
+            "train.max_steps=6", "train.checkpoint_every=2"]
+    # the first signal at the write-th write into the second checkpoint's temporary file (step 4's), the others after
+    signals = f"write:{rundir.tmp_path(Path(CHECKPOINT_NAME)).name}:2:{write}={names}"
+    stopped = nnclr_signalled(*args, cwd=tmp_path, signals=signals)
+    assert_interrupted(stopped, 128 + getattr(signal, names.split(",")[-1]), signals)  # the last one raised
+    assert "stopped by" not in stopped.stdout  # it did not finish the checkpoint it was writing
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == 2  # the previous one, intact
+    assert not no_tmp_files(tmp_path / "run")
+    resumed = nnclr_signalled(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming run from step 2/6" in resumed.stdout
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory: pytest.TempPathFactory, tiny_run: tuple[str, ...], demo_data: str
+              ) -> tuple[Path, list[str]]:
+    """A run directory at step 2 of 6 (3 steps an epoch, a checkpoint and a kNN every 2 steps) and its command."""
+    folder = tmp_path_factory.mktemp("two-steps")
+    args = ["pretrain", "--run-dir", "run", "--no-progress", "--set", *tiny_run, "method.support_size=64",
+            f"data.name={demo_data}", "train.report=false", "train.epochs=2", "train.checkpoint_every=2",
+            "train.knn_every_epochs=0.67"]
+    first = nnclr_signalled(*args, "train.max_steps=2", cwd=folder)
+    assert first.returncode == 0, first.stderr
+    return folder / "run", args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("moment", "names", "step", "again"),
+    [  # where; the signals; the checkpoint's step afterwards; what the same command then says
+        ("nnclr.data.loaders:load_training_data", "SIGTERM,SIGTERM", 2, "resuming run from step 2/6"),
+        ("nnclr.evaluate.monitor:knn_monitor:1", "SIGINT,SIGINT", 2, "resuming run from step 2/6"),  # at step 4
+        ("nnclr.evaluate.monitor:knn_monitor:2", "SIGTERM,SIGTERM,SIGTERM", 6, "already complete"),  # the final one
+        ("nnclr.report:write_report", "SIGINT,SIGINT", 6, "already complete"),
+    ],
+)
+def test_signals_at_any_moment_stop_in_one_line_and_the_same_command_goes_on(
+    tmp_path: Path, two_steps: tuple[Path, list[str]], moment: str, names: str, step: int, again: str
+) -> None:
+    """During data start-up, the kNN monitor (in the loop: the first signal asks to stop after it, the second
+    stops it), the final kNN and the report: exit 130 / 143 in one line, the checkpoint intact, no tmp file."""
+    run_dir, args = two_steps
+    shutil.copytree(run_dir, tmp_path / "run")
+    if "report" in moment:
+        args = [*args, "train.report=true"]
+    stopped = nnclr_signalled(*args, cwd=tmp_path, signals=f"{moment}={names}")
+    assert_interrupted(stopped, 128 + getattr(signal, names.split(",")[-1]), f"{moment}={names}")
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["step"] == step
+    assert not no_tmp_files(tmp_path / "run")
+    resumed = nnclr_signalled(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert again in resumed.stdout
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_stop_embed_and_eval_in_one_line(tmp_path: Path, two_steps: tuple[Path, list[str]]) -> None:
+    """``nnclr embed``: the first Ctrl-C while embedding, the second inside the save of what it embedded;
+    ``nnclr eval``: both while extracting features. Exit 130, one line; embed then resumes."""
+    run_dir, _ = two_steps
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(600):  # three chunks of 256
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(images / f"{i}.png")
+    embed = ["embed", "--checkpoint", str(run_dir), "--images", str(images), "--out", "emb", "--no-progress"]
+    signals = "nnclr.pretrained:Pretrained.embed:2=SIGINT;write:embeddings:1=SIGINT"
+    stopped = nnclr_signalled(*embed, cwd=tmp_path, signals=signals)
+    sent = [line for line in stopped.stderr.splitlines() if line.startswith("seam: ")]
+    assert len(sent) == 2, stopped.stderr
+    rest = [line for line in stopped.stderr.splitlines() if line.strip() and not line.startswith("seam: ")]
+    assert stopped.returncode == 130 and rest == ["nnclr: interrupted"], stopped.stderr
+    assert not no_tmp_files(tmp_path / "emb") if (tmp_path / "emb").exists() else True
+    again = nnclr_signalled(*embed, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+    signals = "nnclr.augment:eval_transform:2=SIGINT,SIGINT"
+    evaluated = nnclr_signalled("eval", "knn", "--checkpoint", str(run_dir), "--no-progress", cwd=tmp_path,
+                                signals=signals)
+    assert_interrupted(evaluated, 130, signals)
