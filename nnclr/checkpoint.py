@@ -116,13 +116,16 @@ def _unreadable(path: Path, error: OSError) -> UserError:
     return UserError(f"checkpoint {path} cannot be read ({reason}); {advice}")
 
 
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
-    """:func:`load_checkpoint` and the SHA-256 (hex) of the whole file, found in the same pass over it."""
+def read_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", whole: bool = True
+) -> tuple[dict[str, Any], str | None]:
+    """:func:`load_checkpoint` and the SHA-256 (hex) of the whole file, found in the same pass over it (``whole``;
+    else None for a file without a stored checksum, which then is not hashed at all)."""
     try:
         if not path.is_file():
             raise UserError(f"checkpoint {path} not found; pass a run directory or a checkpoint file")
         with open(path, "rb") as file:
-            verified = verify_zip(file)
+            verified = verify_zip(file, whole)
             if verified.damaged:
                 raise UserError(
                     f"checkpoint {path} is damaged: its bytes no longer match the SHA-256 written with it (changed "
@@ -165,7 +168,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             not match), truncated or not a checkpoint; it would need unpickling arbitrary objects (refused,
             nothing in it runs); it has another format version; or a field has the wrong type (:func:`check_fields`).
     """
-    return read_checkpoint(path, map_location)[0]
+    return read_checkpoint(path, map_location, whole=False)[0]
 
 
 def _is_count(value: Any) -> bool:

@@ -82,15 +82,18 @@ class Verified:
 
     stored: str | None
     computed: str | None  # SHA-256 of the bytes the stored digest covers; None without a stored digest
-    file_sha256: str  # SHA-256 of the whole file
+    file_sha256: str | None  # SHA-256 of the whole file; None when not asked for and there is no stored digest
 
     @property
     def damaged(self) -> bool:
         return self.stored is not None and self.stored != self.computed
 
 
-def verify_zip(file: IO[bytes]) -> Verified:
-    """Hash an open file once (memory-mapped) and compare with the digest :class:`ChecksumWriter` stored in it."""
+def verify_zip(file: IO[bytes], whole: bool = False) -> Verified:
+    """Hash an open file once (memory-mapped) and compare with the digest :class:`ChecksumWriter` stored in it.
+
+    ``whole``: also the SHA-256 of the whole file when it has no stored digest (with one, it costs nothing more).
+    """
     file.seek(0, 2)
     size = file.tell()
     file.seek(0)
@@ -108,7 +111,7 @@ def verify_zip(file: IO[bytes]) -> Verified:
                     and all(c in b"0123456789abcdef" for c in hexdigest)):
                 stored = hexdigest.decode("ascii")
         if stored is None:
-            return Verified(None, None, hashlib.sha256(view).hexdigest())
+            return Verified(None, None, hashlib.sha256(view).hexdigest() if whole else None)
         digest = hashlib.sha256(view[:covered])
         computed = digest.hexdigest()
         digest.update(view[covered:])

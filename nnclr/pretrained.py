@@ -336,7 +336,8 @@ def load(path: str | Path, device: str = "cpu", precision: str = "auto") -> Pret
         state: dict[str, Any] = {"step": 0}
         digest = file_hash(checkpoint, 64)
     else:
-        state, digest = read_checkpoint(checkpoint)
+        state, whole = read_checkpoint(checkpoint)  # the file's hash comes from the same pass
+        digest = whole or file_hash(checkpoint, 64)
         check_fields(state, checkpoint, PRETRAINING_FIELDS)
         config = _config_of(state["config"], checkpoint)
         model = build_checked(config, checkpoint, {"": state["model"]}, resolved, written_by(state))

@@ -6,8 +6,8 @@ the kNN accuracy before training, the loader a run started with, the non-finite-
 since the last metrics record (so that the next record averages the same steps as in an uninterrupted run)
 and a fingerprint of the training data (:func:`data_fingerprint`; a resume on other data is refused,
 :func:`check_data`): with the generators seeded by (seed, epoch) and (seed, step) (:mod:`nnclr.seeding`),
-everything a resumed run needs to replay the uninterrupted one step for step. A ``folder:`` source also keeps its file index in the run
-directory (:func:`check_folder`), so that sample ``i`` stays the same file.
+everything a resumed run needs to replay the uninterrupted one step for step. A ``folder:`` source also keeps
+its file index in the run directory (:func:`check_folder`), so that sample ``i`` stays the same file.
 """
 
 from __future__ import annotations
