@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,34 @@ def _folder(images: str) -> Path | None:
     return None
 
 
+@contextmanager
+def _one_embed(out: str) -> Iterator[None]:
+    """Rank 0 holds EMB_DIR while it embeds (:func:`nnclr.rundir.acquire_lock`): a second embed into it is refused.
+
+    An EMB_DIR the lock created is removed again when the command fails before writing into it.
+    """
+    import os
+
+    from nnclr import rundir
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(out).expanduser()
+    new = not os.path.lexists(folder)
+    with rundir.acquire_lock(folder, flag="--out"):
+        try:
+            yield
+        except BaseException:
+            if new:
+                try:
+                    (folder / rundir.LOCK).unlink(missing_ok=True)
+                    folder.rmdir()  # only when nothing else was written
+                except OSError:
+                    pass
+            raise
+
+
 def run(args: argparse.Namespace) -> int:
     """Embed, then print a one-line summary (and the skipped files) on rank 0."""
     from nnclr.errors import UserError
@@ -74,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if folder is not None:
         scan_images(folder)  # a folder without images fails before the checkpoint is loaded
     progress = not args.no_progress and sys.stderr.isatty()
-    with distributed.process_group(runtime.resolve_device(args.device, "--device")) as device:
+    with _one_embed(args.out), distributed.process_group(runtime.resolve_device(args.device, "--device")) as device:
         main = distributed.is_main()
         pretrained = nnclr.load(args.checkpoint, device=str(device), precision=args.precision)
         if folder is not None:
