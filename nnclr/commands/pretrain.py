@@ -24,7 +24,8 @@ def add_parser(commands: Any) -> None:
     pretrain.add_argument("--fresh", action="store_true", help="start over instead of resuming the run directory")
     pretrain.add_argument(
         "--accept-data-changes", action="store_true",
-        help="resume although files of the folder: training data were added, removed or modified since the run started",
+        help="resume although the training data changed since the run started (a folder's files added, removed or "
+        "modified; other images in an array source)",
     )
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
 
