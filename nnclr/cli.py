@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -19,6 +20,7 @@ from nnclr import stopping
 from nnclr.commands import COMMANDS
 from nnclr.config import MAX_SEED, device_problem
 from nnclr.errors import UserError
+from nnclr.libtiff import quiet_libtiff
 from nnclr.machine import usable_cpus
 from nnclr.version import __version__
 
@@ -104,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lines per file; such files are decoded or skipped and reported in one line all the same.
     # (In the CLI only: a library must not change the warning filters of its caller.)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    # libtiff's own lines about a corrupt TIFF (from C), and Pillow's logged errors ("More samples per pixel than
+    # can be decoded", which Python's last-resort handler prints): the file is skipped and named all the same
+    quiet_libtiff()
+    logging.getLogger("PIL").addHandler(logging.NullHandler())  # records still reach handlers configured above
     # argv None: this process is the ``nnclr`` command, which ends once main returns; once a signal stopped it,
     # a further one while the interpreter exits (joining decode threads, atexit) ends it at once
     with stopping.interrupts(restore=argv is not None):

@@ -250,3 +250,53 @@ def test_unreadable_permissions_are_skipped(tmp_path: Path) -> None:
     assert "skipped 2 unreadable" in result.stderr and "Permission denied" in result.stderr
     assert str(root / "a" / "locked.png") in result.stderr and str(root / "b") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _corrupt_tiffs(folder: Path, n: int = 40) -> None:
+    """``n`` compressed TIFFs (LZW, deflate, JPEG, PackBits, none) with 4 random bytes overwritten each, and 40 PNGs."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"ok{i}.png")
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 17, 3), dtype=np.uint8))
+    seeds = []
+    for compression in ("tiff_lzw", "tiff_adobe_deflate", "jpeg", "packbits", None):
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="TIFF", compression=compression)
+        seeds.append(buffer.getvalue())
+    draw = random.Random(1)
+    for i in range(n):
+        data = bytearray(draw.choice(seeds))
+        for _ in range(4):
+            data[draw.randrange(len(data))] = draw.randrange(256)
+        (folder / f"bad{i}.tif").write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_corrupt_tiffs_print_nothing_but_nnclr_s_own_lines(tmp_path: Path, tiny_run: tuple[str, ...]) -> None:
+    """libtiff printed its own lines from C (and Pillow logged some) beside the one warning line (issue 23, item 17):
+    ``nnclr pretrain`` and ``nnclr embed`` on a folder of corrupt TIFFs, as a user runs them."""
+    import sys
+
+    _corrupt_tiffs(tmp_path / "images" / "a")
+
+    def nnclr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nnclr", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+
+    trained = nnclr("pretrain", "--run-dir", "run", "--no-progress", "--set", *tiny_run, "method.support_size=64",
+                    "data.name=folder:images", "data.image_size=16", "data.test_split=", "train.max_steps=1",
+                    "train.report=false")
+    assert trained.returncode == 0, trained.stderr
+    lines = trained.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nnclr: warning: images: skipped "), trained.stderr
+    embedded = nnclr("embed", "--checkpoint", "run", "--images", "images", "--out", "emb", "--no-progress")
+    assert embedded.returncode == 0, embedded.stderr
+    lines = embedded.stderr.strip().splitlines()  # embed names every file it skips, one line each
+    assert lines and all(line.startswith("skipped a/bad") for line in lines), embedded.stderr

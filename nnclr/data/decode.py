@@ -6,6 +6,10 @@ what hides under fully transparent pixels never leaks in). The image is then sca
 shorter side is ``size`` (antialiased bilinear, Pillow's ``resize``) and the centred
 ``size x size`` square is kept; both steps are done in one ``resize`` call with a crop box.
 Multi-frame files (GIF, TIFF) use their first frame.
+
+libtiff, which Pillow decodes compressed TIFFs with, prints its own warnings and errors on stderr
+(fd 2, from C: "ZIPDecode: Decoding error at scanline 0", "TIFFFetchNormalTag: Incorrect count ...")
+besides the reason Pillow raises; :func:`nnclr.libtiff.quiet_libtiff` turns that off for the ``nnclr`` command.
 """
 
 from __future__ import annotations
