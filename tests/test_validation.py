@@ -310,6 +310,7 @@ def test_run_dir_is_taken_verbatim(monkeypatch: pytest.MonkeyPatch, capsys: pyte
         raise UserError("stop here")
 
     monkeypatch.setattr(nnclr.train, "pretrain", pretrain)
+    monkeypatch.chdir(tmp_path)  # the command locks the run directory before it trains: keep them out of the checkout
     for run_dir in ("runs/exp #2", "runs/exp ", "2024", "yes", "null", "'quoted'"):
         result = _cli(capsys, "pretrain", "--run-dir", run_dir, "--fresh", "--set", "train.report=false")
         assert result.returncode == 2 and seen[-1] == run_dir
