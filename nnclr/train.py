@@ -116,6 +116,11 @@ def build_run(
     dtype = runtime.resolve_dtype(t.precision, device)
     data = load_training_data(d, loader)
     train_set, test_set = data.train_set, data.test_set
+    if len(train_set) < 2:  # no batch size works: advise none
+        raise UserError(
+            f"{d.name} holds {len(train_set)} image{'s' * (len(train_set) != 1)}; contrastive pretraining needs at "
+            "least 2 (the other images of a batch are the negatives): add images or use another data set"
+        )
     if o.batch_size > len(train_set):
         raise UserError(
             f"optim.batch_size={o.batch_size} is larger than the data set ({len(train_set)} images "

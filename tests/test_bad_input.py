@@ -300,3 +300,61 @@ def test_corrupt_tiffs_print_nothing_but_nnclr_s_own_lines(tmp_path: Path, tiny_
     assert embedded.returncode == 0, embedded.stderr
     lines = embedded.stderr.strip().splitlines()  # embed names every file it skips, one line each
     assert lines and all(line.startswith("skipped a/bad") for line in lines), embedded.stderr
+
+
+def _without_read_bypass(command: list[str]) -> list[str]:
+    """``command`` run without root's capabilities to read everything (skips where they cannot be dropped)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("root reads everything; setpriv (util-linux) is needed to drop that")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [0o000, 0o300, 0o600])  # nothing; not listable; listable but not searchable
+def test_an_unreadable_data_folder_is_named_as_unreadable_not_empty(tmp_path: Path, mode: int) -> None:
+    """``data.name=folder:X`` where X cannot be read: one line saying so (was a PermissionError traceback from
+    looking for X/test; "no images found" would send the user looking for images that are there) (item 14)."""
+    import sys
+
+    from PIL import Image
+
+    root = tmp_path / "locked"
+    (root / "cats").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "cats" / "a.png")
+    root.chmod(mode)
+    code = f"from nnclr.cli import main; raise SystemExit(main(['pretrain', '--set', 'data.name=folder:{root}']))"
+    try:
+        result = subprocess.run(_without_read_bypass([sys.executable, "-c", code]), capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    finally:
+        root.chmod(0o700)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(root) in lines[0] and "cannot be read" in lines[0], result.stderr
+    assert "Permission denied" in lines[0] and "no images" not in lines[0]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_folder_of_one_or_two_images_gets_advice_that_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture, tiny_run: tuple[str, ...], n: int
+) -> None:
+    """1 image: no batch size works (was told "--set optim.batch_size=2"); 2 images: batch 2 does (item 14)."""
+    from PIL import Image
+
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    result = _cli(capsys, "pretrain", "--run-dir", str(tmp_path / "run"), "--set", *tiny_run,
+                  f"data.name=folder:{tmp_path}", "data.image_size=16", "data.test_split=", "train.report=false")
+    if n == 1:
+        assert_user_error(result, "1 image", "at least 2", "add images")
+        assert "optim.batch_size=2" not in result.stderr
+    else:
+        assert_user_error(result, "optim.batch_size=32", "--set optim.batch_size=2")
+        advised = _cli(capsys, "pretrain", "--run-dir", str(tmp_path / "run"), "--set", *tiny_run,
+                       f"data.name=folder:{tmp_path}", "data.image_size=16", "data.test_split=", "train.report=false",
+                       "optim.batch_size=2", "train.max_steps=1")
+        assert advised.returncode == 0, advised.stderr  # the advice works

@@ -87,10 +87,19 @@ def split_folder(root: Path, split: str) -> Path:
             f"{where}: is a file, not a directory; pass the folder that holds the images "
             "(or use npz:PATH for an .npz file)"
         )
-    test = next((root / t for t in _TEST_NAMES if (root / t).is_dir()), None)
-    if (root / "train").is_dir() and test is not None:
+    try:  # listing it and looking into it (r and x): what finding the splits and the images needs
+        os.stat(os.path.join(root, "."))  # needs x: the names alone (r) cannot be opened
+        with os.scandir(root) as entries:
+            names = {entry.name for entry in entries if entry.is_dir()}
+    except OSError as error:
+        raise UserError(
+            f"{where}: the folder cannot be read ({error.strerror or type(error).__name__}); make it readable "
+            f"(e.g. chmod u+rx {root}) or pass another folder"
+        ) from None
+    test = next((root / t for t in _TEST_NAMES if t in names), None)
+    if "train" in names and test is not None:
         splits = {"train": root / "train", "test": test}
-        if (root / "val").is_dir():
+        if "val" in names:
             splits["val"] = root / "val"
         if split not in splits:
             raise UserError(f"{where}: unknown split {split!r}; valid splits: {', '.join(splits)}")
