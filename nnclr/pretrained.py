@@ -280,9 +280,8 @@ def build_checked(config: Config, path: Path, parts: dict[str, dict[str, torch.T
     try:
         with torch.device("meta"):
             shapes: ContrastiveModel | None = build_model(config)
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a backbone that cannot be built on meta tensors: checked when built
+    except Exception as error:  # noqa: BLE001 - a backbone that cannot be built on meta tensors (a py: module's
+        # forward probe calls .item(), say): checked when built for real, below
         if "overflow" in str(error).lower():  # more elements than an int64 counts
             raise UserError(f"{path}: its config asks for a model too large to build ({sizes}); the file is damaged "
                             "or crafted") from None
