@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -25,7 +26,7 @@ from robust_helpers import run_overrides
 from use_helpers import assert_user_error, make_checkpoint, nnclr_cli, run_main
 
 import nnclr
-from nnclr.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from nnclr.checkpoint import CHECKPOINT_NAME, FIELDS, load_checkpoint, save_checkpoint
 from nnclr.errors import UserError
 from nnclr.integrity import SAFETENSORS_KEY
 from nnclr.use.export import export
@@ -220,6 +221,13 @@ def test_a_checkpoint_with_a_wrongly_typed_or_missing_field_is_one_line(
     assert needle in str(raised.value) and "\n" not in str(raised.value)
     for args in _readers(path, tmp_path):
         assert_user_error(run_main(capsys, *args), "crafted.pt", needle)
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_every_known_field_of_the_wrong_type_is_refused_naming_it(checkpoint: Path, tmp_path: Path, field: str) -> None:
+    path = _crafted(checkpoint, tmp_path / "crafted.pt", field, 3 if field == "nnclr_version" else "not-valid")
+    with pytest.raises(UserError, match=f"crafted.pt: field '{field}' is .*, not {re.escape(FIELDS[field][1])}"):
+        load_checkpoint(path)
 
 
 @pytest.mark.slow
