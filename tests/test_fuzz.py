@@ -165,6 +165,43 @@ def test_yaml_recipes_load_or_name_the_problem(tmp_path: Path, tree: object) -> 
     TRIED["YAML recipes", "valid"] += 1
 
 
+def _load_recipe_bytes(path: Path, data: bytes, fuzzer: str) -> None:
+    """``--config`` of these bytes: a Config or a one-line UserError naming the file, never another exception."""
+    path.write_bytes(data)
+    try:
+        config = load_config(path)
+    except UserError as error:
+        assert "\n" not in str(error) and path.name in str(error), str(error)
+        TRIED[fuzzer, "refused"] += 1
+        return
+    assert isinstance(config, Config)
+    TRIED[fuzzer, "valid"] += 1
+
+
+_YAML_PIECES = [b"data:", b" name:", b" demo", b"\n", b"  ", b"- ", b"[", b"]", b"{", b"}", b": ", b"&a ", b"*a",
+                b"!!binary ", b"'", b'"', b"#", b"---\n", b"...", b"\xff", b"\xfe\xff", b"\xc3", b"\xef\xbb\xbf",
+                b"\x00", b"\t", b"optim:", b" lr: ", b"1e-3", b".nan", b"? ", b"|", b">"]
+
+
+@pytest.mark.slow
+@FUZZ
+@given(data=st.one_of(
+    st.binary(max_size=256),  # raw bytes: not UTF-8, NUL, byte-order marks (issue 23, item 12)
+    st.lists(st.sampled_from(_YAML_PIECES), max_size=40).map(b"".join),  # YAML-shaped, often not UTF-8
+))
+def test_raw_bytes_as_a_recipe_load_or_name_the_problem(tmp_path: Path, data: bytes) -> None:
+    _load_recipe_bytes(tmp_path / "recipe.yaml", data, "raw bytes as --config")
+
+
+@pytest.mark.parametrize("depth", [10, 500, pytest.param(5_000, marks=pytest.mark.slow),
+                                   pytest.param(100_000, marks=pytest.mark.slow)])  # about 2 s each
+@pytest.mark.parametrize("opening", ["[", "{a: ", "- "])
+def test_deeply_nested_recipes_load_or_name_the_problem(tmp_path: Path, opening: str, depth: int) -> None:
+    """YAML nested thousands deep (PyYAML recurses: a RecursionError traceback before 202b944) (item 12)."""
+    closing = {"[": "]", "{a: ": "}", "- ": ""}[opening]  # "- - - 1": block sequences in one another
+    _load_recipe_bytes(tmp_path / "recipe.yaml", (opening * depth + "1" + closing * depth).encode(), "deep YAML")
+
+
 @pytest.mark.parametrize(
     "text", ["data: [", "\t- x", "a: b: c", "%YAML 9.9\n---\n", "\x00", "key: !!python/object:os.system x"]
 )
