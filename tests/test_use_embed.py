@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -29,8 +30,9 @@ from nnclr.data import load_dataset
 from nnclr.data.decode import load_square
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained
+from nnclr.use import embeddings
 from nnclr.use.embed import embed_folder
-from nnclr.use.embeddings import EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE, open_embeddings
+from nnclr.use.embeddings import EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE, Entry, open_embeddings, save_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +204,13 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     embed = ("embed", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress")
     assert_user_error(run_main(capsys, *embed, "--images", str(empty)), "no images found", str(empty))
     assert_user_error(run_main(capsys, *embed, "--images", str(folder / "gray.png")), "is a file")
-    assert_user_error(run_main(capsys, *embed, "--images", "no_such_set"), "unknown data set")
+    # what the user typed is --images, not the config key data.name (issue 23, item 14)
+    assert_user_error(run_main(capsys, *embed, "--images", "no_such_set"), "--images no_such_set", "no such folder",
+                      "not a data set name", "demo, cifar10")
+    assert_user_error(run_main(capsys, *embed, "--images", "npz:/no/such/dir"), "--images 'npz:/no/such/dir'",
+                      "no such file or folder")
+    assert_user_error(run_main(capsys, *embed, "--images", "demo", "--split", "nosuch"), "--split nosuch",
+                      "valid splits: train, test")
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
     shutil.copy(folder / "truncated.png", unreadable / "a.png")
@@ -271,3 +279,40 @@ def test_dangling_symlinks_and_fifos_are_skipped_not_fatal(checkpoint: Path, tmp
     assert set(skipped) == {"cat/dangling.png", "cat/pipe.png"} and skipped["cat/pipe.png"] == "not a regular file"
     again = embed_folder(nnclr.load(checkpoint), images, tmp_path / "emb")
     assert (again.embedded, again.reused) == (0, 2) and len(again.skipped) == 2
+
+
+def test_a_commit_whose_renames_were_cut_short_is_read_and_then_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest is the commit; its staged files are what readers read until they are renamed into place."""
+    root = tmp_path / "emb"
+    manifest = {"format_version": 1, "checkpoint_hash": "x", "source": {"kind": "folder", "path": "/x"}, "skipped": []}
+    old = np.eye(3, 8, dtype=np.float32)
+    new = np.eye(4, 8, k=1, dtype=np.float32)
+    save_embeddings(root, old, [Entry(f"{i}.png") for i in range(3)], manifest)
+
+    def read_only(src: Path, dst: Path) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(embeddings, "_move", read_only)  # a disk turned read-only between the commit and the renames
+    save_embeddings(root, new, [Entry(f"{i}.png") for i in range(4)], manifest)
+    assert np.array_equal(np.load(root / EMBEDDINGS_FILE), old)  # not renamed into place yet
+    emb = open_embeddings(root)  # the committed files, read where they are
+    assert np.array_equal(emb.vectors, new) and [e.path for e in emb.entries] == [f"{i}.png" for i in range(4)]
+    monkeypatch.undo()
+    emb = open_embeddings(root)  # writable again: the renames are finished
+    assert np.array_equal(np.load(root / EMBEDDINGS_FILE), new) and len(emb) == 4
+    assert sorted(p.name for p in root.iterdir()) == sorted([EMBEDDINGS_FILE, INDEX_FILE, MANIFEST_FILE])
+
+
+def test_a_failed_commit_leaves_the_previous_emb_dir_and_nothing_staged(tmp_path: Path) -> None:
+    root = tmp_path / "emb"
+    manifest = {"format_version": 1, "checkpoint_hash": "x", "source": {"kind": "folder", "path": "/x"}, "skipped": []}
+    save_embeddings(root, np.eye(3, 8, dtype=np.float32), [Entry(f"{i}.png") for i in range(3)], manifest)
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    (root / MANIFEST_FILE.replace(".json", ".json.d")).mkdir()  # noise that is not ours stays
+    with pytest.raises(TypeError):  # a manifest that cannot be written: the commit never happens
+        save_embeddings(root, np.eye(4, 8, dtype=np.float32), [Entry(f"{i}.png") for i in range(4)],
+                        {**manifest, "bad": object()})
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
+    assert len(open_embeddings(root)) == 3

@@ -18,7 +18,15 @@ from nnclr.cli import main
 from nnclr.errors import UserError
 from nnclr.use.duplicates import duplicate_groups
 from nnclr.use.embed import embed_folder, scan_images
-from nnclr.use.embeddings import EMBEDDINGS_FILE, Entry, open_embeddings, save_embeddings
+from nnclr.use.embeddings import (
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    Entry,
+    open_embeddings,
+    save_embeddings,
+    vectors_hash,
+)
 from nnclr.use.query import find_similar
 from nnclr.use.search import FAISS_INDEX_FILE, exact_search, recall_at_k, rows_per_chunk, search
 
@@ -137,6 +145,106 @@ def test_corrupt_npy_is_an_error_and_stays_untouched(
     (broken / EMBEDDINGS_FILE).write_bytes(bytes(flipped))
     assert_user_error(run_main(capsys, "duplicates", "--embeddings", str(broken)), "does not match the hash")
     assert (broken / EMBEDDINGS_FILE).read_bytes() == bytes(flipped)
+
+
+def _rewrite_manifest(root: Path, change) -> None:
+    path = root / MANIFEST_FILE
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _rewrite_vectors(root: Path, vectors: np.ndarray, count: bool = True) -> None:
+    """Another embeddings.npy with its hash (and row count) written into the manifest: a crafted EMB_DIR."""
+    np.save(root / EMBEDDINGS_FILE, vectors)
+
+    def change(manifest: dict) -> dict:
+        return {**manifest, "embeddings_sha256": vectors_hash(vectors), **({"count": len(vectors)} if count else {})}
+
+    _rewrite_manifest(root, change)
+
+
+def _without(key: str):
+    return lambda manifest: {k: v for k, v in manifest.items() if k != key}
+
+
+CRAFTED = {  # what is changed in a copy of a good EMB_DIR -> what the one-line error says
+    "manifest a list": (lambda root: (root / MANIFEST_FILE).write_text("[1, 2]"), ["manifest.json holds a list"]),
+    "no checkpoint_hash": (lambda root: _rewrite_manifest(root, _without("checkpoint_hash")),
+                           ["manifest.json has no 'checkpoint_hash'"]),
+    "count a string": (lambda root: _rewrite_manifest(root, lambda m: {**m, "count": "46"}),
+                       ["'count' is a string, not a whole number"]),
+    "source a list": (lambda root: _rewrite_manifest(root, lambda m: {**m, "source": ["folder"]}),
+                      ["'source' is a list, not an object"]),
+    "skipped entries": (lambda root: _rewrite_manifest(root, lambda m: {**m, "skipped": [1]}), ["'skipped'"]),
+    "commit a path": (lambda root: _rewrite_manifest(root, lambda m: {**m, "commit": "../../etc"}),
+                      ["'commit' is not 16 hex digits"]),
+    "wider vectors": (lambda root: _rewrite_vectors(root, np.zeros((46, 7), np.float32)),
+                      ["holds vectors of width 7", "the encoder's features have"]),
+    "fewer vectors": (lambda root: _rewrite_vectors(root, np.load(root / EMBEDDINGS_FILE)[:-1]),
+                      ["index.csv has 46 rows, embeddings.npy 45 vectors, manifest.json says 45"]),
+    "count only": (lambda root: _rewrite_manifest(root, lambda m: {**m, "count": 45}),
+                   ["index.csv has 46 rows, embeddings.npy 46 vectors, manifest.json says 45"]),
+    "index row gone": (lambda root: (root / INDEX_FILE).write_text(
+        "".join((root / INDEX_FILE).read_text().splitlines(keepends=True)[:-1])),
+        ["index.csv has 45 rows, embeddings.npy 46 vectors, manifest.json says 46"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_emb_dir_files_are_one_line_errors_for_search_duplicates_and_embed(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    checkpoint, folder, emb = indexed
+    crafted = tmp_path / "emb"
+    shutil.copytree(emb, crafted)
+    craft, needles = CRAFTED[case]
+    craft(crafted)
+    files = {p.name: p.read_bytes() for p in crafted.iterdir()}
+    advice = "re-create it with `nnclr embed --checkpoint"
+    for command in (("duplicates", "--embeddings", str(crafted)),
+                    ("search", "--embeddings", str(crafted), str(folder / "gray.png")),
+                    ("embed", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(crafted))):
+        assert_user_error(run_main(capsys, *command), str(crafted), *needles, advice, "--fresh")
+    assert files == {p.name: p.read_bytes() for p in crafted.iterdir() if p.name != ".lock"}  # left as it was
+    fresh = run_main(capsys, "embed", "--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(crafted),
+                     "--fresh", "--no-progress")  # the advice works
+    assert fresh.returncode == 0 and len(open_embeddings(crafted)) == 46, fresh.stderr
+
+
+def test_vectors_of_another_width_without_a_recorded_width_are_refused_by_search_and_embed(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint, folder, emb = indexed
+    crafted = tmp_path / "emb"
+    shutil.copytree(emb, crafted)
+    _rewrite_manifest(crafted, _without("feature_dim"))
+    _rewrite_vectors(crafted, F.normalize(torch.randn(46, 7), dim=1).numpy())
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(crafted), str(folder / "gray.png")),
+                      f"{crafted}/embeddings.npy holds vectors of width 7", "--fresh")
+    assert_user_error(run_main(capsys, "embed", "--checkpoint", str(checkpoint), "--images", str(folder),
+                               "--out", str(crafted)), "holds vectors of width 7", "--fresh")
+    assert run_main(capsys, "duplicates", "--embeddings", str(crafted)).returncode == 0  # needs no encoder
+
+
+def test_300_character_names_are_one_line_errors_naming_the_flag(
+    indexed: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint, folder, emb = indexed
+    long = "x" * 300
+    result = run_main(capsys, "embed", "--checkpoint", str(checkpoint), "--images", str(folder),
+                      "--out", str(tmp_path / long))
+    assert_user_error(result, "--out", "is 300 bytes", "at most 255", "choose a shorter name")
+    query = str(folder / "gray.png")
+    for command in (("search", "--embeddings", str(emb), query), ("duplicates", "--embeddings", str(emb))):
+        result = run_main(capsys, *command, "--html", str(tmp_path / f"{long}.html"))
+        assert_user_error(result, "--html", "is 305 bytes", "choose a shorter name")
+        result = run_main(capsys, *command, "--html", str(tmp_path / f"{'y' * 250}.html"))  # fits, its temporary not
+        assert_user_error(result, "--html", "is 255 bytes", "temporary name", "choose a shorter name")
+    result = run_main(capsys, "search", "--embeddings", str(tmp_path / long), query)
+    assert_user_error(result, "embedding directory", "File name too long")
+    result = run_main(capsys, "embed", "--checkpoint", str(checkpoint), "--images", str(tmp_path / long),
+                      "--out", str(tmp_path / "emb"))
+    assert_user_error(result, "--images", "File name too long")
+    assert list(tmp_path.iterdir()) == []  # nothing was written
 
 
 def test_duplicate_groups_are_connected_components() -> None:

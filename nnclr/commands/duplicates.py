@@ -26,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from nnclr.errors import UserError
     from nnclr.use.duplicates import duplicate_groups
     from nnclr.use.embeddings import open_embeddings, warn_if_incomplete
+    from nnclr.use.outputs import output_file
 
     if not -1.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold {args.threshold}: a cosine similarity lies in [-1, 1]")
+    html = output_file(args.html, "--html") if args.html else None  # before any work is done
     embeddings = open_embeddings(args.embeddings)
     warn_if_incomplete(embeddings)
     groups = duplicate_groups(embeddings.tensor(), args.threshold, progress=sys.stderr.isatty())
@@ -39,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
                      for r in g.rows]}
         for g in groups
     ]
-    if args.html:
-        _write_html(Path(args.html).expanduser(), embeddings, data, args.threshold)
+    if html is not None:
+        _write_html(html, embeddings, data, args.threshold)
     if args.json:
         print(json.dumps({"embeddings": str(embeddings.root), "threshold": args.threshold, "groups": data}, indent=1))
         return 0
@@ -57,14 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_html(out: Path, embeddings: Any, groups: list[dict[str, Any]], threshold: float) -> None:
-    from nnclr.errors import UserError
-    from nnclr.use.embeddings import write_atomic
+    from nnclr.rundir import write_text_atomic
     from nnclr.use.gallery import Tile, render, source_images
 
-    if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"--html {out}: pass a file name in an existing folder")
     images = source_images(embeddings, sorted({m["index"] for g in groups for m in g["members"]}))
     rows = [(None, [Tile(images[m["index"]], [m["path"]]) for m in g["members"]]) for g in groups]
     page = render(f"nnclr duplicates: {len(groups)} groups (cosine >= {threshold})", rows,
                   note=f"embeddings: {embeddings.root}")
-    write_atomic(out, lambda f: f.write(page.encode("utf-8")))
+    write_text_atomic(out, page, what="the gallery", kept="nothing was written")

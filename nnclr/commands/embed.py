@@ -45,19 +45,43 @@ def add_parser(commands: Any) -> None:
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@contextmanager
+def _named_as_typed(images: str, split: str) -> Iterator[None]:
+    """The data layer's errors name the config key ``data.name``; here the user typed ``--images`` and ``--split``."""
+    from nnclr.errors import UserError
+
+    try:
+        yield
+    except UserError as error:
+        text = str(error)
+        if not text.startswith("data.name="):
+            raise
+        if f"unknown split {split!r}" in text:
+            raise UserError(f"--split {split}: not a split of {images}; {text.partition('; ')[2]}") from None
+        raise UserError(f"--images {text.removeprefix('data.name=')}") from None
+
+
 def _folder(images: str) -> Path | None:
     """The folder ``--images`` names, or None for a data set name; a UserError for anything else."""
-    from nnclr.data.registry import parse_name
+    from nnclr.data.registry import VALID_SOURCES, parse_name
     from nnclr.errors import UserError
 
     path = Path(images[len("folder:"):] if images.startswith("folder:") else images).expanduser()
-    if path.is_file():
-        raise UserError(f"--images {images} is a file; pass a folder of images or a data set name (e.g. demo)")
-    if path.is_dir():
-        return path
-    source, _ = parse_name(images)  # an unknown name -> a UserError listing the valid ones
+    try:
+        if path.is_file():
+            raise UserError(f"--images {images} is a file; pass a folder of images or a data set name (e.g. demo)")
+        if path.is_dir():
+            return path
+    except OSError as error:  # a name too long, a folder we may not enter
+        raise UserError(f"--images {images}: cannot be looked up ({error.strerror or error}); pass a folder of "
+                        "images or a data set name (e.g. demo)") from None
+    try:
+        source, _ = parse_name(images)
+    except UserError:
+        raise UserError(f"--images {images}: no such folder, and not a data set name; pass a folder of images or "
+                        f"one of {VALID_SOURCES}") from None
     if source == "folder":
-        raise UserError(f"--images {images}: no such directory")
+        raise UserError(f"--images {images}: no such folder; pass a folder of images")
     return None
 
 
@@ -96,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     folder = _folder(args.images)
+    from nnclr.use.outputs import output_folder
+
+    output_folder(args.out, "--out")  # before the checkpoint is loaded
 
     import nnclr
     from nnclr import distributed, runtime
@@ -111,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
             report = embed_folder(pretrained, folder, args.out, fresh=args.fresh, progress=progress,
                                   batch=args.batch_size)
         else:
-            report = embed_dataset(pretrained, args.images, args.split, args.out, root=args.data_root,
-                                   fresh=args.fresh, progress=progress, batch=args.batch_size)
+            with _named_as_typed(args.images, args.split):
+                report = embed_dataset(pretrained, args.images, args.split, args.out, root=args.data_root,
+                                       fresh=args.fresh, progress=progress, batch=args.batch_size)
     if not main:
         return 0
     for item in report.skipped:

@@ -52,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
     """Search (:func:`nnclr.use.query.find_similar`), then print a table or JSON and write the HTML gallery."""
     from nnclr.errors import UserError
     from nnclr.use.embeddings import open_embeddings, warn_if_incomplete
+    from nnclr.use.outputs import output_file
 
     if args.k < 1:
         raise UserError(f"-k {args.k}: must be at least 1")
     from nnclr.runtime import resolve_device
 
     resolve_device(args.device, "--device")  # CUDA where there is none: named as the user typed it
+    html = output_file(args.html, "--html") if args.html else None  # before any work is done
     embeddings = open_embeddings(args.embeddings)
     warn_if_incomplete(embeddings)
 
@@ -70,15 +72,16 @@ def run(args: argparse.Namespace) -> int:
     )
     index = found.index
     if index is not None:
-        state = "built and saved" if index.built else "loaded"
+        state = "loaded" if not index.built else f"built, not saved: {index.not_saved}" if index.not_saved \
+            else "built and saved"
         print(
             f"faiss IVF index ({state}, nlist={index.nlist}, nprobe={index.nprobe}): "
             f"recall@{index.k_recall} {index.recall:.3f} against exact search on a sample",
             file=sys.stderr,
         )
     results = [result.as_dict() for result in found.results]
-    if args.html:
-        _write_html(Path(args.html).expanduser(), embeddings, results)
+    if html is not None:
+        _write_html(html, embeddings, results)
     if args.json:
         print(json.dumps({"embeddings": str(embeddings.root), "k": args.k, "search": found.method,
                           "results": results}, indent=1))
@@ -90,12 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_html(out: Path, embeddings: Any, results: list[dict[str, Any]]) -> None:
-    from nnclr.errors import UserError
-    from nnclr.use.embeddings import write_atomic
+    from nnclr.rundir import write_text_atomic
     from nnclr.use.gallery import Tile, open_image, render, source_images
 
-    if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"--html {out}: pass a file name in an existing folder")
     images = source_images(embeddings, sorted({n["index"] for r in results for n in r["neighbours"]}))
     rows = []
     for r in results:
@@ -107,4 +107,4 @@ def _write_html(out: Path, embeddings: Any, results: list[dict[str, Any]]) -> No
         rows.append((lead, tiles))
     page = render(f"nnclr search: {len(results)} quer{'y' if len(results) == 1 else 'ies'}", rows,
                   note=f"embeddings: {embeddings.root}; scores are cosine similarities")
-    write_atomic(out, lambda f: f.write(page.encode("utf-8")))
+    write_text_atomic(out, page, what="the gallery", kept="nothing was written")

@@ -47,6 +47,7 @@ from nnclr.use.embeddings import (
     open_embeddings,
     save_embeddings,
 )
+from nnclr.use.outputs import output_folder
 from nnclr.version import __version__
 
 BATCH = 256  # files decoded and embedded together
@@ -264,11 +265,15 @@ def _base_manifest(pretrained: Pretrained, source: dict[str, Any]) -> dict[str, 
 
 def _previous(out: Path, pretrained: Pretrained, source: dict[str, Any], fresh: bool) -> Embeddings | None:
     """The EMB_DIR's current contents to resume from, or None; refuses a mismatch unless ``fresh``."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory for the embeddings")
+    output_folder(out, "--out")
     if fresh or not (out / MANIFEST_FILE).exists():
         return None
     old = open_embeddings(out)
+    if old.vectors.shape[1] != pretrained.feature_dim:
+        raise UserError(
+            f"{out} holds vectors of width {old.vectors.shape[1]}, but {pretrained.checkpoint} gives "
+            f"{pretrained.feature_dim}; pass --fresh to re-embed everything, or choose another --out"
+        )
     if old.checkpoint_hash != pretrained.checkpoint_hash:
         raise UserError(
             f"{out} holds embeddings of checkpoint {old.checkpoint_hash} ({old.manifest.get('checkpoint')}), "

@@ -24,7 +24,7 @@ import torch
 from nnclr.errors import UserError
 from nnclr.pretrained import Pretrained, load
 from nnclr.use.embed import embed_files, scan_images
-from nnclr.use.embeddings import Embeddings, open_embeddings
+from nnclr.use.embeddings import EMBEDDINGS_FILE, MANIFEST_FILE, Embeddings, open_embeddings
 from nnclr.use.search import DEFAULT_APPROX_THRESHOLD, ApproxIndex, search
 
 
@@ -100,7 +100,10 @@ def encoder_of(embeddings: Embeddings, checkpoint: str | Path | None = None, dev
     Raises:
         UserError: the recorded checkpoint is gone, or ``checkpoint`` is another one than made the EMB_DIR.
     """
-    path = checkpoint or embeddings.manifest["checkpoint"]
+    path = checkpoint or embeddings.manifest.get("checkpoint")
+    if not path:
+        raise UserError(f"{MANIFEST_FILE} of {embeddings.root} names no checkpoint; pass --checkpoint with the one "
+                        "that made it")
     if not checkpoint and not Path(path).exists():
         raise UserError(
             f"the checkpoint that made {embeddings.root} ({path}) is gone; pass --checkpoint with the same one"
@@ -111,6 +114,12 @@ def encoder_of(embeddings: Embeddings, checkpoint: str | Path | None = None, dev
             f"{embeddings.root} was made with checkpoint {embeddings.checkpoint_hash}, but {pretrained.checkpoint} "
             f"is {pretrained.checkpoint_hash}: query with the same checkpoint, or re-embed with "
             f"`nnclr embed --checkpoint {path} --fresh`"
+        )
+    width = embeddings.vectors.shape[1]
+    if pretrained.feature_dim != width:  # the same checkpoint: only a changed embeddings.npy gets here
+        raise UserError(
+            f"{embeddings.root}/{EMBEDDINGS_FILE} holds vectors of width {width}, but {pretrained.checkpoint} gives "
+            f"{pretrained.feature_dim}; re-embed with `nnclr embed --checkpoint {path} --out {embeddings.root} --fresh`"
         )
     return pretrained
 

@@ -14,13 +14,13 @@ import importlib.util
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from nnclr.use.embeddings import Embeddings, write_atomic
+from nnclr import rundir
+from nnclr.use.embeddings import Embeddings
 
 DEFAULT_APPROX_THRESHOLD = 100_000
 FAISS_INDEX_FILE = "faiss_ivf.index"
@@ -87,6 +87,7 @@ class ApproxIndex:
     recall: float
     k_recall: int
     built: bool
+    not_saved: str = ""  # why a built index could not be saved in EMB_DIR ("" when it was, or was loaded)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate top-k: ``(scores (Q, k), indices (Q, k))``; missing neighbours have index -1."""
@@ -104,26 +105,70 @@ def _measure_recall(index: Any, vectors: np.ndarray, k: int, seed: int = 0) -> f
     return recall_at_k(approx, exact.numpy())
 
 
+def _saved_index(embeddings: Embeddings) -> ApproxIndex | None:
+    """The index saved in the EMB_DIR if it was built for these vectors, else None.
+
+    A missing, unreadable, foreign or crafted file (another dimension or size, settings of the wrong
+    type) is None: the index is built again.
+    """
+    import faiss
+
+    root, vectors = embeddings.root, embeddings.vectors
+    meta = rundir.read_json(root / FAISS_META_FILE)
+    if not isinstance(meta, dict) or meta.get("embeddings_sha256") != embeddings.manifest["embeddings_sha256"]:
+        return None
+    fields = {"nlist": (int,), "nprobe": (int,), "k_recall": (int,), "recall": (int, float)}
+    if any(not isinstance(meta.get(key), kinds) or isinstance(meta.get(key), bool) for key, kinds in fields.items()):
+        return None
+    try:
+        index = faiss.read_index(str(root / FAISS_INDEX_FILE))
+    except (RuntimeError, OSError, ValueError):
+        return None
+    if index.d != vectors.shape[1] or index.ntotal != vectors.shape[0] or not 1 <= meta["nprobe"] <= meta["nlist"]:
+        return None
+    return ApproxIndex(index, meta["nlist"], meta["nprobe"], float(meta["recall"]), meta["k_recall"], False)
+
+
+def _save_index(embeddings: Embeddings, index: Any, meta: dict[str, Any]) -> str:
+    """Save the index and its settings in the EMB_DIR; returns why not ("" when saved).
+
+    A full or read-only disk does not stop a search: the index is used unsaved, nothing partial is
+    left (:func:`nnclr.rundir.replace_file`), and the next search builds it again.
+    """
+    import faiss
+
+    index_path, meta_path = embeddings.root / FAISS_INDEX_FILE, embeddings.root / FAISS_META_FILE
+    data = faiss.serialize_index(index)
+    path = index_path
+    try:
+        rundir.replace_file(index_path, lambda file: file.write(data.tobytes()))
+        path = meta_path
+        rundir.replace_file(meta_path, lambda file: file.write(json.dumps(meta, indent=1).encode()))
+    except OSError as error:
+        if path == meta_path:
+            try:
+                index_path.unlink(missing_ok=True)  # never loaded without its settings: give the space back
+            except OSError:
+                pass
+        return f"cannot write {path} ({error.strerror or error}); the next search builds it again"
+    return ""
+
+
 def approx_index(embeddings: Embeddings, k_recall: int = 10) -> ApproxIndex:
     """Load the saved faiss index of an EMB_DIR, or build, measure and save it.
 
     ``nlist = 4 sqrt(N)`` inverted lists (faiss's guideline); ``nprobe`` starts at ``max(8, nlist / 32)``
     and doubles until recall@k on a sample of the vectors reaches :data:`TARGET_RECALL` (or all lists
     are probed). The index is rebuilt when the vectors' hash differs from the one it was built for.
+    An index that cannot be saved (a full or read-only disk) is used all the same
+    (:attr:`ApproxIndex.not_saved` says why).
     """
     import faiss
 
+    saved = _saved_index(embeddings)
+    if saved is not None:
+        return saved
     vectors = np.ascontiguousarray(embeddings.vectors, dtype=np.float32)
-    root, fingerprint = embeddings.root, embeddings.manifest["embeddings_sha256"]
-    meta_path, index_path = root / FAISS_META_FILE, root / FAISS_INDEX_FILE
-    if meta_path.is_file() and index_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("embeddings_sha256") == fingerprint:
-                index = faiss.read_index(str(index_path))
-                return ApproxIndex(index, meta["nlist"], meta["nprobe"], meta["recall"], meta["k_recall"], False)
-        except (ValueError, OSError, RuntimeError, KeyError):
-            pass  # unreadable: rebuilt below
     n, dim = vectors.shape
     nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
     quantizer = faiss.IndexFlatIP(dim)
@@ -137,12 +182,9 @@ def approx_index(embeddings: Embeddings, k_recall: int = 10) -> ApproxIndex:
         if recall >= TARGET_RECALL or nprobe >= nlist:
             break
         nprobe = min(nlist, 2 * nprobe)
-    tmp = index_path.with_name(f".{index_path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    Path(tmp).replace(index_path)
-    meta = {"embeddings_sha256": fingerprint, "nlist": nlist, "nprobe": nprobe, "recall": recall, "k_recall": k_recall}
-    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    return ApproxIndex(index, nlist, nprobe, recall, k_recall, True)
+    meta = {"embeddings_sha256": embeddings.manifest["embeddings_sha256"], "nlist": nlist, "nprobe": nprobe,
+            "recall": recall, "k_recall": k_recall}
+    return ApproxIndex(index, nlist, nprobe, recall, k_recall, True, _save_index(embeddings, index, meta))
 
 
 def search(
