@@ -14,8 +14,10 @@ Tables (Dwibedi et al., ICCV 2021):
 - ``prototypes``: KMCLR's number of prototypes and what each keeps against NNCLR's support set;
 - ``budget``: NNCLR against SimCLR with the default recipe at a fixed wall-clock budget (``--budget``, the
   issue's 10-minute target: NNCLR's kNN at least 62% and at least SimCLR's);
-- ``neighbours``: the several-neighbour methods (issue 21: ``nnclr_multi``, ``nnclr_soft``, ``nnclr_mean``, ``snclr``)
-  against NNCLR and SimCLR, with the label agreement of each run's positives at its end;
+- ``neighbours``: the neighbour methods of issue 21 (``nnclr_multi``, ``nnclr_soft``, ``nnclr_mean``, ``snclr``,
+  ``nnbyol``, ``nnsiam``, ``msf``) against NNCLR and SimCLR, with the label agreement of each run's positives at
+  its end; ``neighbours_budget``: the same at a wall-clock budget (``--budget 600``: issue 21's 10-minute table),
+  SimCLR and NNCLR first, then the neighbour methods (``--rows`` runs some of them per session);
 - ``recipe``: NNCLR settings studied against that target at the same budget (a larger support set, a
   shorter fade of the SimCLR part of the short-run schedule) beside the default NNCLR and SimCLR, so that
   the table compares on one machine; ``--rows`` runs some of them.
@@ -82,7 +84,9 @@ TABLES: dict[str, tuple[Row, ...]] = {
     + (Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),),
     "budget": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",))),
     "neighbours": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft",
-                                                                 "nnclr_mean", "snclr")),
+                                                                 "nnclr_mean", "snclr", "nnbyol", "nnsiam", "msf")),
+    "neighbours_budget": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "snclr", "msf", "nnclr_soft",
+                                                                        "nnbyol", "nnsiam")),
     "recipe": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",)),  # the references
                Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),
                Row("nnclr, support 16,384, instance_decay 0.5",

@@ -32,7 +32,7 @@ import yaml
 from nnclr.errors import UserError
 
 METHODS = ("nnclr", "simclr", "kmclr", "deepcluster", "nnclr_multi", "nnclr_soft", "nnclr_mean", "snclr", "nnbyol",
-           "msf")
+           "nnsiam", "msf")
 
 
 @dataclass

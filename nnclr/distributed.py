@@ -351,16 +351,19 @@ def data_parallel(model: nn.Module, sync_bn: str, device: torch.device) -> nn.Mo
     """Under a process group: global batch-norm where ``sync_bn`` says, then DDP; else ``model``.
 
     ``sync_bn`` is ``model.sync_bn``: ``heads`` converts the ``projector`` and ``predictor``,
-    ``all`` the ``backbone`` too (:func:`convert_sync_batchnorm`). DDP averages gradients over
-    ranks; each rank's loss is the mean over its anchors of a loss whose negatives are gathered
-    with gradient (``nnclr.losses``), so the average is the gradient of the global batch's mean
-    loss, as in one process.
+    ``all`` the ``backbone`` too (:func:`convert_sync_batchnorm`), and the same parts of a target network.
+    DDP averages gradients over ranks; each rank's loss is the mean over its anchors of a loss whose
+    negatives are gathered with gradient (``nnclr.losses``), so the average is the gradient of the
+    global batch's mean loss, as in one process.
     """
     if world_size() == 1:
         return model
     for name in {"heads": ("projector", "predictor"), "all": ("backbone", "projector", "predictor")}.get(sync_bn, ()):
         if getattr(model, name) is not None:
             setattr(model, name, convert_sync_batchnorm(getattr(model, name), device))
+    target = getattr(model, "target", None)  # BYOL's target network (backbone, projector): as the online ones
+    for part in {"heads": (1,), "all": (0, 1)}.get(sync_bn, ()) if target is not None else ():
+        target[part] = convert_sync_batchnorm(target[part], device).requires_grad_(False)  # new modules' weights
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

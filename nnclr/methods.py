@@ -25,6 +25,7 @@ from nnclr.step import (
     mean_shift_loss,
     neighbours_loss,
     nn_byol_loss,
+    nn_siam_loss,
     positive_loss,
     pseudo_label_loss,
     snclr_loss,
@@ -203,6 +204,15 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         selector=_nearest_neighbour, loss=nn_byol_loss, head="predictor", support=True, short_run=False,
         keys=("method.support_size", "method.topk", "method.exclude_self", "method.target_momentum"),
         diagnostics="neighbours", target=True,
+    ),
+    Method(
+        name="nnsiam",
+        paper="NNSiam: SimSiam (Chen and He, CVPR 2021, arXiv 2011.10566) with NNCLR's nearest neighbour as the "
+              "target (Dwibedi et al., ICCV 2021, Sec. 4.4; solo-learn's nnsiam)",
+        summary="SimSiam's loss -cos(p, NN(z)) to the nearest support-set neighbour of the other view's z; "
+                "no negatives, no target network",
+        selector=_nearest_neighbour, loss=nn_siam_loss, head="predictor", support=True, short_run=False,
+        keys=("method.support_size", "method.topk", "method.exclude_self"), diagnostics="neighbours",
     ),
     Method(
         name="msf",

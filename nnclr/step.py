@@ -175,19 +175,35 @@ def byol_loss(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * torch.einsum("bd,bkd->bk", p, F.normalize(targets, dim=-1))).mean()
 
 
-def nn_byol_loss(x: StepInputs) -> StepOutput:
-    """NNBYOL (Dwibedi et al., ICCV 2021, Sec. 4.4; solo-learn's ``nnbyol``): BYOL's loss between p of one view
-    and the nearest support-set neighbour of the other view's target projection, symmetrised; the support set
-    holds the target projections t1."""
+def _nearest_target_loss(x: StepInputs, t1: torch.Tensor, t2: torch.Tensor) -> StepOutput:
+    """BYOL's loss between p of one view and the nearest support-set neighbour of the other view's target ``t``,
+    symmetrised; what the support set stores is t1."""
     selector = x.selector
-    assert isinstance(selector, PositiveSelector) and x.t1 is not None and x.t2 is not None
-    s1 = selector(x.t1, x.support, indices=x.indices, uniform=x.uniforms[0])
-    s2 = selector(x.t2, x.support, indices=x.indices, uniform=x.uniforms[1])
+    assert isinstance(selector, PositiveSelector)
+    s1 = selector(t1, x.support, indices=x.indices, uniform=x.uniforms[0])
+    s2 = selector(t2, x.support, indices=x.indices, uniform=x.uniforms[1])
     loss = 0.5 * (byol_loss(x.p1, s2.positives[:, None]) + byol_loss(x.p2, s1.positives[:, None]))
     diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item()}
     if x.support is not None:
         diagnostics |= x.support.diagnostics(s1.rows, s1.similarity, step=x.step, labels=x.labels, indices=x.indices)
-    return StepOutput(loss, x.t1, diagnostics)
+    return StepOutput(loss, t1, diagnostics)
+
+
+def nn_byol_loss(x: StepInputs) -> StepOutput:
+    """NNBYOL (Dwibedi et al., ICCV 2021, Sec. 4.4; solo-learn's ``nnbyol``): BYOL's loss between p of one view
+    and the nearest support-set neighbour of the other view's target-network projection, symmetrised; the
+    support set holds the target projections t1."""
+    assert x.t1 is not None and x.t2 is not None
+    return _nearest_target_loss(x, x.t1, x.t2)
+
+
+def nn_siam_loss(x: StepInputs) -> StepOutput:
+    """NNSiam (Dwibedi et al., ICCV 2021, Sec. 4.4; solo-learn's ``nnsiam``): SimSiam's loss -cos(p, NN(z))
+    (Chen and He, CVPR 2021, Eq. 1-2) to the nearest support-set neighbour of the other view's z (stop-gradient),
+    symmetrised; no target network, the support set holds z1 as NNCLR's. SimSiam's -cos is BYOL's 2 - 2 cos
+    halved, minus 1: the same minimiser, the gradients SimSiam's scale."""
+    out = _nearest_target_loss(x, x.z1.detach(), x.z2.detach())
+    return StepOutput(out.loss / 2 - 1, out.z1, out.diagnostics)
 
 
 def mean_shift_loss(x: StepInputs) -> StepOutput:

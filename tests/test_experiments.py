@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "recipe")
+TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "neighbours_budget", "recipe")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""BYOL's target network and the methods built on it (nnbyol, msf): the EMA update and its schedule against the
-paper's formulas, the losses against brute-force loops, and a run's target starting from the encoder it trains."""
+"""BYOL's target network and the methods built on it (nnbyol, msf; nnsiam, the same loss without a target): the EMA
+update and its schedule against the paper's formulas, the losses against brute-force loops, and a run's target
+starting from the encoder it trains."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from nnclr.methods import METHODS
 from nnclr.model import build_model, target_momentum
 from nnclr.optim import param_groups
 from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector
-from nnclr.step import StepInputs, mean_shift_loss, nn_byol_loss
+from nnclr.step import StepInputs, mean_shift_loss, nn_byol_loss, nn_siam_loss
 from nnclr.support import SupportSet
 from nnclr.train import pretrain
 
@@ -101,6 +102,25 @@ def test_nnbyol_loss_is_byols_loss_to_the_targets_nearest_neighbour() -> None:
     assert torch.equal(out.z1, x.t1)  # the support set stores target projections
     nearest = (x.t1 @ stored.T).argmax(dim=1)
     assert out.diagnostics["nn_label_agreement"] == pytest.approx(((nearest % 4) == torch.arange(b) % 4).float().mean())
+
+
+def test_nnsiam_loss_is_simsiams_loss_to_the_nearest_neighbour_of_z() -> None:
+    """D(p, NN(z)) = -cos(p, NN(z)) (SimSiam Eq. 1, the target a support-set neighbour), halved over the views."""
+    b, dim = 5, 8
+    x = _inputs(NearestNeighbourSelector(), b, dim, seed=3)
+    z1, z2 = x.z1.clone().requires_grad_(), x.z2.clone().requires_grad_()
+    x.z1, x.z2, x.t1, x.t2 = z1, z2, None, None
+    x.p1.requires_grad_()
+    out = nn_siam_loss(x)
+    stored = x.support.embeddings
+    cos = torch.nn.functional.cosine_similarity
+    expected = sum(-0.5 * (float(cos(x.p1[i], stored[int((z2[i] @ stored.T).argmax())], dim=0))
+                           + float(cos(x.p2[i], stored[int((z1[i] @ stored.T).argmax())], dim=0)))
+                   for i in range(b)) / b
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(out.z1, z1.detach())  # the support set stores z, as NNCLR's
+    out.loss.backward()
+    assert z1.grad is None and z2.grad is None and x.p1.grad.abs().sum() > 0  # stop-gradient on the targets
 
 
 @pytest.mark.parametrize("k", [1, 3])
