@@ -309,6 +309,8 @@ def check_manifest(manifest: Any) -> str | None:
         return f"{MANIFEST_FILE}: 'source' is not a folder (kind, path) or a data set (kind, name, split)"
     if "commit" in manifest and not _COMMIT.fullmatch(manifest["commit"]):
         return f"{MANIFEST_FILE}: 'commit' is not 16 hex digits"
+    if manifest.get("precision", "fp32") not in ("auto", "bf16", "fp32"):
+        return f"{MANIFEST_FILE}: 'precision' is {manifest['precision'][:20]!r}, not auto, bf16 or fp32"
     for item in manifest.get("skipped", []):
         if not isinstance(item, dict) or any(not _is(item.get(key), (kind,)) for key, kind in _SKIPPED_FIELDS.items()):
             return f"{MANIFEST_FILE}: an entry of 'skipped' is not an object with path, reason, size and mtime_ns"
