@@ -190,9 +190,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
               "ICLR 2023 (arXiv 2303.17142); here without its momentum encoder",
         summary="the other view's z stays the positive; its k nearest support-set neighbours join it as soft "
                 "positives weighted by attention (positiveness) scores",
-        selector=_attention_candidates, loss=snclr_loss, head="predictor", support=True, short_run=False,
+        selector=_attention_candidates, loss=snclr_loss, head="predictor", support=True, short_run=True,
         keys=("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
-              "method.attention_temperature"),
+              "method.attention_temperature", *SHORT_RUN_KEYS),
         diagnostics="neighbours",
     ),
     Method(

@@ -147,8 +147,9 @@ def snclr_loss(x: StepInputs) -> StepOutput:
     """SNCLR (Ge et al., ICLR 2023): the other view's z stays the positive and the k nearest support-set
     neighbours of that z join it as soft positives, weighted by their positiveness to this view's z
     (:func:`~nnclr.losses.positiveness`, τ_a = ``method.attention_temperature``); symmetrised over the views
-    (:func:`~nnclr.losses.soft_neighbours_loss`). The reference code's targets come from a momentum encoder;
-    here they are the online network's z, as NNCLR's and SimCLR's are. The diagnostics are over all k."""
+    (:func:`~nnclr.losses.soft_neighbours_loss`) and mixed with NT-Xent by ``x.instance_weight`` as
+    :func:`positive_loss` is. The reference code's targets come from a momentum encoder; here they are the online
+    network's z, as NNCLR's and SimCLR's are. The diagnostics are over all k."""
     selector = x.selector
     assert isinstance(selector, NeighboursSelector) and x.support is not None
     n1 = selector.neighbours(x.z1.detach(), x.support, indices=x.indices)  # neighbours of view 1's z
@@ -160,8 +161,11 @@ def snclr_loss(x: StepInputs) -> StepOutput:
         soft_neighbours_loss(x.p1, x.z2, n2.positives, w1, found2, temperature=x.temperature)
         + soft_neighbours_loss(x.p2, x.z1, n1.positives, w2, found1, temperature=x.temperature)
     )
+    w = x.instance_weight
+    if w > 0:
+        loss = w * nt_xent(x.z1, x.z2, temperature=x.temperature) + (1 - w) * loss
     similarity = (w2.detach() * n1.similarity).sum(dim=1)  # (b,) score-weighted cosine of z1 with its neighbours
-    diagnostics: dict[str, float] = {"positive_similarity": similarity.float().mean().item()}
+    diagnostics: dict[str, float] = {"positive_similarity": similarity.float().mean().item(), "instance_weight": w}
     k = n1.rows.shape[1]
     diagnostics |= x.support.diagnostics(n1.rows.flatten(), n1.similarity.flatten(), step=x.step,
                                          labels=x.labels.repeat_interleave(k), indices=x.indices.repeat_interleave(k))
