@@ -437,13 +437,15 @@ def read_json(path: Path) -> Any:
 
 
 def _lines_and_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Each line of a JSON-lines file with its record; lines that are not a JSON object (cut by a kill) are skipped."""
-    for line in path.read_text().splitlines():
+    """Each line of a JSON-lines file with its record; lines that are not a JSON object (cut by a kill) are skipped,
+    and so are lines that are not UTF-8 or whose ``step`` is not a whole number (not records nnclr wrote)."""
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(record, dict):
+        except ValueError:  # a line cut by a kill, or bytes that are not UTF-8 (UnicodeDecodeError, JSONDecodeError)
+            continue
+        if isinstance(record, dict) and type(record.get("step", 0)) is int:
             yield line, record
 
 

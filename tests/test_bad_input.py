@@ -8,6 +8,7 @@ every key with choices with a value outside them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -358,3 +359,18 @@ def test_a_folder_of_one_or_two_images_gets_advice_that_works(
                        f"data.name=folder:{tmp_path}", "data.image_size=16", "data.test_split=", "train.report=false",
                        "optim.batch_size=2", "train.max_steps=1")
         assert advised.returncode == 0, advised.stderr  # the advice works
+
+
+def test_a_metrics_file_with_a_non_numeric_step_or_non_utf8_bytes_is_read_without_them(tmp_path: Path) -> None:
+    """metrics.jsonl edited or damaged by hand: resume (MetricsLog) and the readers (report, read_jsonl) skip
+    the lines that are not nnclr's records (were TypeError and UnicodeDecodeError tracebacks) (issue 23, item 12)."""
+    from nnclr import rundir
+
+    path = tmp_path / rundir.METRICS
+    good = [{"type": "train", "step": 1, "loss": 1.0}, {"type": "train", "step": 2, "loss": 0.5}]
+    lines = [json.dumps(good[0]).encode(), b'{"type": "train", "step": "x"}', b"\xff\xfe{\"step\": 1}",
+             b'{"type": "knn", "step": null}', json.dumps(good[1]).encode(), b'{"type": "train", "step": 3.5e400}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    assert rundir.read_jsonl(path) == good
+    log = rundir.MetricsLog(path, resume_step=2)  # resuming from step 2 keeps steps 1 and 2
+    assert rundir.read_jsonl(path) == good and log.has("train", 2)
