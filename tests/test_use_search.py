@@ -241,6 +241,13 @@ def test_300_character_names_are_one_line_errors_naming_the_flag(
         assert_user_error(result, "--html", "is 255 bytes", "temporary name", "choose a shorter name")
     result = run_main(capsys, "search", "--embeddings", str(tmp_path / long), query)
     assert_user_error(result, "embedding directory", "File name too long")
+    result = run_main(capsys, "search", "--embeddings", str(emb), str(tmp_path / long))
+    assert_user_error(result, "query", "File name too long")
+    crafted = tmp_path / "crafted"
+    shutil.copytree(emb, crafted)
+    _rewrite_manifest(crafted, lambda m: {**m, "checkpoint": "/" + "c" * 300})  # the checkpoint search would load
+    assert_user_error(run_main(capsys, "search", "--embeddings", str(crafted), query), "is gone; pass --checkpoint")
+    shutil.rmtree(crafted)
     result = run_main(capsys, "embed", "--checkpoint", str(checkpoint), "--images", str(tmp_path / long),
                       "--out", str(tmp_path / "emb"))
     assert_user_error(result, "--images", "File name too long")

@@ -87,11 +87,23 @@ def query_files(query: str | Path) -> list[Path]:
         UserError: nothing exists at ``query``, or a folder holds no image files.
     """
     path = Path(query).expanduser()
-    if path.is_dir():
-        return scan_images(path)[0]
-    if not path.exists():
-        raise UserError(f"query {path} not found; pass an image file or a folder of images")
+    try:
+        if path.is_dir():
+            return scan_images(path)[0]
+        if not path.exists():
+            raise UserError(f"query {path} not found; pass an image file or a folder of images")
+    except OSError as error:  # a name too long for the file system, a folder we may not enter
+        raise UserError(f"query {path} cannot be looked up ({error.strerror or error}); pass an image file or a "
+                        "folder of images") from None
     return [path]
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; False for a name the file system cannot even look up (too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def encoder_of(embeddings: Embeddings, checkpoint: str | Path | None = None, device: str = "cpu") -> Pretrained:
@@ -104,7 +116,7 @@ def encoder_of(embeddings: Embeddings, checkpoint: str | Path | None = None, dev
     if not path:
         raise UserError(f"{MANIFEST_FILE} of {embeddings.root} names no checkpoint; pass --checkpoint with the one "
                         "that made it")
-    if not checkpoint and not Path(path).exists():
+    if not checkpoint and not _exists(Path(path)):
         raise UserError(
             f"the checkpoint that made {embeddings.root} ({path}) is gone; pass --checkpoint with the same one"
         )
