@@ -73,6 +73,14 @@ def images_below(path: Path, unreadable: list[tuple[Path, str]] | None = None) -
     return sorted(found, key=lambda p: p.relative_to(path).as_posix())
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder or a link to one; False for a link that loops or leads nowhere."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def split_folder(root: Path, split: str) -> Path:
     """Return the folder that holds ``split`` (see the module docstring for the rules).
 
@@ -90,7 +98,7 @@ def split_folder(root: Path, split: str) -> Path:
     try:  # listing it and looking into it (r and x): what finding the splits and the images needs
         os.stat(os.path.join(root, "."))  # needs x: the names alone (r) cannot be opened
         with os.scandir(root) as entries:
-            names = {entry.name for entry in entries if entry.is_dir()}
+            names = {entry.name for entry in entries if _is_dir(entry)}
     except OSError as error:
         raise UserError(
             f"{where}: the folder cannot be read ({error.strerror or type(error).__name__}); make it readable "
