@@ -198,7 +198,7 @@ class _Recording:
         return getattr(self.file, name)
 
 
-def _fsync_dir(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -357,7 +357,7 @@ def replace_file(path: Path, write: Callable[[Any], object]) -> None:
             raise
     finally:
         file.close()
-    _fsync_dir(path.parent)
+    sync_folder(path.parent)
     remove_stale_tmps(path.parent)
 
 

@@ -193,7 +193,7 @@ def finish_commit(root: Path, commit: str) -> None:
         except OSError:
             return
     if moved:
-        _sync_folder(root)
+        rundir.sync_folder(root)
 
 
 def _remove_staged(root: Path, keep: str | None) -> None:
@@ -209,20 +209,6 @@ def _remove_staged(root: Path, keep: str | None) -> None:
                 (root / name).unlink()
             except OSError:
                 pass
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the renames in ``folder`` durable (POSIX); nothing where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _current(root: Path, name: str, commit: str | None) -> Path:
