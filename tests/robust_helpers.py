@@ -1,4 +1,5 @@
-"""Helpers of the robustness tests: a tiny run's config, a small filesystem.
+"""Helpers of the robustness tests: a tiny run's config, a small filesystem, a file that kills its process after
+n bytes and a forkserver that has imported torch once (the kill campaigns of pretrain and embed).
 
 The run is the one of ``test_train.py`` (tiny heads, batch 32) on conftest's ``tiny_data`` (256 random 16x16
 images with a 64-image test split), so that a whole run, kNN before and after included, takes about two seconds.
@@ -7,8 +8,10 @@ images with a 64-image test split), so that a whole run, kNN before and after in
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,3 +85,53 @@ def small_filesystem(path: Path, megabytes: int = 40) -> Iterator[SmallFilesyste
     finally:
         while subprocess.run(["umount", "-l", str(path)], capture_output=True).returncode == 0:
             pass  # the tmpfs and any read-only bind mount over it
+
+
+class DyingFile:
+    """A file that SIGKILLs its process once the process has written ``budget[0]`` bytes through such files.
+
+    ``budget`` is shared by every file of the process (a one-element list); the file's bytes up to the budget
+    reach the disk first, and ``say(path, byte)`` is written to stderr just before the kill.
+    """
+
+    def __init__(self, file, path: Path, budget: list[int], say) -> None:
+        self.file, self.path, self.budget, self.say, self.written = file, path, budget, say, 0
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) >= self.budget[0]:
+            self.file.write(data[: self.budget[0]])
+            self.file.flush()
+            os.write(2, (self.say(self.path, self.written + self.budget[0]) + "\n").encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.budget[0] -= len(data)
+        self.written += len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def preloaded_forkserver(*modules: str) -> multiprocessing.context.BaseContext:
+    """A forkserver context that has imported ``modules`` (torch, nnclr, the test module whose function is the
+    target), with the tests folder on its PYTHONPATH, so that each killed start costs a fork, not the imports."""
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(modules))
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), saved) if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return context

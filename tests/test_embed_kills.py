@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from robust_helpers import DyingFile, preloaded_forkserver
 from use_helpers import make_checkpoint, run_main, save_demo_image
 
 import nnclr
@@ -61,31 +62,8 @@ def _install(fault: tuple) -> None:
     if fault[0] == "byte":
         budget = [fault[1]]
         real_open = rundir._open
-
-        class Dying:
-            def __init__(self, file) -> None:
-                self.file = file
-
-            def write(self, data) -> int:
-                data = bytes(data)
-                if len(data) >= budget[0]:
-                    self.file.write(data[: budget[0]])
-                    self.file.flush()
-                    _say(f"killed inside a write (byte {fault[1]})")
-                    os.kill(os.getpid(), signal.SIGKILL)
-                budget[0] -= len(data)
-                return self.file.write(data)
-
-            def __getattr__(self, name: str):
-                return getattr(self.file, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc) -> None:
-                self.file.close()
-
-        rundir._open = lambda path, mode: Dying(real_open(path, mode))
+        rundir._open = lambda path, mode: DyingFile(real_open(path, mode), Path(path), budget,
+                                                    lambda path, byte: f"killed inside a write (byte {fault[1]})")
         return
     _, target, when = fault
     count = [0]
@@ -123,20 +101,7 @@ def _child(checkpoint: str, folder: str, out: str, fault: tuple, log: str) -> No
 
 @pytest.fixture(scope="module")
 def forkserver() -> multiprocessing.context.BaseContext:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "nnclr.use.embed", "test_embed_kills"])
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), saved) if p)
-    try:
-        from multiprocessing import forkserver as server
-
-        server.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
-    return context
+    return preloaded_forkserver("torch", "nnclr.use.embed", "test_embed_kills")
 
 
 def _bytes_written(pretrained, folder: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> int:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from robust_helpers import metrics_without_timing, run_overrides
+from robust_helpers import DyingFile, metrics_without_timing, preloaded_forkserver, run_overrides
 
 from nnclr.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -61,31 +61,8 @@ def _say(text: str) -> None:
     os.write(2, (text + "\n").encode())
 
 
-class _DyingFile:
-    """A file that SIGKILLs its process once the process has written ``budget[0]`` bytes through rundir."""
-
-    def __init__(self, file, path: Path, budget: list[int]) -> None:
-        self.file, self.path, self.budget, self.written = file, path, budget, 0
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        if len(data) >= self.budget[0]:
-            self.file.write(data[: self.budget[0]])
-            self.file.flush()
-            _say(f"campaign: killed at inside {self.path.name} (byte {self.written + self.budget[0]})")
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.budget[0] -= len(data)
-        self.written += len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.file.close()
+def _KILLED_AT(path: Path, byte: int) -> str:
+    return f"campaign: killed at inside {path.name} (byte {byte})"
 
 
 def _install(fault: tuple) -> None:
@@ -95,7 +72,7 @@ def _install(fault: tuple) -> None:
     if kind == "byte":
         budget = [fault[1]]
         real_open = rundir._open
-        rundir._open = lambda path, mode: _DyingFile(real_open(path, mode), Path(path), budget)
+        rundir._open = lambda path, mode: DyingFile(real_open(path, mode), Path(path), budget, _KILLED_AT)
     elif kind == "rename":
         count, when = [0], fault[2]
         real_replace = rundir._replace
@@ -134,20 +111,7 @@ def _child(args: list[str], fault: tuple | None, log: str) -> None:
 @pytest.fixture(scope="module")
 def forkserver() -> multiprocessing.context.BaseContext:
     """A forkserver that has imported torch, nnclr and this module (so that ``_child`` can be its target)."""
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "nnclr.cli", "nnclr.train", "test_kill_campaign"])
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), saved) if p)
-    try:
-        forkserver.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
-    return context
+    return preloaded_forkserver("torch", "nnclr.cli", "nnclr.train", "test_kill_campaign")
 
 
 def _start(context, args: list[str], fault: tuple | None, log: Path) -> multiprocessing.Process:
