@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nnclr.rundir import TENSORBOARD, make_dir
+from nnclr.errors import UserError
+from nnclr.rundir import TENSORBOARD, disk_error, make_dir
 
 SKIP = ("type", "step", "epoch")
 
@@ -24,6 +26,18 @@ SKIP = ("type", "step", "epoch")
 def available() -> bool:
     """True when the ``tensorboard`` package is installed."""
     return importlib.util.find_spec("tensorboard") is not None
+
+
+_previous_excepthook = threading.excepthook
+
+
+def _writer_thread_hook(args: threading.ExceptHookArgs) -> None:
+    """tensorboard's event-writer thread dies on a full or read-only disk and its flush re-raises the OSError in
+    the caller (:class:`TensorBoardLog` turns it into one line); without this its thread would also print a
+    traceback."""
+    if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+        return
+    _previous_excepthook(args)
 
 
 class TensorBoardLog:
@@ -38,11 +52,17 @@ class TensorBoardLog:
 
     def __init__(self, run_dir: str | Path, purge_step: int | None = None, enabled: bool = True) -> None:
         self.writer = None
+        self.log_dir = Path(run_dir) / TENSORBOARD
         if enabled and available():
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = make_dir(Path(run_dir), TENSORBOARD)  # a link planted there is refused, not followed
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+            threading.excepthook = _writer_thread_hook
+            make_dir(Path(run_dir), TENSORBOARD)  # a link planted there is refused, not followed
+            with self._one_line():
+                self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def _one_line(self) -> _DiskErrors:
+        return _DiskErrors(self)
 
     @property
     def active(self) -> bool:
@@ -58,20 +78,24 @@ class TensorBoardLog:
             if key in SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if math.isfinite(value):
-                self.writer.add_scalar(f"{kind}/{key}", value, step)
-        self.writer.flush()
+                with self._one_line():
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+        with self._one_line():
+            self.writer.flush()
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """Log one uint8 image (3, H, W), e.g. :func:`nnclr.report.galleries.gallery_grid`."""
         if self.writer is None:
             return
-        self.writer.add_image(tag, image, step, dataformats="CHW")
-        self.writer.flush()
+        with self._one_line():
+            self.writer.add_image(tag, image, step, dataformats="CHW")
+            self.writer.flush()
 
     def close(self) -> None:
         """Flush and close the event file."""
         if self.writer is not None:
-            self.writer.close()
+            with self._one_line():
+                self.writer.close()
             self.writer = None
 
     def __enter__(self) -> TensorBoardLog:
@@ -79,3 +103,21 @@ class TensorBoardLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _DiskErrors:
+    """Turns an OSError of tensorboard's writer into the one-line error of a refused write (guarantee 3); the
+    writer is dropped, so that closing it afterwards does not raise again."""
+
+    def __init__(self, log: TensorBoardLog) -> None:
+        self.log = log
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
+        if isinstance(error, OSError):
+            self.log.writer = None
+            raise disk_error(self.log.log_dir, error, "the TensorBoard events in") from None
+        if isinstance(error, UserError):
+            self.log.writer = None

@@ -1,4 +1,4 @@
-"""Guarantee 3 for every command that writes: ``eval``, ``embed``, ``search`` and ``duplicates``.
+"""Guarantee 3 for every command that writes: ``eval``, ``embed``, ``search``, ``duplicates`` and ``report``.
 
 A full disk or a read-only folder while writing (the feature cache and the eval records, an
 EMB_DIR, the faiss index, an HTML gallery): one line naming the file and the reason, the files
@@ -171,3 +171,27 @@ def test_html_gallery_on_a_full_or_read_only_disk(
         _mend(disk, failure)
         assert run_main(capsys, command, "--embeddings", str(out), *args, "--html", str(html)).returncode == 0
         assert html.read_text().startswith("<!DOCTYPE html>")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["full", "read-only"])
+def test_report_into_a_full_or_read_only_run_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture, failure: str
+) -> None:
+    """The report writes its galleries to TensorBoard first (an append-only event log, tensorboard's own writer,
+    whose thread died with a traceback on a full disk), then report.html through rundir."""
+    with small_filesystem(tmp_path / "disk") as disk:
+        run_dir = disk.path / "run"
+        make_checkpoint(run_dir / "checkpoint.pt", "data.image_size=16")
+        before = _snapshot(disk.path)
+        _break(disk, failure)
+        result = run_main(capsys, "report", str(run_dir))
+        assert_user_error(result, "cannot write the", str(run_dir / "tensorboard"), REASONS[failure])
+        after = {name: digest for name, digest in _snapshot(disk.path).items() if "/tensorboard/" not in name}
+        assert after == before  # no report or temporary file; only tensorboard's event log may have been opened
+        _mend(disk, failure)
+        assert run_main(capsys, "report", str(run_dir)).returncode == 0
+        assert (run_dir / "report.html").stat().st_size > 0
