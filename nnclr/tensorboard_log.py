@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nnclr.errors import UserError
 from nnclr.rundir import TENSORBOARD, disk_error, make_dir
 
 SKIP = ("type", "step", "epoch")
@@ -61,8 +62,15 @@ class TensorBoardLog:
             with self._one_line():
                 self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
-    def _one_line(self) -> _DiskErrors:
-        return _DiskErrors(self)
+    @contextmanager
+    def _one_line(self) -> Iterator[None]:
+        """An OSError of tensorboard's writer as the one-line error of a refused write (guarantee 3); the writer is
+        dropped, so that closing it afterwards does not raise again."""
+        try:
+            yield
+        except OSError as error:
+            self.writer = None
+            raise disk_error(self.log_dir, error, "the TensorBoard events in") from None
 
     @property
     def active(self) -> bool:
@@ -104,20 +112,3 @@ class TensorBoardLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-class _DiskErrors:
-    """Turns an OSError of tensorboard's writer into the one-line error of a refused write (guarantee 3); the
-    writer is dropped, so that closing it afterwards does not raise again."""
-
-    def __init__(self, log: TensorBoardLog) -> None:
-        self.log = log
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: object) -> None:
-        if isinstance(error, OSError):
-            self.log.writer = None
-            raise disk_error(self.log.log_dir, error, "the TensorBoard events in") from None
-        if isinstance(error, UserError):
-            self.log.writer = None
