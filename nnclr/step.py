@@ -172,11 +172,15 @@ def snclr_loss(x: StepInputs) -> StepOutput:
     return StepOutput(loss, x.z1.detach(), diagnostics)
 
 
-def byol_loss(p: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BYOL's loss (Grill et al., NeurIPS 2020, Eq. 2) averaged over k targets per sample:
-    mean_j ||p̂ - t̂_j||² = 2 - 2 mean_j cos(p, t_j), p (b, D), targets (b, k, D) detached; mean over the batch."""
+def byol_loss(p: torch.Tensor, targets: torch.Tensor, found: torch.Tensor | None = None) -> torch.Tensor:
+    """BYOL's loss (Grill et al., NeurIPS 2020, Eq. 2) averaged over each sample's targets:
+    mean_j ||p̂ - t̂_j||² = 2 - 2 mean_j cos(p, t_j), p (b, D), targets (b, k, D) detached, ``found`` (b, k) the
+    targets that exist (all when None); mean over the batch."""
     p = F.normalize(at_least_fp32(p), dim=1)
-    return (2 - 2 * torch.einsum("bd,bkd->bk", p, F.normalize(targets, dim=-1))).mean()
+    distance = 2 - 2 * torch.einsum("bd,bkd->bk", p, F.normalize(targets, dim=-1))  # (b, k)
+    if found is None:
+        return distance.mean()
+    return (distance * found).sum(dim=1).div(found.sum(dim=1)).mean()
 
 
 def _nearest_target_loss(x: StepInputs, t1: torch.Tensor, t2: torch.Tensor) -> StepOutput:
@@ -221,10 +225,8 @@ def mean_shift_loss(x: StepInputs) -> StepOutput:
     n2 = selector.neighbours(x.t2, x.support, indices=x.indices)
 
     def shifted(t: torch.Tensor, n: Neighbours, p: torch.Tensor) -> torch.Tensor:
-        targets = torch.cat([t[:, None], n.positives], dim=1)  # (b, 1 + k, D)
-        found = torch.cat([torch.ones_like(n.rows[:, :1], dtype=torch.bool), n.rows >= 0], dim=1)
-        cosine = torch.einsum("bd,bkd->bk", F.normalize(at_least_fp32(p), dim=1), targets)
-        return ((2 - 2 * cosine) * found).sum(dim=1).div(found.sum(dim=1)).mean()
+        targets = torch.cat([t[:, None], n.positives], dim=1)  # (b, 1 + k, D): t and its neighbours
+        return byol_loss(p, targets, torch.cat([torch.ones_like(n.rows[:, :1], dtype=torch.bool), n.rows >= 0], 1))
 
     loss = 0.5 * (shifted(x.t2, n2, x.p1) + shifted(x.t1, n1, x.p2))
     diagnostics: dict[str, float] = {"positive_similarity": n1.similarity.float().mean().item()}
