@@ -39,17 +39,11 @@ from nnclr.checkpoint import PRETRAINING_FIELDS, check_fields, load_state_strict
 from nnclr.config import Config, from_dict
 from nnclr.data.decode import square_box, to_rgb
 from nnclr.data.resize import resize_images
-from nnclr.errors import UserError
+from nnclr.errors import UserError, shown_path
 from nnclr.integrity import check_safetensors
 from nnclr.model import ContrastiveModel, build_model
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray
-
-
-def shown_path(path: str | Path, limit: int = 80) -> str:
-    """``path`` for a one-line message: cut in the middle when longer than ``limit`` characters, saying how long."""
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

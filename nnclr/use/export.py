@@ -41,9 +41,9 @@ from torch import nn
 
 from nnclr.backbones import parse_spec, rebuild_note
 from nnclr.config import to_dict
-from nnclr.errors import UserError
+from nnclr.errors import UserError, shown_path
 from nnclr.integrity import SAFETENSORS_KEY, safetensors_digest, safetensors_parts
-from nnclr.pretrained import Pretrained, shown_path
+from nnclr.pretrained import Pretrained
 from nnclr.rundir import write_atomic
 from nnclr.version import __version__
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nnclr.errors import UserError
+from nnclr.errors import UserError, shown_path
 from nnclr.rundir import tmp_path
 
 NAME_MAX = 255  # bytes per name on Linux, macOS and Windows file systems; the file system's own when it says
 TMP_EXTRA = len(tmp_path(Path("x")).name) - 1  # a file is first written under its temporary name (nnclr.rundir)
 
 
-def _shown(path: Path, limit: int = 100) -> str:
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
+def _shown(path: Path) -> str:
+    return shown_path(path, limit=100)
 
 
 def _name_max(path: Path) -> int:
