@@ -23,8 +23,9 @@ Tables (Dwibedi et al., ICCV 2021):
   the table compares on one machine; ``--rows`` runs some of them.
 
 The budget of a run is ``--epochs`` (equal images seen) or, with ``--budget SECONDS``, a wall-clock
-budget of training: each row is first timed by a short calibration run (``--calibration-steps``
-steps), and its ``train.epochs`` is set to what the budget holds at that rate, so that the learning-rate
+budget of training: every row is first timed by a short calibration run (``--calibration-steps``
+steps; all rows before any trains, so that other work on the machine afterwards slows the runs but cannot
+change their epochs), and its ``train.epochs`` is set to what the budget holds at that rate, so that the learning-rate
 schedule ends when the budget does. The training time each run took is reported beside it.
 
 Usage (from the repository root; experiments are not part of the installed package)::
@@ -311,13 +312,16 @@ def main(argv: list[str] | None = None) -> None:
         records = []
         rows = [row for row in TABLES[name] if not args.rows or row.label in args.rows]
         rows = rows[:2] if args.smoke else rows  # smoke: two rows (crops: one method's pair)
-        for row in rows:
-            slug = "".join(c if c.isalnum() else "-" for c in row.label)
-            epochs = args.epochs
-            if args.budget:
-                rate, epochs = calibrate(row, args, args.runs / name / f"{slug}-calibration", images)
+        slugs = {row.label: "".join(c if c.isalnum() else "-" for c in row.label) for row in rows}
+        epochs_of = {row.label: args.epochs for row in rows}
+        if args.budget:  # every row timed before any trains: later work beside the runs cannot change epochs
+            for row in rows:
+                rate, epochs_of[row.label] = calibrate(row, args, args.runs / name / f"{slugs[row.label]}-calibration",
+                                                       images)
                 print(f"{name}: {row.label}: {rate:.0f} images/s over {args.calibration_steps} steps"
-                      f" -> {epochs:.2f} epochs in {args.budget:g} s", flush=True)
+                      f" -> {epochs_of[row.label]:.2f} epochs in {args.budget:g} s", flush=True)
+        for row in rows:
+            slug, epochs = slugs[row.label], epochs_of[row.label]
             for seed in args.seeds:
                 record = run_one(row, seed, epochs, args, args.runs / name / f"{slug}-s{seed}")
                 records.append(record)
