@@ -35,14 +35,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models
 
 from nnclr.errors import UserError
 
 __all__ = ["BACKBONES", "BackboneSpec", "SmallCNN", "build_backbone", "feature_dim", "parse_spec", "rebuild_note"]
 
 
-def _resnet(factory: Callable[..., models.ResNet], *, cifar_stem: bool) -> nn.Module:
+def _resnet(factory: Callable[..., nn.Module], *, cifar_stem: bool) -> nn.Module:
     """Build a torchvision ResNet (He et al., CVPR 2016, arXiv 1512.03385) without its classifier.
 
     The module names are torchvision's, so ``state_dict()`` keys are those of
@@ -70,19 +69,27 @@ def _resnet(factory: Callable[..., models.ResNet], *, cifar_stem: bool) -> nn.Mo
     return model
 
 
+def _torchvision_models() -> Any:
+    """``torchvision.models``, imported when a ResNet is built: ``import torchvision`` takes 1-2 s, which the
+    default small CNN (and every command that builds none) does not pay."""
+    from torchvision import models
+
+    return models
+
+
 def resnet18(*, cifar_stem: bool = False) -> nn.Module:
     """ResNet-18 encoder, F = 512 (see :func:`_resnet`)."""
-    return _resnet(models.resnet18, cifar_stem=cifar_stem)
+    return _resnet(_torchvision_models().resnet18, cifar_stem=cifar_stem)
 
 
 def resnet34(*, cifar_stem: bool = False) -> nn.Module:
     """ResNet-34 encoder, F = 512 (see :func:`_resnet`)."""
-    return _resnet(models.resnet34, cifar_stem=cifar_stem)
+    return _resnet(_torchvision_models().resnet34, cifar_stem=cifar_stem)
 
 
 def resnet50(*, cifar_stem: bool = False) -> nn.Module:
     """ResNet-50 encoder, F = 2048, the paper's encoder (see :func:`_resnet`)."""
-    return _resnet(models.resnet50, cifar_stem=cifar_stem)
+    return _resnet(_torchvision_models().resnet50, cifar_stem=cifar_stem)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

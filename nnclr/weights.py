@@ -18,6 +18,7 @@ fetch the file yourself (e.g. ``huggingface-cli download timm/resnet18.a1_in1k``
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import ResNet
 
 from nnclr import rundir
 from nnclr.checkpoint import load_failure, unsafe_globals
@@ -50,7 +50,8 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, tor
 
 def classifier_names(encoder: nn.Module) -> tuple[str, ...]:
     """The module names of the classifier a classification checkpoint of this encoder's family holds."""
-    if isinstance(encoder, ResNet):
+    resnet = sys.modules.get("torchvision.models.resnet")  # never imported: the encoder is no torchvision ResNet
+    if resnet is not None and isinstance(encoder, resnet.ResNet):
         return ("fc",)
     names = (getattr(encoder, "pretrained_cfg", None) or {}).get("classifier") or ()
     return (names,) if isinstance(names, str) else tuple(names)

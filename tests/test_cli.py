@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,6 +97,23 @@ def test_checkpoint_from_another_config_is_refused(tmp_path: Path, tiny: list[st
     assert nnclr(*base, cwd=tmp_path).returncode == 0
     assert_user_error(nnclr(*base, "optim.lr=0.9", cwd=tmp_path), "different config", "optim.lr", "--fresh")
     assert nnclr(*base, "optim.lr=0.9", "--fresh", cwd=tmp_path).returncode == 0
+
+
+def test_a_run_that_needs_no_torchvision_never_imports_it(tmp_path: Path, tiny: list[str]) -> None:
+    """``import torchvision`` takes 1-2 s (its models and torch._dynamo): pretraining the small CNN on arrays, then
+    evaluating and embedding PNGs, must not pay it (it is imported for ResNets, JPEGs and torchvision's data sets)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(images / f"{i}.png")
+    commands = [["pretrain", "--run-dir", "run", "--set", *tiny, "data.test_split=", "train.max_steps=1"],
+                ["eval", "knn", "--checkpoint", "run", "--no-progress"],
+                ["embed", "--checkpoint", "run", "--images", "images", "--out", "emb", "--no-progress"]]
+    for args in commands:
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m", "nnclr", *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert re.findall(r"\|\s+(torchvision[\w.]*)$", result.stderr, re.MULTILINE) == [], args[0]
 
 
 @pytest.mark.slow

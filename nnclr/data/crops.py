@@ -57,11 +57,12 @@ Whole call on a 500 x 375 JPEG, two 224 views: 2.3 ms, against 4.1 ms for Pillow
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,10 +72,20 @@ from PIL import Image
 from nnclr.augment.params import CROP_DRAWS, crop_boxes
 from nnclr.data.decode import to_rgb, try_load_square
 
-try:  # deprecated in torchvision 0.29 in favour of TorchCodec (not a dependency): Pillow when it is gone
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover - older/newer torchvision without image ops
-    decode_jpeg = None
+
+@functools.cache
+def _jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision's ``decode_jpeg`` to RGB, or None where it is gone (then Pillow decodes every JPEG).
+
+    Imported on the first JPEG, not with this module: ``import torchvision`` takes 1-2 s (it imports its models
+    and ``torch._dynamo``), which every ``nnclr`` command would pay for data that holds no JPEG.
+    torchvision 0.29 deprecates its image decoders in favour of TorchCodec (not a dependency).
+    """
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # pragma: no cover - older/newer torchvision without image ops
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
 
 _DRAFT_SCALES = (8, 4, 2)  # what libjpeg's DCT scaling offers (Pillow's draft), largest first
 _TORCHVISION_JPEG_MODES = frozenset({"RGB", "L", "CMYK"})  # decode_jpeg(mode=RGB) == Pillow + to_rgb (tests)
@@ -192,7 +203,7 @@ def _pillow_tensor(image: Image.Image) -> torch.Tensor:
 def _torchvision_jpeg(data: bytes | bytearray | memoryview) -> torch.Tensor:
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy: no warning, ~10 us
     try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB)  # (3, H, W), channels-last storage
+        return _jpeg_decoder()(encoded)  # (3, H, W), channels-last storage
     except _DECODE_ERRORS as exc:
         raise DecodeError(_reason(exc)) from None
 
@@ -270,7 +281,7 @@ def decode_views(
         else:
             scale = 1
         pixels = _pillow_tensor(image)
-    elif image.format == "JPEG" and image.mode in _TORCHVISION_JPEG_MODES and decode_jpeg is not None:
+    elif image.format == "JPEG" and image.mode in _TORCHVISION_JPEG_MODES and _jpeg_decoder() is not None:
         pixels = _torchvision_jpeg(data)
     else:
         pixels = _pillow_tensor(image)
