@@ -33,7 +33,8 @@ Usage (from the repository root; experiments are not part of the installed packa
     python experiments/run.py --table methods --data npz:../shared/data/cifar10 --epochs 2 --seeds 0 1 2
     python experiments/run.py --table budget --budget 600 --seeds 0 1 2   # 10 minutes of training per run
     python experiments/run.py --table recipe --budget 600 --rows "nnclr, support 16,384"   # one row
-    python experiments/run.py --table all --smoke      # a few steps on tiny data (the test suite)
+    python experiments/run.py --table all --smoke      # a few steps on tiny data (the test suite; a row
+                                                       # that several tables share trains once)
 
 Raw results: ``experiments/results/<table>.json`` (one record per run); the table is written into
 ``RESULTS.md`` between markers, so that tables from separate commands sit side by side. The runs start
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=REPO / "RESULTS.md")
     parser.add_argument("--json-dir", type=Path, default=REPO / "experiments" / "results")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny models, 2 steps per run, the first two rows of each table (the test suite)")
+                        help="tiny models, 2 steps per run, the first two rows of each table (the test suite);"
+                        " a row that several tables share trains once")
     parser.add_argument("--rows", nargs="+", metavar="LABEL", help="run only these rows of --table (their labels)")
     args = parser.parse_args(argv)
     if args.budget < 0 or args.calibration_steps < 1:
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     args.data, args.runs = relative_data(args.data), Path(os.path.realpath(args.runs))  # the runs start in REPO
     names = list(TABLES) if args.table == "all" else [args.table]
     args.json_dir.mkdir(parents=True, exist_ok=True)
+    smoke_runs: dict[tuple[str, ...], dict] = {}  # --smoke: a row several tables share trains once
     for name in names:
         records = []
         rows = [row for row in TABLES[name] if not args.rows or row.label in args.rows]
@@ -323,7 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             slug, epochs = slugs[row.label], epochs_of[row.label]
             for seed in args.seeds:
-                record = run_one(row, seed, epochs, args, args.runs / name / f"{slug}-s{seed}")
+                key = tuple(overrides_for(row, seed, epochs, args))
+                if args.smoke and key in smoke_runs:  # the same run in an earlier table: its record again
+                    record = {**smoke_runs[key], "row": row.label, "group": row.group}
+                else:
+                    record = run_one(row, seed, epochs, args, args.runs / name / f"{slug}-s{seed}")
+                    smoke_runs[key] = record
                 records.append(record)
                 print(f"{name}: {row.label} seed {seed}: kNN {record['knn_before']:.1f} -> {record['knn_after']:.1f},"
                       f" linear {record['linear']:.1f} ({record['wall_time_s']:.0f} s)", flush=True)

@@ -36,11 +36,17 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path, tiny_data: P
         for r in records:
             assert 0 <= r["knn_after"] <= 100 and 0 <= r["linear"] <= 100 and r["wall_time_s"] > 0
             assert r["commands"][0].startswith("nnclr pretrain") and f"train.seed={r['seed']}" in r["commands"][0]
-            _assert_relative_to_the_repository(r["commands"], tmp_path / "runs" / name, data)
+            _assert_relative_to_the_repository(r["commands"], tmp_path / "runs", data)
         assert text.count(f"<!-- table {name} -->") == 1
         block = text[text.index(f"<!-- table {name} -->"):text.index(f"<!-- end table {name} -->")]
         for label in dict.fromkeys(r["row"] for r in records):
             assert f"| {label} |" in block
+    # a row that an earlier table ran with the same settings is not trained again: the recipe table's two smoke
+    # rows (nnclr, simclr) are the methods table's, so their records are those runs'
+    assert not (tmp_path / "runs" / "recipe").exists()
+    methods = {r["row"]: r for r in json.loads((json_dir / "methods.json").read_text())}
+    for r in json.loads((json_dir / "recipe.json").read_text()):
+        assert r["commands"] == methods[r["row"]]["commands"] and r["knn_after"] == methods[r["row"]]["knn_after"]
     cpu = _run_module().cpu_name()
     assert cpu and f"Machine: {cpu}, " in text
     assert f"Data `npz:{os.path.relpath(data, REPO)}`" in text and f"npz:{data}" not in text
@@ -86,7 +92,7 @@ def _assert_relative_to_the_repository(commands: list[str], runs: Path, data: Pa
     pretrain, linear = (shlex.split(c) for c in commands)
     run_dir = pretrain[pretrain.index("--run-dir") + 1]
     assert not os.path.isabs(run_dir) and linear[linear.index("--checkpoint") + 1] == run_dir
-    assert (REPO / run_dir).resolve().parent == runs.resolve()
+    assert (REPO / run_dir).resolve().parent.parent == runs.resolve()  # runs/TABLE/RUN
     source = next(v.removeprefix("data.name=npz:") for v in pretrain if v.startswith("data.name="))
     assert not os.path.isabs(source) and (REPO / source).resolve() == data.resolve()
 
