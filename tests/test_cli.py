@@ -202,8 +202,13 @@ def no_tmp_files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.name.endswith(".tmp")]
 
 
+LONG = os.environ.get("NNCLR_LONG_CAMPAIGN") == "1"
+LONG_ONLY = pytest.mark.skipif(not LONG, reason="the same promise as a pair CI runs; NNCLR_LONG_CAMPAIGN=1 runs it")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("names", "write"), [("SIGINT,SIGINT", 2), ("SIGTERM,SIGTERM", 5),
+@pytest.mark.parametrize(("names", "write"), [pytest.param("SIGINT,SIGINT", 2, marks=LONG_ONLY),
+                                             pytest.param("SIGTERM,SIGTERM", 5, marks=LONG_ONLY),
                                              ("SIGINT,SIGINT,SIGINT", 3), ("SIGTERM,SIGINT", 1)])
 def test_a_second_signal_inside_the_checkpoint_write_stops_at_once_and_the_run_resumes(
     tmp_path: Path, tiny: list[str], names: str, write: int
