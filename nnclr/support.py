@@ -202,6 +202,78 @@ class SupportSet(torch.nn.Module):
                 return self._topk_low_precision(z, exclude_indices, k, n, chunk_size)
             return scan_topk(z, self.embeddings[:n], self.indices[:n], exclude_indices, k, chunk_size)
 
+    @torch.no_grad()
+    def nearest_by_sample(
+        self,
+        space: Tensor,
+        query_indices: Tensor,
+        *,
+        exclude_indices: Tensor | None = None,
+        k: int = 1,
+        uniform: Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`nearest`, with the rows chosen in another space: see :meth:`topk_by_sample`.
+
+        Returns rows (B,) (-1 = none) and their similarity (B,) in ``space`` (-inf where rows is -1).
+        """
+        vals, rows = self.topk_by_sample(space, query_indices, k=k, exclude_indices=exclude_indices,
+                                         chunk_size=chunk_size)
+        return _pick(vals, rows, None, uniform)
+
+    @torch.no_grad()
+    def topk_by_sample(
+        self,
+        space: Tensor,
+        query_indices: Tensor,
+        *,
+        k: int,
+        exclude_indices: Tensor | None = None,
+        chunk_size: int = 4096,
+    ) -> tuple[Tensor, Tensor]:
+        """The k filled rows whose samples lie nearest the queries' own samples in another embedding ``space``.
+
+        A prior space (GPS-SSL, Feizi et al., arXiv 2401.01990): ``space`` (N, Dp) holds one L2-normalised
+        vector per sample of the data set; the score of query q and row r is ``space[query_indices[q]] ·
+        space[indices[r]]``, so only the sample indices the rows hold matter, not their embeddings. Rows without a
+        sample index (-1) are never returned. A sample held by several rows (a queue larger than an epoch) is one
+        candidate, its most recently written row (the freshest ``z``); ties between samples go to the lowest row.
+
+        Args:
+            space: (N, Dp) vectors of the data set's samples.
+            query_indices: (B,) the queries' sample indices, each in [0, N).
+            k: rows per query.
+            exclude_indices: (B,) as in :meth:`nearest` (a row holding the query's own sample is never returned).
+            chunk_size: candidate rows per block of the scan.
+
+        Returns:
+            similarity: (B, k) float32 in ``space``, descending; -inf where fewer than k rows exist.
+            rows: (B, k) int64 support rows; -1 where fewer than k rows exist.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        n = int(self.num_filled)
+        held, steps = self.indices[:n], self.steps[:n]
+        # the newest row of each sample: rows ordered by (sample, step), the last of each sample's run
+        by_step = torch.argsort(steps, stable=True)
+        order = by_step[torch.argsort(held[by_step], stable=True)]  # (n,) by sample, then by step
+        samples = held[order]
+        last = torch.ones_like(samples, dtype=torch.bool)
+        last[:-1] = samples[1:] != samples[:-1]
+        rows = order[last & (samples >= 0)].sort().values  # (m,) candidate rows, ascending
+        if rows.numel() == 0:
+            b = query_indices.shape[0]
+            return (torch.full((b, k), float("-inf"), device=self.embeddings.device),
+                    torch.full((b, k), -1, dtype=torch.long, device=self.embeddings.device))
+        if exclude_indices is not None:
+            exclude_indices = exclude_indices.to(self.indices.device)
+        space_device = space.device
+        queries = space[query_indices.to(space_device)].to(self.embeddings.device)  # (B, Dp)
+        bank = space[held[rows].to(space_device)].to(self.embeddings.device)  # (m, Dp)
+        with torch.autocast(self.embeddings.device.type, enabled=False):
+            vals, local = scan_topk(queries.float(), bank.float(), held[rows], exclude_indices, k, chunk_size)
+        return vals, torch.where(local >= 0, rows[local.clamp_min(0)], -1)
+
     def rows_info(self, rows: Tensor) -> dict[str, Tensor]:
         """Labels, sample indices and write steps of ``rows`` (B,); -1 where ``rows`` is -1."""
         safe = rows.clamp_min(0)
