@@ -90,6 +90,10 @@ class MethodConfig:
     soft_temperature: float = 0.1  # nnclr_soft: neighbour weights softmax(cosine / soft_temperature)
     attention_temperature: float = 1.0  # snclr: positiveness softmax(cosine / attention_temperature); its code: 1
     target_momentum: float = 0.99  # nnbyol, msf: BYOL's tau_base; the target's EMA rate rises from it to 1 (cosine)
+    # The support-set methods: for the first prior_epochs epochs choose each neighbour by the similarity of the
+    # samples in a prior space (GPS-SSL) instead of z's: none | initial (the initial encoder's z) | pixels (8x8)
+    prior: str = "none"
+    prior_epochs: float = 1.0
     # Short-run schedule (the methods whose record has short_run: nnclr, kmclr):
     # loss = w * NT-Xent(z1, z2) + (1 - w) * NNCLR loss, with w falling
     # linearly from instance_weight to 0 over the first instance_decay share of the run; 0 = the paper.
@@ -204,6 +208,7 @@ RETIRED = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": METHODS,
+    "method.prior": ("none", "initial", "pixels"),
     "augment.recipe": ("byol", "simclr", "crops"),
     "data.loader": ("auto", "memory", "stream"),
     "model.sync_bn": ("heads", "all", "none"),
@@ -222,7 +227,8 @@ POSITIVE = (
     "method.num_clusters",
 )
 FLOAT32_MAX = 3.4028234663852886e38  # every float key must be finite and at most this (float32's largest)
-EPOCH_KEYS = ("train.epochs", "optim.warmup_epochs", "train.knn_every_epochs", "method.kmeans_reset_epochs")
+EPOCH_KEYS = ("train.epochs", "optim.warmup_epochs", "train.knn_every_epochs", "method.kmeans_reset_epochs",
+              "method.prior_epochs")
 MAX_EPOCHS = 10_000  # the cap of EPOCH_KEYS: 10x the paper's 1000 epochs
 MAX_INT = 2**63 - 1  # every int key but train.seed: int64, as the tensors they end up in
 MAX_KMEANS_ITERS = 1000  # method.kmeans_iters: 50x DeepCluster's reference (20 per clustering)
@@ -233,7 +239,7 @@ DEVICES = "auto, cpu, cuda or cuda:N"  # train.device and the --device flags
 NON_NEGATIVE = (
     "data.memory_gb", "model.pred_hidden_dim", "optim.final_lr",
     "optim.momentum", "optim.weight_decay", "optim.warmup_epochs", "train.max_steps",
-    "train.threads", "train.knn_every_epochs", "method.kmeans_reset_epochs",
+    "train.threads", "train.knn_every_epochs", "method.kmeans_reset_epochs", "method.prior_epochs",
 )
 
 
@@ -548,6 +554,12 @@ def check_runnable(config: Config) -> Config:
         if key in keys and "method.support_size" in keys and value > config.method.support_size:
             raise UserError(f"config key {key}={value} is more than the method.support_size="
                             f"{config.method.support_size} entries it chooses from; use at most that")
+    if config.method.prior != "none" and "method.prior" not in keys:
+        from nnclr.methods import METHODS
+
+        readers = ", ".join(name for name, method in METHODS.items() if "method.prior" in method.keys)
+        raise UserError(f"config key method.prior={config.method.prior} chooses support-set neighbours and "
+                        f"method.name={config.method.name} has none; use it with {readers}, or method.prior=none")
     cpus = len(machine.usable_cpus())
     if t.threads > cpus:
         raise UserError(f"config key train.threads={t.threads} is more than the {cpus} CPUs this process may use; "

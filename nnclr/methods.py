@@ -18,6 +18,7 @@ import torch
 from nnclr.config import Config
 from nnclr.deepcluster import PseudoLabels
 from nnclr.errors import UserError
+from nnclr.prior import PIXELS_DIM, PriorSpace, prior_steps
 from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector, PrototypeSelector, Selector
 from nnclr.step import (
     Loss,
@@ -89,21 +90,33 @@ class Method:
 
 
 SHORT_RUN_KEYS = ("method.instance_weight", "method.instance_decay")
+PRIOR_KEYS = ("method.prior", "method.prior_epochs")  # the support-set selectors' prior space (nnclr.prior)
 NEIGHBOURS_KEYS = ("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
-                   *SHORT_RUN_KEYS)
+                   *SHORT_RUN_KEYS, *PRIOR_KEYS)
+
+
+def _prior(config: Config, context: BuildContext) -> PriorSpace | None:
+    """The prior space of ``method.prior`` (None for ``none``: the selector's state is today's)."""
+    m = config.method
+    if m.prior == "none":
+        return None
+    dim = config.model.proj_dim if m.prior == "initial" else PIXELS_DIM
+    return PriorSpace(m.prior, num_samples=context.num_samples, dim=dim,
+                      until_step=prior_steps(m.prior_epochs, context.steps_per_epoch))
 
 
 def _nearest_neighbour(config: Config, context: BuildContext) -> Selector:
     m = config.method
     return NearestNeighbourSelector(topk=m.topk, exclude_self=m.exclude_self,
-                                    low_precision=context.dtype == torch.bfloat16)
+                                    low_precision=context.dtype == torch.bfloat16, prior=_prior(config, context))
 
 
 def _neighbours(weighting: str) -> Callable[[Config, BuildContext], Selector]:
     def build(config: Config, context: BuildContext) -> Selector:
         m = config.method
         return NeighboursSelector(k=m.neighbours, weighting=weighting, soft_temperature=m.soft_temperature,
-                                  exclude_self=m.exclude_self, low_precision=context.dtype == torch.bfloat16)
+                                  exclude_self=m.exclude_self, low_precision=context.dtype == torch.bfloat16,
+                                  prior=_prior(config, context))
     return build
 
 
@@ -111,7 +124,8 @@ def _attention_candidates(config: Config, context: BuildContext) -> Selector:
     """SNCLR's candidates: the k nearest support-set rows, scored by the loss (``method.attention_temperature``)."""
     m = config.method
     return NeighboursSelector(k=m.neighbours, weighting="uniform", soft_temperature=m.attention_temperature,
-                              exclude_self=m.exclude_self, low_precision=context.dtype == torch.bfloat16)
+                              exclude_self=m.exclude_self, low_precision=context.dtype == torch.bfloat16,
+                              prior=_prior(config, context))
 
 
 def _prototypes(config: Config, context: BuildContext) -> Selector:
@@ -132,7 +146,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
               "Visual Representations, ICCV 2021 (arXiv 2104.14548)",
         summary="the positive is the nearest neighbour of z in a support set of past projections",
         selector=_nearest_neighbour, loss=positive_loss, head="predictor", support=True, short_run=True,
-        keys=("method.temperature", "method.support_size", "method.topk", "method.exclude_self", *SHORT_RUN_KEYS),
+        keys=("method.temperature", "method.support_size", "method.topk", "method.exclude_self", *SHORT_RUN_KEYS,
+              *PRIOR_KEYS),
         diagnostics="neighbours",
     ),
     Method(
@@ -192,7 +207,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                 "positives weighted by attention (positiveness) scores",
         selector=_attention_candidates, loss=snclr_loss, head="predictor", support=True, short_run=True,
         keys=("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
-              "method.attention_temperature", *SHORT_RUN_KEYS),
+              "method.attention_temperature", *SHORT_RUN_KEYS, *PRIOR_KEYS),
         diagnostics="neighbours",
     ),
     Method(
@@ -202,7 +217,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         summary="BYOL's loss between the prediction p and the nearest support-set neighbour of the other view's "
                 "target-network projection; the support set holds target projections",
         selector=_nearest_neighbour, loss=nn_byol_loss, head="predictor", support=True, short_run=False,
-        keys=("method.support_size", "method.topk", "method.exclude_self", "method.target_momentum"),
+        keys=("method.support_size", "method.topk", "method.exclude_self", "method.target_momentum", *PRIOR_KEYS),
         diagnostics="neighbours", target=True,
     ),
     Method(
@@ -212,7 +227,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         summary="SimSiam's loss -cos(p, NN(z)) to the nearest support-set neighbour of the other view's z; "
                 "no negatives, no target network",
         selector=_nearest_neighbour, loss=nn_siam_loss, head="predictor", support=True, short_run=False,
-        keys=("method.support_size", "method.topk", "method.exclude_self"), diagnostics="neighbours",
+        keys=("method.support_size", "method.topk", "method.exclude_self", *PRIOR_KEYS), diagnostics="neighbours",
     ),
     Method(
         name="msf",
@@ -221,7 +236,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         summary="BYOL's loss averaged over the other view's target-network projection and its k nearest "
                 "support-set neighbours (the mean shift of the target)",
         selector=_neighbours("uniform"), loss=mean_shift_loss, head="predictor", support=True, short_run=False,
-        keys=("method.support_size", "method.neighbours", "method.exclude_self", "method.target_momentum"),
+        keys=("method.support_size", "method.neighbours", "method.exclude_self", "method.target_momentum",
+              *PRIOR_KEYS),
         diagnostics="neighbours", target=True,
     ),
 )}

@@ -6,7 +6,8 @@ vector is the positive for a projection z (DESIGN.md section 3):
 - :class:`Selector` itself (SimCLR): the positive is the other view's z; no state.
 - :class:`NearestNeighbourSelector` (NNCLR, Dwibedi et al., ICCV 2021, arXiv 2104.14548): NN(z, Q),
   the support-set entry of highest cosine similarity, detached; top-1 (the paper's ablation found
-  sampling one of the top-k worse).
+  sampling one of the top-k worse). With ``method.prior`` the support-set selectors choose their rows in a
+  prior space for the first epochs (:class:`SupportSelector`, :mod:`nnclr.prior`; after GPS-SSL).
 - :class:`PrototypeSelector` (KMCLR, mwritescode/nnclr-cifar100): the nearest of K prototypes of
   mini-batch k-means fitted online on the stream of projections, detached; no support set.
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from nnclr.errors import UserError
 from nnclr.online_kmeans import OnlineKMeans
+from nnclr.prior import PriorSpace
 from nnclr.support import SupportSet
 
 
@@ -49,10 +51,13 @@ class EpochContext:
 
     ``features()`` computes the L2-normalised projections z (N, D) of every training image (model in
     eval mode, no augmentation, identical on every rank); it is costly and only called on demand.
+    ``extract(module)`` gives any module's L2-normalised outputs (N, F) for every training image, prepared
+    as for ``features()`` (the pixel prior's thumbnails, :class:`~nnclr.prior.Thumbnails`).
     """
 
     epoch: int
     features: Callable[[], Tensor]
+    extract: Callable[[torch.nn.Module], Tensor]
     generator: torch.Generator  # seeded by (train.seed, CLUSTER, epoch)
     true_labels: Tensor | None  # (N,) -1 where unknown; for diagnostics only
     classifier: torch.nn.Module | None  # the model's classifier head, if it has one
@@ -82,7 +87,8 @@ class Selector(torch.nn.Module):
 class PositiveSelector(Selector):
     """A selector that gives each projection z a positive vector (NNCLR, KMCLR and their relatives)."""
 
-    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor,
+                step: int | None = None) -> Selection:
         """Positives for z (b, D).
 
         Args:
@@ -91,6 +97,7 @@ class PositiveSelector(Selector):
             indices: (b,) the samples' indices in the data set.
             uniform: (b,) uniforms in [0, 1) for random choices, drawn for the global batch from the step's
                 generator and sliced by rank, so that a resumed run and W processes choose alike.
+            step: the training step (0-based); a selector with a prior space needs it.
         """
         raise NotImplementedError
 
@@ -102,7 +109,48 @@ def self_positive(z: Tensor) -> Selection:
     return Selection(positives, rows, torch.ones(z.shape[0], device=z.device))
 
 
-class NearestNeighbourSelector(PositiveSelector):
+class SupportSelector(PositiveSelector):
+    """What the support-set selectors share: self-exclusion, the bf16 lookup and an optional prior space.
+
+    With a prior (``method.prior``, :class:`~nnclr.prior.PriorSpace`), the steps of its phase choose the support
+    rows by the similarity of the samples' prior vectors (:meth:`SupportSet.topk_by_sample`) instead of z's; the
+    positives are still the chosen rows' stored z, and the similarities returned are z's cosines with them, so
+    the loss and the neighbour diagnostics see the positives actually used.
+    """
+
+    def __init__(self, *, exclude_self: bool, low_precision: bool, prior: PriorSpace | None) -> None:
+        super().__init__()
+        self.exclude_self, self.low_precision = exclude_self, low_precision
+        self.prior = prior  # a submodule (its vectors are in the state) or None (no state: today's)
+
+    def start_epoch(self, context: EpochContext) -> dict[str, Any] | None:
+        """Before the run's first step, the prior's vectors (one pass over the training set); else nothing."""
+        if self.prior is not None:
+            self.prior.start_epoch(context)
+        return None
+
+    def uses_prior(self, step: int | None) -> bool:
+        """Whether ``step`` chooses its neighbours in the prior space."""
+        return self.prior is not None and self.prior.active(step)
+
+    def prior_topk(self, z: Tensor, support: SupportSet, *, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k rows nearest each query's sample in the prior space: z's cosines (b, k) with their stored z
+        (-inf where there is no row), rows (b, k) (-1 where there is none), on z's device."""
+        assert self.prior is not None
+        exclude = indices if self.exclude_self else None
+        _, rows = support.topk_by_sample(self.prior.vectors, indices, k=k, exclude_indices=exclude)
+        return _cosines(z, support, rows.to(z.device)), rows.to(z.device)
+
+
+def _cosines(z: Tensor, support: SupportSet, rows: Tensor) -> Tensor:
+    """Cosines of each query z (b, D) with the stored rows (b,) or (b, k); -inf where a row is -1."""
+    stored = support.embeddings[rows.clamp_min(0).to(support.embeddings.device)].to(z.device)  # (b, [k,] D)
+    query = F.normalize(z.detach().float(), dim=1)
+    sims = (query[:, None] * stored.reshape(len(z), -1, stored.shape[-1])).sum(dim=-1).reshape(rows.shape)
+    return torch.where(rows >= 0, sims, float("-inf"))
+
+
+class NearestNeighbourSelector(SupportSelector):
     """NNCLR: the positive is the nearest support-set entry NN(z, Q), detached.
 
     Args:
@@ -112,27 +160,38 @@ class NearestNeighbourSelector(PositiveSelector):
             embedding of the same image from an earlier epoch).
         low_precision: bf16 scan + exact fp32 re-scoring in :meth:`SupportSet.nearest` (same rows,
             faster on CPUs with AVX512-BF16/AMX and on GPUs).
+        prior: choose the entry in this prior space for the steps of its phase (``method.prior``, see
+            :class:`SupportSelector`); None = always in z space.
 
     Rows without a neighbour (empty support set, or every filled row excluded) fall back to
     ``z.detach()`` with ``rows = -1``.
     """
 
-    def __init__(self, *, topk: int = 1, exclude_self: bool = True, low_precision: bool = False) -> None:
-        super().__init__()
+    def __init__(self, *, topk: int = 1, exclude_self: bool = True, low_precision: bool = False,
+                 prior: PriorSpace | None = None) -> None:
+        super().__init__(exclude_self=exclude_self, low_precision=low_precision, prior=prior)
         if topk < 1:
             raise UserError(f"method.topk must be >= 1, got {topk}")
-        self.topk, self.exclude_self, self.low_precision = topk, exclude_self, low_precision
+        self.topk = topk
 
     def extra_repr(self) -> str:
         return f"topk={self.topk}, exclude_self={self.exclude_self}, low_precision={self.low_precision}"
 
-    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
-        """Look up NN(z, Q) for each row of z (b, D)."""
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor,
+                step: int | None = None) -> Selection:
+        """Look up NN(z, Q) for each row of z (b, D) (in the prior space while ``step`` is in its phase)."""
         assert support is not None, "NNCLR needs a support set"
         exclude = indices if self.exclude_self else None
-        rows, sims = support.nearest(z, exclude_indices=exclude, k=self.topk, uniform=uniform,
-                                     low_precision=self.low_precision)
-        rows, sims = rows.to(z.device), sims.to(z.device)
+        if self.uses_prior(step):
+            assert self.prior is not None
+            rows, _ = support.nearest_by_sample(self.prior.vectors, indices, exclude_indices=exclude, k=self.topk,
+                                                uniform=uniform)
+            rows = rows.to(z.device)
+            sims = _cosines(z, support, rows)
+        else:
+            rows, sims = support.nearest(z, exclude_indices=exclude, k=self.topk, uniform=uniform,
+                                         low_precision=self.low_precision)
+            rows, sims = rows.to(z.device), sims.to(z.device)
         fallback = self_positive(z)
         found = rows >= 0  # (b,)
         neighbours = support.embeddings[rows.clamp_min(0).to(support.embeddings.device)]
@@ -140,7 +199,7 @@ class NearestNeighbourSelector(PositiveSelector):
         return Selection(positives, rows, torch.where(found, sims, fallback.similarity))
 
 
-class NeighboursSelector(PositiveSelector):
+class NeighboursSelector(SupportSelector):
     """The k nearest support-set entries of z, detached: the positives of the several-neighbour methods.
 
     Later work found that NNCLR's single nearest neighbour is a noisy positive and that softening or
@@ -155,32 +214,37 @@ class NeighboursSelector(PositiveSelector):
         weighting: ``uniform`` (1/k each) or ``soft`` (softmax of the cosine similarities / ``soft_temperature``,
             so that closer neighbours count more).
         soft_temperature: the softmax temperature of ``soft`` weighting.
-        exclude_self, low_precision: as :class:`NearestNeighbourSelector`.
+        exclude_self, low_precision, prior: as :class:`NearestNeighbourSelector`. In the prior phase the k rows
+            are the k nearest in the prior space (nearest first) and ``soft`` weighs them by z's cosines.
 
     A query with fewer than k neighbours (a support set still filling) weighs only those it has; one with none
     falls back to ``z.detach()``.
     """
 
     def __init__(self, *, k: int = 5, weighting: str = "uniform", soft_temperature: float = 0.1,
-                 exclude_self: bool = True, low_precision: bool = False) -> None:
-        super().__init__()
+                 exclude_self: bool = True, low_precision: bool = False, prior: PriorSpace | None = None) -> None:
+        super().__init__(exclude_self=exclude_self, low_precision=low_precision, prior=prior)
         if k < 1:
             raise UserError(f"method.neighbours must be >= 1, got {k}")
         if weighting not in ("uniform", "soft"):
             raise ValueError(f"weighting must be uniform or soft, got {weighting!r}")
         self.k, self.weighting, self.soft_temperature = k, weighting, soft_temperature
-        self.exclude_self, self.low_precision = exclude_self, low_precision
 
     def extra_repr(self) -> str:
         return (f"k={self.k}, weighting={self.weighting}, soft_temperature={self.soft_temperature}, "
                 f"exclude_self={self.exclude_self}, low_precision={self.low_precision}")
 
-    def neighbours(self, z: Tensor, support: SupportSet | None, *, indices: Tensor) -> Neighbours:
-        """The k nearest rows of each query (b, D) and their weights."""
+    def neighbours(self, z: Tensor, support: SupportSet | None, *, indices: Tensor,
+                   step: int | None = None) -> Neighbours:
+        """The k nearest rows of each query (b, D) and their weights (in the prior space while ``step`` is in
+        its phase)."""
         assert support is not None, "the neighbour methods need a support set"
-        exclude = indices if self.exclude_self else None
-        sims, rows = support.topk(z, k=self.k, exclude_indices=exclude, low_precision=self.low_precision)
-        rows, sims = rows.to(z.device), sims.to(z.device)  # (b, k), -1 / -inf where there is no row
+        if self.uses_prior(step):
+            sims, rows = self.prior_topk(z, support, indices=indices, k=self.k)
+        else:
+            exclude = indices if self.exclude_self else None
+            sims, rows = support.topk(z, k=self.k, exclude_indices=exclude, low_precision=self.low_precision)
+            rows, sims = rows.to(z.device), sims.to(z.device)  # (b, k), -1 / -inf where there is no row
         found = rows >= 0
         stored = support.embeddings[rows.clamp_min(0).to(support.embeddings.device)].to(z.device, z.dtype)
         positives = torch.where(found[..., None], stored, F.normalize(z.detach(), dim=1)[:, None])  # (b, k, D)
@@ -193,9 +257,10 @@ class NeighboursSelector(PositiveSelector):
                              logits)
         return Neighbours(positives, logits.softmax(dim=1), rows, torch.where(found, sims, 1.0))
 
-    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor,
+                step: int | None = None) -> Selection:
         """One positive per query: the normalised weighted mean of its k neighbours (b, D)."""
-        n = self.neighbours(z, support, indices=indices)
+        n = self.neighbours(z, support, indices=indices, step=step)
         positives = F.normalize((n.weights[..., None] * n.positives).sum(dim=1), dim=1)  # (b, D)
         similarity = (F.normalize(z.detach(), dim=1) * positives).sum(dim=1)
         return Selection(positives, n.rows, similarity)
@@ -230,8 +295,9 @@ class PrototypeSelector(PositiveSelector):
             raise UserError(f"method.num_prototypes must be >= 1, got {num_prototypes}")
         self.kmeans = OnlineKMeans(num_prototypes, dim, reset_every=reset_every)
 
-    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor) -> Selection:
-        """Each row's nearest prototype (b, D); ``support``, ``indices`` and ``uniform`` unused."""
+    def forward(self, z: Tensor, support: SupportSet | None, *, indices: Tensor, uniform: Tensor,
+                step: int | None = None) -> Selection:
+        """Each row's nearest prototype (b, D); ``support``, ``indices``, ``uniform`` and ``step`` unused."""
         if not self.kmeans.is_initialised:
             return self_positive(z)
         sims, best = self.kmeans.nearest(z)  # (b,), (b,)

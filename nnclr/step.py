@@ -101,8 +101,8 @@ def positive_loss(x: StepInputs) -> StepOutput:
     """NNCLR's symmetrised loss with the selector's positives, mixed with NT-Xent by ``x.instance_weight``."""
     selector = x.selector
     assert isinstance(selector, PositiveSelector)
-    s1 = selector(x.z1, x.support, indices=x.indices, uniform=x.uniforms[0])
-    s2 = selector(x.z2, x.support, indices=x.indices, uniform=x.uniforms[1])
+    s1 = selector(x.z1, x.support, indices=x.indices, uniform=x.uniforms[0], step=x.step)
+    s2 = selector(x.z2, x.support, indices=x.indices, uniform=x.uniforms[1], step=x.step)
     loss = 0.5 * (
         nnclr_loss(s1.positives, x.p2, temperature=x.temperature)
         + nnclr_loss(s2.positives, x.p1, temperature=x.temperature)
@@ -126,8 +126,8 @@ def neighbours_loss(x: StepInputs) -> StepOutput:
     ``x.instance_weight`` as :func:`positive_loss` is; the diagnostics are over all k neighbours."""
     selector = x.selector
     assert isinstance(selector, NeighboursSelector) and x.support is not None
-    n1 = selector.neighbours(x.z1, x.support, indices=x.indices)
-    n2 = selector.neighbours(x.z2, x.support, indices=x.indices)
+    n1 = selector.neighbours(x.z1, x.support, indices=x.indices, step=x.step)
+    n2 = selector.neighbours(x.z2, x.support, indices=x.indices, step=x.step)
     loss = 0.5 * (
         multi_positive_loss(n1.positives, n1.weights, x.p2, temperature=x.temperature)
         + multi_positive_loss(n2.positives, n2.weights, x.p1, temperature=x.temperature)
@@ -152,8 +152,8 @@ def snclr_loss(x: StepInputs) -> StepOutput:
     network's z, as NNCLR's and SimCLR's are. The diagnostics are over all k."""
     selector = x.selector
     assert isinstance(selector, NeighboursSelector) and x.support is not None
-    n1 = selector.neighbours(x.z1.detach(), x.support, indices=x.indices)  # neighbours of view 1's z
-    n2 = selector.neighbours(x.z2.detach(), x.support, indices=x.indices)
+    n1 = selector.neighbours(x.z1.detach(), x.support, indices=x.indices, step=x.step)  # neighbours of view 1's z
+    n2 = selector.neighbours(x.z2.detach(), x.support, indices=x.indices, step=x.step)
     found1, found2 = n1.rows >= 0, n2.rows >= 0
     w1 = positiveness(x.z1, n2.positives, found2, temperature=selector.soft_temperature)  # view 1 scores k2's
     w2 = positiveness(x.z2, n1.positives, found1, temperature=selector.soft_temperature)
@@ -188,8 +188,8 @@ def _nearest_target_loss(x: StepInputs, t1: torch.Tensor, t2: torch.Tensor) -> S
     symmetrised; what the support set stores is t1."""
     selector = x.selector
     assert isinstance(selector, PositiveSelector)
-    s1 = selector(t1, x.support, indices=x.indices, uniform=x.uniforms[0])
-    s2 = selector(t2, x.support, indices=x.indices, uniform=x.uniforms[1])
+    s1 = selector(t1, x.support, indices=x.indices, uniform=x.uniforms[0], step=x.step)
+    s2 = selector(t2, x.support, indices=x.indices, uniform=x.uniforms[1], step=x.step)
     loss = 0.5 * (byol_loss(x.p1, s2.positives[:, None]) + byol_loss(x.p2, s1.positives[:, None]))
     diagnostics: dict[str, float] = {"positive_similarity": s1.similarity.float().mean().item()}
     if x.support is not None:
@@ -221,8 +221,8 @@ def mean_shift_loss(x: StepInputs) -> StepOutput:
     A query whose neighbours are not there yet (a support set still filling) has t alone, as BYOL."""
     selector = x.selector
     assert isinstance(selector, NeighboursSelector) and x.t1 is not None and x.t2 is not None
-    n1 = selector.neighbours(x.t1, x.support, indices=x.indices)
-    n2 = selector.neighbours(x.t2, x.support, indices=x.indices)
+    n1 = selector.neighbours(x.t1, x.support, indices=x.indices, step=x.step)
+    n2 = selector.neighbours(x.t2, x.support, indices=x.indices, step=x.step)
 
     def shifted(t: torch.Tensor, n: Neighbours, p: torch.Tensor) -> torch.Tensor:
         targets = torch.cat([t[:, None], n.positives], dim=1)  # (b, 1 + k, D): t and its neighbours

@@ -183,16 +183,19 @@ def start_epoch(run: Run, epoch: int, step: int, log: rundir.Log) -> None:
     """The selector's hook before ``epoch`` (DeepCluster clusters the training set); logs what it returns.
 
     ``features()`` gives z of the whole training set, the model in eval mode without augmentation
-    (:func:`nnclr.evaluate.monitor.extract_in_shards`), computed only if the hook asks.
+    (:func:`nnclr.evaluate.monitor.extract_in_shards`), computed only if the hook asks; ``extract(module)`` any
+    module's outputs on the same images (the pixel prior's thumbnails).
     """
-    def features() -> torch.Tensor:
-        encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
+    def extract(module: torch.nn.Module) -> torch.Tensor:
         options = monitor.extract_options(run.config, run.device, run.dtype)
-        return monitor.extract_in_shards(encoder, run.train_set.images, options)  # (N, D) L2-normalised
+        return monitor.extract_in_shards(module, run.train_set.images, options)  # (N, F) L2-normalised
+
+    def features() -> torch.Tensor:
+        return extract(torch.nn.Sequential(run.model.backbone, run.model.projector))  # (N, D)
 
     generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, CLUSTER, epoch))
     stats = run.selector.start_epoch(EpochContext(
-        epoch=epoch, features=features, generator=generator, true_labels=run.train_set.labels,
+        epoch=epoch, features=features, extract=extract, generator=generator, true_labels=run.train_set.labels,
         classifier=run.model.classifier, optimizer=run.optimizer,
     ))
     if stats is not None:

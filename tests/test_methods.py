@@ -110,7 +110,7 @@ def _module(path: Path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
-METHOD_MATH = ("losses", "support", "selectors", "kmeans", "online_kmeans", "step", "methods", "deepcluster",
+METHOD_MATH = ("losses", "support", "selectors", "prior", "kmeans", "online_kmeans", "step", "methods", "deepcluster",
                "heads", "backbones", "model")
 LOOP_DRIVERS_AND_RUN_FILES = ("nnclr.train", "nnclr.commands", "nnclr.cli", "nnclr.rundir", "nnclr.stopping",
                               "nnclr.resume", "nnclr.checkpoint", "nnclr.report", "nnclr.use", "nnclr.evaluate",
