@@ -282,6 +282,7 @@ def nnclr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", ["initial", "pixels"])
 def test_a_resumed_command_line_run_continues_exactly(tiny: list[str], tmp_path: Path, prior: str) -> None:
     """Stopped at step 3 of a 5-step prior phase (8 steps per epoch) and resumed to step 7: the checkpoint's prior
@@ -358,6 +359,7 @@ def _steps(config) -> dict[str, torch.Tensor]:
             "steps": run.support.steps.clone(), "rows": rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prior", ["initial", "pixels"])
 def test_two_processes_hold_the_same_prior_as_one(tiny: list[str], tmp_path: Path, prior: str) -> None:
     """Each rank extracts its share; both hold the whole prior, the one a single process computes."""
