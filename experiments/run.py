@@ -18,6 +18,8 @@ Tables (Dwibedi et al., ICCV 2021):
   ``nnbyol``, ``nnsiam``, ``msf``) against NNCLR and SimCLR, with the label agreement of each run's positives at
   its end; ``neighbours_budget``: the same at a wall-clock budget (``--budget 600``: issue 21's 10-minute table),
   SimCLR and NNCLR first, then the neighbour methods (``--rows`` runs some of them per session);
+- ``cold_start``: NNCLR with its neighbours chosen in a prior space for the first ``method.prior_epochs``
+  (the images at 8x8, or the initial encoder's z; issue 21, item 2) against today's lookup in z from step 0;
 - ``recipe``: NNCLR settings studied against that target at the same budget (a larger support set, a
   shorter fade of the SimCLR part of the short-run schedule) beside the default NNCLR and SimCLR, so that
   the table compares on one machine; ``--rows`` runs some of them.
@@ -89,6 +91,9 @@ TABLES: dict[str, tuple[Row, ...]] = {
                                                                  "nnclr_mean", "snclr", "nnbyol", "nnsiam", "msf")),
     "neighbours_budget": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "snclr", "msf", "nnclr_soft",
                                                                         "nnbyol", "nnsiam")),
+    "cold_start": (Row("nnclr", ("method.name=nnclr",)),  # neighbours from z from the first step (today)
+                   Row("nnclr, prior pixels", ("method.name=nnclr", "method.prior=pixels")),
+                   Row("nnclr, prior initial", ("method.name=nnclr", "method.prior=initial"))),
     "recipe": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",)),  # the references
                Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),
                Row("nnclr, support 16,384, instance_decay 0.5",
