@@ -84,7 +84,10 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: bf16 where it is fast (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    """The autocast dtype of ``precision`` (``auto``, ``bf16`` or ``fp32``): ``auto`` is bf16 where it is fast (CUDA
+    with bf16, CPUs with AVX512-BF16/AMX)."""
+    if precision not in ("auto", "bf16", "fp32"):  # the CLI's choices check this; nnclr.load(precision=) did not
+        raise UserError(f"precision must be one of auto, bf16, fp32, got {precision!r}")
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":

@@ -92,6 +92,13 @@ def test_embed_folds_batchnorm_and_follows_weight_changes(checkpoint: Path) -> N
     torch.testing.assert_close(pretrained.embed(images), reference, atol=1e-5, rtol=0)
 
 
+def test_an_unknown_precision_is_a_user_error_naming_the_choices(checkpoint: Path) -> None:
+    # was silent: any word but fp32/bf16 meant auto
+    with pytest.raises(UserError, match="precision must be one of auto, bf16, fp32, got 'xyz'"):
+        nnclr.load(checkpoint, precision="xyz")
+    assert nnclr.load(checkpoint, precision="fp32").dtype == torch.float32
+
+
 def test_load_errors_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
         nnclr.load(tmp_path / "missing.pt")
