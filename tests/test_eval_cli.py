@@ -318,6 +318,20 @@ def test_a_file_that_is_not_a_checkpoint_and_other_bad_input_are_one_line_errors
         assert_one_line_error(run_main(capsys, "eval", *args, "--threads", "1", "--no-progress"), *needles)
 
 
+def test_a_bad_data_flag_is_named_as_typed(run: Path, capsys: pytest.CaptureFixture, in_process: None) -> None:
+    # the data layer names its config key (data.name=...); the user typed --data / --transfer-data
+    missing = str(run / "missing")
+    cases = [
+        (["knn", "--data", "bogus"], "--data 'bogus': unknown data set"),
+        (["linear", "--data", f"npz:{missing}"], f"--data 'npz:{missing}': no such file or folder"),
+        (["transfer", "--transfer-data", "bogus"], "--transfer-data 'bogus': unknown data set"),
+    ]
+    for args, needle in cases:
+        result = run_main(capsys, "eval", *args, "--checkpoint", str(run), "--threads", "1", "--no-progress")
+        assert_one_line_error(result, needle)
+        assert "data.name" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [

@@ -48,17 +48,16 @@ def add_parser(commands: Any) -> None:
 @contextmanager
 def _named_as_typed(images: str, split: str) -> Iterator[None]:
     """The data layer's errors name the config key ``data.name``; here the user typed ``--images`` and ``--split``."""
-    from nnclr.errors import UserError
+    from nnclr.errors import UserError, data_named_as_typed
 
     try:
-        yield
+        with data_named_as_typed(images=images):
+            yield
     except UserError as error:
         text = str(error)
-        if not text.startswith("data.name="):
-            raise
-        if f"unknown split {split!r}" in text:
+        if text.startswith("--images ") and f"unknown split {split!r}" in text:
             raise UserError(f"--split {split}: not a split of {images}; {text.partition('; ')[2]}") from None
-        raise UserError(f"--images {text.removeprefix('data.name=')}") from None
+        raise
 
 
 def _folder(images: str) -> Path | None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nnclr.cli import device_type, positive_int, seed_type, threads_type
 from nnclr.config import EVAL, FLOAT32_MAX
+
+if TYPE_CHECKING:
+    from nnclr.pretrained import Pretrained
 
 
 def _percent(fraction: float) -> str:
@@ -155,12 +158,19 @@ def run(args: argparse.Namespace) -> int:
     """Load the encoder, run the protocol(s), write their JSON and print a table."""
     import nnclr
     from nnclr import runtime
-    from nnclr.errors import UserError
-    from nnclr.evaluate import protocols
+    from nnclr.errors import data_named_as_typed
 
     runtime.set_threads(args.threads)
     runtime.resolve_device(args.device, "--device")  # CUDA where there is none: named as the user typed it
-    pretrained = nnclr.load(args.checkpoint, device=args.device)
+    with data_named_as_typed(data=args.data, transfer_data=getattr(args, "transfer_data", None)):
+        return _evaluate(args, nnclr.load(args.checkpoint, device=args.device))
+
+
+def _evaluate(args: argparse.Namespace, pretrained: Pretrained) -> int:
+    """The protocol(s) of ``args`` on ``pretrained``."""
+    from nnclr.errors import UserError
+    from nnclr.evaluate import protocols
+
     progress = False if args.no_progress else None
     evaluation = protocols.Evaluation(
         pretrained=pretrained, data=args.data or pretrained.config.data.name, train_split=args.train_split,
