@@ -277,6 +277,19 @@ def write_results_md(path: Path, name: str, block: str) -> None:
     path.write_text(text)
 
 
+def write_table(name: str, records: list[dict], args: argparse.Namespace) -> None:
+    """Write table ``name``'s JSON and its block in RESULTS.md from ``records``, the rows run so far; with
+    ``--rows``, the other rows' records of an earlier run are kept, in the table's order."""
+    json_path = args.json_dir / f"{name}.json"
+    if args.rows and json_path.exists():
+        done = {r["row"] for r in records}
+        kept = [r for r in json.loads(json_path.read_text()) if r["row"] not in done]
+        place = {row.label: i for i, row in enumerate(TABLES[name])}
+        records = sorted(kept + records, key=lambda r: place.get(r["row"], len(place)))
+    json_path.write_text(json.dumps(records, indent=1))
+    write_results_md(args.results, name, table_markdown(name, records, args))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", choices=(*TABLES, "all"), required=True)
@@ -340,13 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                 records.append(record)
                 print(f"{name}: {row.label} seed {seed}: kNN {record['knn_before']:.1f} -> {record['knn_after']:.1f},"
                       f" linear {record['linear']:.1f} ({record['wall_time_s']:.0f} s)", flush=True)
-        json_path = args.json_dir / f"{name}.json"
-        if args.rows and json_path.exists():  # keep the other rows' records from an earlier run, in table order
-            kept = [r for r in json.loads(json_path.read_text()) if r["row"] not in args.rows]
-            place = {label: i for i, label in enumerate(labels)}  # --rows implies one table: labels are its rows
-            records = sorted(kept + records, key=lambda r: place.get(r["row"], len(place)))
-        json_path.write_text(json.dumps(records, indent=1))
-        write_results_md(args.results, name, table_markdown(name, records, args))
+            write_table(name, records, args)  # after every row: a long table stopped midway keeps its finished rows
         print(f"wrote {args.json_dir / (name + '.json')} and the {name} table in {args.results}")
 
 

@@ -161,3 +161,29 @@ def test_rows_runs_the_rows_named_afresh_keeps_the_others_and_refuses_an_unknown
     assert "'nnclr', 'simclr'" in unknown.stderr
     every = subprocess.run([*command[:2], "--table", "all", "--rows", "nnclr"], capture_output=True, text=True)
     assert every.returncode == 2 and "--rows needs one --table" in every.stderr
+
+
+def test_a_table_stopped_midway_keeps_the_rows_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 10-minute table of several rows takes hours: a stop (the session's end, Ctrl-C) during a later row
+    must leave the finished rows in the JSON and in RESULTS.md, merged with the rows of an earlier run."""
+    run = _run_module()
+    json_dir = tmp_path / "json"
+    json_dir.mkdir()
+    earlier = {"row": "nnsiam", "group": "", "seed": 0, "knn_before": 40.0, "knn_after": 45.0, "linear": 47.0,
+               "wall_time_s": 1.0, "train_time_s": 1.0, "epochs": 1.0, "stored_bytes": 0, "label_agreement": None,
+               "commands": ["nnclr pretrain", "nnclr eval linear"]}
+    (json_dir / "neighbours.json").write_text(json.dumps([earlier]))
+
+    def run_one(row, seed, epochs, args, run_dir):  # noqa: ANN001, ANN202 - the stand-in of a real run
+        if row.label == "nnclr":
+            raise KeyboardInterrupt
+        return {**earlier, "row": row.label, "seed": seed, "knn_after": 50.0 + seed}
+
+    monkeypatch.setattr(run, "run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--table", "neighbours", "--seeds", "0", "1", "--rows", "simclr", "nnclr",
+                  "--results", str(tmp_path / "R.md"), "--json-dir", str(json_dir), "--runs", str(tmp_path / "runs")])
+    records = json.loads((json_dir / "neighbours.json").read_text())
+    assert [(r["row"], r["seed"]) for r in records] == [("simclr", 0), ("simclr", 1), ("nnsiam", 0)]
+    text = (tmp_path / "R.md").read_text()
+    assert "| simclr | 40.0 ± 0.0 | 50.5 ± 0.7 |" in text and "| nnsiam |" in text and "| nnclr |" not in text
