@@ -498,16 +498,21 @@ def _gib(size: float) -> str:
     return f"{gib:,.1f} GiB" if gib < 1e6 else f"{gib:.3g} GiB"
 
 
-def memory_needed(config: Config, processes: int = 1, world: int = 1) -> list[tuple[int, str, str]]:
-    """Lower bounds of the memory a run holds at once on one device, in bytes: ``(bytes, what, keys to lower)``.
+def memory_needed(config: Config, processes: int = 1, world: int = 1,
+                  num_samples: int | None = None) -> list[tuple[int, str, str]]:
+    """Lower bounds of the memory a run holds at once on one device, in bytes: ``(bytes, what, keys to lower)``
+    (or ``set ...``: the advice).
 
     The support set (float32 rows plus three int64 fields each), the k-means prototypes, the projection and
     prediction heads (weights, gradients and the optimiser's state: momentum; AdamW's two moments), DeepCluster's
     classifier, one batch of two float32 views (``optim.batch_size / world`` per process) and, for a ``folder:`` source
     that may stream, the uint8 batches its workers prepare ahead (``data.prefetch`` each). ``processes`` is
-    how many processes of the run share the device (a machine's CPU memory under torchrun).
+    how many processes of the run share the device (a machine's CPU memory under torchrun). With ``num_samples``,
+    the training images' count (known once the data is loaded), also ``method.prior``'s prior space: a float32
+    vector per image, twice while it is extracted (:mod:`nnclr.prior`).
     """
     from nnclr.methods import method_of
+    from nnclr.prior import PIXELS_DIM
 
     m, mo, keys = config.model, config.method, method_of(config).keys
     copies = 4 if config.optim.name == "adamw" else 3
@@ -529,6 +534,9 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1) -> list[tu
         (max(1, config.data.workers) * config.data.prefetch * -(-config.optim.batch_size // world) * 3 * image * image
          if config.data.name.startswith("folder:") and config.data.loader != "memory" else 0,
          "the batches the streaming loader prepares ahead", "data.prefetch"),
+        (2 * num_samples * 4 * (d if mo.prior == "initial" else PIXELS_DIM)
+         if num_samples and mo.prior != "none" and "method.prior" in keys else 0, "the prior space",
+         "set method.prior=none"),
     ]
     return [(size * processes, what, lower) for size, what, lower in parts if size]
 
@@ -575,19 +583,27 @@ def check_runnable(config: Config) -> Config:
             raise UserError(f"config key train.compile=true needs a C++ compiler (torch.compile's inductor compiles "
                             f"the kernels it generates) and {name!r} ({where}) is not found; install one, point CXX "
                             "to one, or set train.compile=false")
-    from nnclr import runtime
+    check_memory(config)
+    return config
 
-    device = runtime.resolve_device(t.device, "train.device")
+
+def check_memory(config: Config, num_samples: int | None = None) -> None:
+    """:func:`memory_needed` within the memory of ``train.device`` (all of its run's processes on this machine), or
+    a UserError naming the largest part and what lowers it; ``num_samples`` as for :func:`memory_needed` (the run
+    checks again once its data is loaded)."""
+    from nnclr import machine, runtime
+
+    device = runtime.resolve_device(config.train.device, "train.device")
     have, where = runtime.device_memory(device)
     world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    parts = memory_needed(config, machine.local_processes() if device.type == "cpu" else 1, world)
+    parts = memory_needed(config, machine.local_processes() if device.type == "cpu" else 1, world, num_samples)
     needed = sum(size for size, _, _ in parts)
     if have and needed > have:
         parts.sort(reverse=True)
         shown = ", ".join(f"{what} {_gib(size)}" for size, what, _ in parts if size >= needed / 100)
+        advice = parts[0][2] if parts[0][2].startswith("set ") else f"lower {parts[0][2]}"
         raise UserError(f"this config needs at least {_gib(needed)} of memory ({shown}) and {where} has "
-                        f"{_gib(have)}; lower {parts[0][2]}")
-    return config
+                        f"{_gib(have)}; {advice}")
 
 
 def _read_recipe(path: Path) -> Any:

@@ -17,8 +17,10 @@ The priors (``method.prior``):
   3 x 64 values, centred on its own mean and L2-normalised: a cosine of two such vectors is the correlation of
   the two thumbnails (a "tiny images" prior, after Torralba, Fergus, Freeman, TPAMI 2008).
 
-The vectors are a persistent buffer of the selector, so they are in every checkpoint and a resumed run looks up
-the same neighbours; under torchrun every process extracts its share and holds the whole (identical) set.
+The vectors are a persistent buffer of the selector, so they are in every checkpoint of the phase and a resumed
+run looks up the same neighbours; under torchrun every process extracts its share and holds the whole (identical)
+set. The first step after the phase releases them (N x Dp floats: 1.3 GB for ImageNet's 1.28 M images at 256
+dimensions), so later checkpoints hold none.
 """
 
 from __future__ import annotations
@@ -63,9 +65,9 @@ def prior_steps(prior_epochs: float, steps_per_epoch: int) -> int:
 class PriorSpace(nn.Module):
     """One prior vector per training sample, and the steps that choose neighbours with it.
 
-    Buffers (persistent): ``vectors`` float32 (N, Dp) L2-normalised rows (zeros until computed); ``ready`` bool
-    scalar, whether they have been computed (a resumed run does not compute them again: for ``initial`` the
-    weights have moved on).
+    Buffers (persistent): ``vectors`` float32 (N, Dp) L2-normalised rows (zeros until computed; (0, Dp) once
+    released after the phase); ``ready`` bool scalar, whether they have been computed (a resumed run does not
+    compute them again: for ``initial`` the weights have moved on).
 
     Args:
         kind: ``initial`` or ``pixels`` (see the module docstring).
@@ -98,11 +100,24 @@ class PriorSpace(nn.Module):
         self.ready.fill_(True)
 
     def active(self, step: int | None) -> bool:
-        """Whether ``step`` chooses its neighbours in the prior space."""
+        """Whether ``step`` chooses its neighbours in the prior space; the first step after the phase releases the
+        vectors (every process of a torchrun at the same step)."""
         if step is None:
             raise ValueError("a selector with a prior space needs the training step")
         if step >= self.until_step:
+            if len(self.vectors):
+                self.vectors = self.vectors.new_zeros(0, self.vectors.shape[1])
             return False
         if not bool(self.ready):
             raise RuntimeError("the prior space is used before it was computed (PriorSpace.start_epoch)")
+        if not len(self.vectors):
+            raise RuntimeError(f"the prior space was released after its phase, and step {step} is in a phase of "
+                               f"{self.until_step} steps")
         return True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """A state written after the phase holds no vectors: take that shape instead of N rows."""
+        vectors = state_dict.get(prefix + "vectors")
+        if vectors is not None and len(vectors) == 0:
+            self.vectors = self.vectors.new_zeros(0, self.vectors.shape[1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

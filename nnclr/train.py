@@ -35,7 +35,7 @@ from tqdm import tqdm
 from nnclr import distributed, nonfinite, rundir, runtime
 from nnclr.augment import BatchAugment, normalization_for
 from nnclr.checkpoint import save_checkpoint
-from nnclr.config import Config, dump_yaml
+from nnclr.config import Config, check_memory, dump_yaml
 from nnclr.data import ImageDataset
 from nnclr.data.loaders import LoaderChoice, load_training_data
 from nnclr.data.stream import StreamBatch, StreamFeed, default_workers
@@ -134,6 +134,7 @@ def build_run(
             f"optim.batch_size={o.batch_size} is the global batch and must be divisible by the {world} processes; "
             f"use e.g. --set optim.batch_size={max(world, o.batch_size // world * world)}"
         )
+    check_memory(config, num_samples=len(train_set))  # what only the data's size tells: the prior space
     torch.manual_seed(t.seed)
     model = build_model(config, backbone).to(device)
     if t.channels_last:

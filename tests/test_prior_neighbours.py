@@ -154,6 +154,29 @@ def test_after_prior_epochs_the_lookup_is_in_z_space(selector_class: type) -> No
             assert torch.equal(a, b)
 
 
+def test_after_its_phase_the_prior_is_released_and_a_checkpoint_of_it_loads() -> None:
+    """The prior (N x Dp floats: 1.3 GB for ImageNet's 1.28 M images at 256) is not needed after its phase: the
+    first step after it drops the vectors, so they leave memory and the checkpoints; such a state loads into a
+    fresh selector, which then looks up as one without a prior."""
+    vectors, support, z, queries = _setting(6)
+    selector, plain = NearestNeighbourSelector(prior=prior_space(vectors, until_step=5)), NearestNeighbourSelector()
+    u = torch.zeros(len(z))
+    selector(z, support, indices=queries, uniform=u, step=4)
+    assert selector.prior.vectors.shape == vectors.shape  # still in its phase
+    selector(z, support, indices=queries, uniform=u, step=5)
+    assert selector.prior.vectors.shape == (0, PRIOR_DIM) and bool(selector.prior.ready)
+    fresh = NearestNeighbourSelector(prior=PriorSpace("initial", num_samples=N, dim=PRIOR_DIM, until_step=5))
+    fresh.load_state_dict(selector.state_dict())
+    assert fresh.prior.vectors.shape == (0, PRIOR_DIM) and bool(fresh.prior.ready)
+    for a, b in zip(fresh(z, support, indices=queries, uniform=u, step=6), plain(z, support, indices=queries,
+                                                                              uniform=u)):
+        assert torch.equal(a, b)
+    early = NearestNeighbourSelector(prior=PriorSpace("initial", num_samples=N, dim=PRIOR_DIM, until_step=9))
+    early.load_state_dict(selector.state_dict())  # a prior released at step 5 cannot serve a phase to step 9
+    with pytest.raises(RuntimeError, match="released"):
+        early(z, support, indices=queries, uniform=u, step=6)
+
+
 def test_prior_steps_counts_the_steps_of_prior_epochs() -> None:
     assert [prior_steps(e, 390) for e in (0.0, 0.1, 0.5, 1.0, 2.5)] == [0, 39, 195, 390, 975]
     assert prior_steps(0.01, 10) == 1  # part of a step is a step
@@ -215,10 +238,11 @@ def test_the_diagnostics_report_the_positives_chosen_in_the_prior_space() -> Non
             labels=labels[:b], indices=torch.arange(b), step=step, uniforms=torch.zeros(2, b), temperature=0.1,
             instance_weight=0.0)).diagnostics
 
-    prior, z_space = diagnostics(0), diagnostics(1)
+    prior = diagnostics(0)
+    rows = selector(z1, support, indices=torch.arange(b), uniform=torch.zeros(b), step=0).rows
+    z_space = diagnostics(1)  # steps only go forward: the prior is released here
     assert prior["nn_label_agreement"] == 1.0 and prior["nn_found"] == 1.0 and prior["nn_self_hit"] == 0.0
     assert z_space["nn_label_agreement"] < 1.0
-    rows = selector(z1, support, indices=torch.arange(b), uniform=torch.zeros(b), step=0).rows
     assert prior["nn_age"] == pytest.approx(float((0 - support.steps[rows]).float().mean()))
     expected = (z1 * support.embeddings[rows]).sum(dim=1).mean()  # z's cosine with the positive used
     assert prior["positive_similarity"] == pytest.approx(float(expected), abs=1e-6)
@@ -277,6 +301,14 @@ def test_prior_epochs_zero_trains_exactly_as_prior_none(tiny: list[str], tmp_pat
     assert not all(torch.equal(results["none"][key], results["initial"][key]) for key in results["none"])
 
 
+def test_a_run_past_the_prior_phase_checkpoints_no_prior(tiny: list[str], tmp_path: Path) -> None:
+    config = load_config(None, [*tiny, "method.prior=pixels", "method.prior_epochs=0.25", "train.max_steps=4",
+                                f"train.run_dir={tmp_path}"])  # a phase of 2 steps of the 8 of an epoch
+    train.pretrain(config, progress=False, echo=lambda *a: None)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 4 and state["selector"]["prior.vectors"].shape == (0, 3 * THUMBNAIL * THUMBNAIL)
+
+
 def nnclr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nnclr", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
@@ -306,7 +338,7 @@ def test_a_resumed_command_line_run_continues_exactly(tiny: list[str], tmp_path:
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
-    assert torch.equal(b["selector"]["prior.vectors"], vectors)
+    assert b["selector"]["prior.vectors"].shape == (0, vectors.shape[1])  # released after the phase (5 steps)
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [

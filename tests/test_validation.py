@@ -155,6 +155,33 @@ def test_the_memory_bound_is_this_machines(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_config(None, overrides).method.support_size == 1_000_000
 
 
+def test_the_prior_space_of_the_training_images_is_held_to_memory(
+    monkeypatch: pytest.MonkeyPatch, tiny_run: tuple[str, ...], tiny_data: Path, tmp_path: Path
+) -> None:
+    """method.prior holds a vector per training image (and its extraction a second copy): 2.9 GB for ImageNet at
+    pixels. The config alone does not know the images' count, so the run checks again once the data is loaded."""
+    from nnclr import train
+    from nnclr.config import memory_needed
+    from nnclr.prior import PIXELS_DIM
+
+    config = load_config(None, ["method.prior=pixels"])
+    parts = {what: size for size, what, _ in memory_needed(config, num_samples=1_281_167)}
+    assert parts["the prior space"] == 2 * 1_281_167 * PIXELS_DIM * 4
+    initial = load_config(None, ["method.prior=initial", "model.proj_dim=64"])
+    assert {w: s for s, w, _ in memory_needed(initial, num_samples=1000)}["the prior space"] == 2 * 1000 * 64 * 4
+    assert "the prior space" not in {w for _, w, _ in memory_needed(config)}  # the count is not known yet
+    settings = [*tiny_run, f"data.name=npz:{tiny_data}", "data.image_size=16", "data.test_split=",
+                "method.support_size=100", "train.threads=1", f"train.run_dir={tmp_path}", "method.prior=pixels"]
+    config = load_config(None, settings)  # fits: the check before the data knows no prior
+    others = sum(size for size, _, _ in memory_needed(config))
+    monkeypatch.setattr(machine, "total_memory", lambda: others + 256 * PIXELS_DIM * 4)  # half the prior's need
+    with pytest.raises(UserError) as error:
+        train.build_run(config)
+    message = str(error.value)
+    assert "the prior space" in message and "set method.prior=none" in message and "\n" not in message
+    assert train.build_run(load_config(None, [*settings[:-1], "method.prior=none"])).selector.prior is None
+
+
 # ---------------------------------------------------------------------------- threads, devices, compile
 
 
