@@ -90,7 +90,11 @@ TABLES: dict[str, tuple[Row, ...]] = {
     "neighbours": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft",
                                                                  "nnclr_mean", "snclr", "nnbyol", "nnsiam", "msf")),
     "neighbours_budget": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "snclr", "msf", "nnclr_soft",
-                                                                        "nnbyol", "nnsiam")),
+                                                                        "nnbyol", "nnsiam", "nnclr_multi",
+                                                                        "nnclr_mean")),
+    # the demo's own settings are the command's: --data demo --epochs 20 (what `nnclr pretrain` runs by default)
+    "demo": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft", "nnclr_mean",
+                                                         "snclr", "nnbyol", "nnsiam", "msf")),
     "cold_start": (Row("nnclr", ("method.name=nnclr",)),  # neighbours from z from the first step (today)
                    Row("nnclr, prior pixels", ("method.name=nnclr", "method.prior=pixels")),
                    Row("nnclr, prior initial", ("method.name=nnclr", "method.prior=initial"))),
