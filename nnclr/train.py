@@ -373,7 +373,10 @@ def _close_feed(run: Run) -> None:
 def _train(run: Run, log: rundir.Log, start: int, *, progress: bool, echo: Any) -> RunResult:
     """The loop from step ``start`` to ``run.total_steps``, then the final kNN and ``results.json``."""
     config, path, main = run.config, run.run_dir / rundir.CHECKPOINT, distributed.is_main()
-    if start:
+    if start > run.total_steps:  # a lowered train.max_steps or train.epochs: say so instead of "resuming 300/200"
+        echo(f"{run.run_dir}: its checkpoint is at step {start}, past the {run.total_steps} steps this config trains "
+             "(train.max_steps, train.epochs); nothing to train")
+    elif start:
         echo(f"resuming {run.run_dir} from step {start}/{run.total_steps}")
     if start == 0:
         before = knn_monitor(run)

@@ -53,6 +53,9 @@ def test_demo_run_prints_knn_before_after_and_run_dir(tmp_path: Path, tiny: list
     assert not (tmp_path / "runs" / "nnclr-demo" / "report.html").exists() and "report:" not in result.stdout
     again = nnclr("pretrain", "--set", *tiny, "train.max_steps=3", "train.epochs=1", cwd=tmp_path)
     assert again.returncode == 0 and "already complete" in again.stdout
+    lowered = nnclr("pretrain", "--set", *tiny, "train.max_steps=2", "train.epochs=1", cwd=tmp_path)
+    assert lowered.returncode == 0 and "resuming" not in lowered.stdout  # was "resuming ... from step 3/2"
+    assert "its checkpoint is at step 3, past the 2 steps this config trains" in lowered.stdout
 
 
 @pytest.mark.parametrize(
