@@ -299,8 +299,12 @@ def test_corrupt_tiffs_print_nothing_but_nnclr_s_own_lines(tmp_path: Path, tiny_
     assert len(lines) == 1 and lines[0].startswith("nnclr: warning: images: skipped "), trained.stderr
     embedded = nnclr("embed", "--checkpoint", "run", "--images", "images", "--out", "emb", "--no-progress")
     assert embedded.returncode == 0, embedded.stderr
-    lines = embedded.stderr.strip().splitlines()  # embed names every file it skips, one line each
-    assert lines and all(line.startswith("skipped a/bad") for line in lines), embedded.stderr
+    lines = embedded.stderr.strip().splitlines()  # embed names the first 10 files it skips, then counts the rest
+    assert len(lines) == 11 and all(line.startswith("skipped a/bad") for line in lines[:10]), embedded.stderr
+    manifest = Path("emb", "manifest.json")
+    listed = len(json.loads((tmp_path / manifest).read_text())["skipped"])
+    assert listed > 10 and lines[10] == f"skipped {listed - 10} more unreadable files, each listed with its reason " \
+                                        f"in {manifest}"
 
 
 def _without_read_bypass(command: list[str]) -> list[str]:

@@ -11,6 +11,8 @@ from typing import Any
 
 from nnclr.cli import device_type
 
+SHOWN_SKIPPED = 10  # the skipped files named on stderr; manifest.json lists them all
+
 
 def add_parser(commands: Any) -> None:
     embed = commands.add_parser(
@@ -142,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
                                        fresh=args.fresh, progress=progress, batch=args.batch_size)
     if not main:
         return 0
-    for item in report.skipped:
+    for item in report.skipped[:SHOWN_SKIPPED]:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    if len(report.skipped) > SHOWN_SKIPPED:  # a folder of 100,000 broken files is not 100,000 lines
+        print(f"skipped {len(report.skipped) - SHOWN_SKIPPED} more unreadable files, each listed with its reason in "
+              f"{Path(report.out) / 'manifest.json'}", file=sys.stderr)
     rate = f" ({report.images_per_second:.0f} images/s)" if report.embedded else ""
     print(
         f"{report.total} images in {report.out}: {report.embedded} embedded{rate}, {report.reused} unchanged, "
