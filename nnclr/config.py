@@ -32,7 +32,7 @@ import yaml
 from nnclr.errors import UserError
 
 METHODS = ("nnclr", "simclr", "kmclr", "deepcluster", "nnclr_multi", "nnclr_soft", "nnclr_mean", "snclr", "nnbyol",
-           "nnsiam", "msf")
+           "nnsiam", "msf", "all4one")
 
 
 @dataclass
@@ -86,10 +86,12 @@ class MethodConfig:
     support_size: int = 1024  # support set Q (the paper: 98,304 for ImageNet)
     topk: int = 1  # 1 = the nearest neighbour; k > 1 samples one of the k nearest
     exclude_self: bool = True  # never use the sample's own older copy as its neighbour
-    neighbours: int = 5  # nnclr_multi, nnclr_soft, nnclr_mean, snclr: k, the nearest neighbours used as positives
+    # nnclr_multi, nnclr_soft, nnclr_mean, snclr, msf: k, the nearest neighbours used as positives; all4one: the
+    # length of the neighbour sequence its transformer reads
+    neighbours: int = 5
     soft_temperature: float = 0.1  # nnclr_soft: neighbour weights softmax(cosine / soft_temperature)
     attention_temperature: float = 1.0  # snclr: positiveness softmax(cosine / attention_temperature); its code: 1
-    target_momentum: float = 0.99  # nnbyol, msf: BYOL's tau_base; the target's EMA rate rises from it to 1 (cosine)
+    target_momentum: float = 0.99  # nnbyol, msf, all4one: BYOL's tau_base; the target's EMA rate rises to 1 (cosine)
     # The support-set methods: for the first prior_epochs epochs choose each neighbour by the similarity of the
     # samples in a prior space (GPS-SSL) instead of z's: none | initial (the initial encoder's z) | pixels (8x8)
     prior: str = "none"
@@ -505,8 +507,9 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1,
 
     The support set (float32 rows plus three int64 fields each), the k-means prototypes, the projection and
     prediction heads (weights, gradients and the optimiser's state: momentum; AdamW's two moments), DeepCluster's
-    classifier, one batch of two float32 views (``optim.batch_size / world`` per process) and, for a ``folder:`` source
-    that may stream, the uint8 batches its workers prepare ahead (``data.prefetch`` each). ``processes`` is
+    classifier, the method's own modules (``Method.extras``, counted without allocating them), one batch of two
+    float32 views (``optim.batch_size / world`` per process) and, for a ``folder:`` source that may stream, the
+    uint8 batches its workers prepare ahead (``data.prefetch`` each). ``processes`` is
     how many processes of the run share the device (a machine's CPU memory under torchrun). With ``num_samples``,
     the training images' count (known once the data is loaded), also ``method.prior``'s prior space: a float32
     vector per image, twice while it is extracted (:mod:`nnclr.prior`).
@@ -520,11 +523,18 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1,
     projector = (layers - 2) * hidden * hidden + hidden * d if layers >= 2 else 0  # the backbone's width left out
     predictor = 2 * d * m.pred_hidden_dim if method_of(config).head == "predictor" else 0
     classifier = (d + 1) * mo.num_clusters if method_of(config).head == "classifier" else 0
+    extras = 0
+    if method_of(config).extras is not None:
+        import torch
+
+        with torch.device("meta"):  # shapes only
+            extras = sum(p.numel() for p in method_of(config).extras(config).parameters())
     image = config.data.image_size
     parts = [
         (projector * 4 * copies, "the projection MLP", "model.proj_hidden_dim, model.proj_layers or model.proj_dim"),
         (predictor * 4 * copies, "the prediction MLP", "model.pred_hidden_dim or model.proj_dim"),
         (classifier * 4 * copies, "the classifier", "method.num_clusters or model.proj_dim"),
+        (extras * 4 * copies, f"{mo.name}'s own modules", "model.proj_dim or model.pred_hidden_dim"),
         (mo.support_size * (4 * d + 24) if "method.support_size" in keys else 0, "the support set",
          "method.support_size or model.proj_dim"),
         (mo.num_prototypes * (4 * d + 8) if "method.num_prototypes" in keys else 0, "the prototypes",

@@ -350,16 +350,19 @@ def _convert(module: nn.Module, device: torch.device) -> nn.Module:
 def data_parallel(model: nn.Module, sync_bn: str, device: torch.device) -> nn.Module:
     """Under a process group: global batch-norm where ``sync_bn`` says, then DDP; else ``model``.
 
-    ``sync_bn`` is ``model.sync_bn``: ``heads`` converts the ``projector`` and ``predictor``,
-    ``all`` the ``backbone`` too (:func:`convert_sync_batchnorm`), and the same parts of a target network.
+    ``sync_bn`` is ``model.sync_bn``: ``heads`` converts the ``projector``, the ``predictor`` and the method's own
+    modules (``extras``), ``all`` the ``backbone`` too (:func:`convert_sync_batchnorm`), and the same parts of a
+    target network. The loss calls ``extras`` outside DDP's forward; their gradients are averaged all the same
+    (DDP's hooks are on every parameter's gradient) and every parameter of them gets one every step.
     DDP averages gradients over ranks; each rank's loss is the mean over its anchors of a loss whose
     negatives are gathered with gradient (``nnclr.losses``), so the average is the gradient of the
     global batch's mean loss, as in one process.
     """
     if world_size() == 1:
         return model
-    for name in {"heads": ("projector", "predictor"), "all": ("backbone", "projector", "predictor")}.get(sync_bn, ()):
-        if getattr(model, name) is not None:
+    heads = ("projector", "predictor", "extras")
+    for name in {"heads": heads, "all": ("backbone", *heads)}.get(sync_bn, ()):
+        if getattr(model, name, None) is not None:
             setattr(model, name, convert_sync_batchnorm(getattr(model, name), device))
     target = getattr(model, "target", None)  # BYOL's target network (backbone, projector): as the online ones
     for part in {"heads": (1,), "all": (0, 1)}.get(sync_bn, ()) if target is not None else ():

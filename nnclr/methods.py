@@ -2,7 +2,8 @@
 
 A method is a selector (which positive or target each sample gets, :mod:`nnclr.selectors`), a loss
 (:mod:`nnclr.step`), the heads on the encoder, whether it keeps a support set, whether the short-run
-schedule mixes SimCLR's loss in, the ``method.*`` config keys it reads and what the report shows.
+schedule mixes SimCLR's loss in, the ``method.*`` config keys it reads, what the report shows and
+the trainable modules of its own that its loss uses besides the heads (``extras``, All4One's).
 The model, the training loop, the step and the report ask the record; nothing else tests a
 method's name. Adding a method (docs/methods.md, "Adding a method"): a selector class or a loss, a
 record below, its name in ``nnclr.config.METHODS`` and a recipe in ``configs/``.
@@ -14,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from nnclr import all4one
 from nnclr.config import Config
 from nnclr.deepcluster import PseudoLabels
 from nnclr.errors import UserError
@@ -22,6 +25,7 @@ from nnclr.prior import PIXELS_DIM, PriorSpace, prior_steps
 from nnclr.selectors import NearestNeighbourSelector, NeighboursSelector, PrototypeSelector, Selector
 from nnclr.step import (
     Loss,
+    all4one_loss,
     instance_loss,
     mean_shift_loss,
     neighbours_loss,
@@ -66,6 +70,11 @@ class Method:
         target: keeps BYOL's target network (an exponential moving average of backbone and projector,
             ``method.target_momentum``); the loss gets its projections of both views and the support set stores
             them.
+        extras: builds the trainable modules the method's loss uses besides the heads (an ``nn.ModuleDict``) from
+            the config, or None (every method but All4One). The model holds them as ``model.extras``, so the
+            optimiser, DistributedDataParallel (``model.sync_bn=heads`` converts their batch-norm as the heads'),
+            checkpoints, resume, ``train.precision`` and the non-finite checks treat them as the heads; the loss gets
+            them as ``StepInputs.extras``. None adds nothing to the model (its checkpoints are unchanged).
     """
 
     name: str
@@ -80,6 +89,7 @@ class Method:
     diagnostics: str
     prototypes: bool = False
     target: bool = False
+    extras: Callable[[Config], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         assert self.head in HEADS and self.diagnostics in DIAGNOSTICS, self
@@ -239,6 +249,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         keys=("method.support_size", "method.neighbours", "method.exclude_self", "method.target_momentum",
               *PRIOR_KEYS),
         diagnostics="neighbours", target=True,
+    ),
+    Method(
+        name="all4one",
+        paper="Estepa, Sarasúa, Nagarajan, Radeva, All4One: Symbiotic Neighbour Contrastive Learning via "
+              "Self-Attention and Redundancy Reduction, ICCV 2023 (arXiv 2303.09417; solo-learn's all4one)",
+        summary="NNCLR's loss to the nearest neighbour of the other view's target projection, plus an InfoNCE between "
+                "transformer centroids of the views' k nearest neighbours and a feature-wise redundancy reduction; "
+                "the support set holds target projections",
+        selector=_neighbours("uniform"), loss=all4one_loss, head="predictor", support=True, short_run=False,
+        keys=("method.temperature", "method.support_size", "method.neighbours", "method.exclude_self",
+              "method.target_momentum", *PRIOR_KEYS),
+        diagnostics="neighbours", target=True, extras=all4one.build_modules,
     ),
 )}
 

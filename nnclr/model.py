@@ -6,7 +6,9 @@ view. SimCLR has no predictor: ``p = z``. DeepCluster (Caron et al., ECCV 2018) 
 classifier on ``z`` in the predictor's place: ``p`` = its logits over the K pseudo-classes. The methods
 built on BYOL (Grill et al., NeurIPS 2020, Sec. 3.1) add a target network: a copy of f and g whose
 weights are an exponential moving average of the online ones, ``ξ ← τ ξ + (1 - τ) θ`` after every step.
-No loss and no support set live here.
+A method may own trainable modules besides the heads (its record's ``extras``: All4One's second predictor and
+transformer); the model holds them, so that they are optimised, checkpointed and distributed with it, and the
+loss calls them. No loss and no support set live here.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ class ContrastiveModel(nn.Module):
             takes the predictor's place: p = its logits.
         target: keep a target network (BYOL's momentum encoder): backbone and projector copied, without
             gradients, moved towards the online ones by :meth:`update_target`.
+        extras: the method's own trainable modules (``Method.extras``), or None; not part of :meth:`forward`:
+            the loss calls them (``StepInputs.extras``).
     """
 
     def __init__(
         self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
-        classifier: nn.Module | None = None, target: bool = False,
+        classifier: nn.Module | None = None, target: bool = False, extras: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -48,6 +52,7 @@ class ContrastiveModel(nn.Module):
         self.target: nn.Module | None = None
         if target:
             self.target = copy.deepcopy(nn.Sequential(backbone, projector)).requires_grad_(False)
+        self.extras = extras  # None registers nothing: the state dict of a method without extras is unchanged
 
     @torch.no_grad()
     def copy_to_target(self) -> None:
@@ -79,7 +84,8 @@ class ContrastiveModel(nn.Module):
 def build_model(config: Config, backbone: nn.Module | None = None) -> ContrastiveModel:
     """Build the model a config describes, with the heads its method's record names (:mod:`nnclr.methods`):
     SimCLR gets no predictor, as in its paper; DeepCluster a classifier ``Linear(d, K)`` on z instead,
-    K = ``method.num_clusters``.
+    K = ``method.num_clusters``; a method with ``extras`` gets its own modules, built last (the other parts draw
+    the same initial weights as without them).
 
     Args:
         config: The run's config; ``model.backbone`` names the encoder (:func:`nnclr.backbones.build_backbone`).
@@ -87,7 +93,8 @@ def build_model(config: Config, backbone: nn.Module | None = None) -> Contrastiv
             of building ``model.backbone``. ``model.backbone`` is set to the spec that rebuilds it, so that the
             saved run can be loaded (:func:`nnclr.custom_backbone.adopt`; a UserError when none does).
     """
-    m, head = config.model, method_of(config).head
+    m, method = config.model, method_of(config)
+    head = method.head
     size = config.data.image_size
     if backbone is None:
         backbone, feature_dim = build_backbone(m.backbone, cifar_stem=m.cifar_stem, image_size=size)
@@ -99,10 +106,15 @@ def build_model(config: Config, backbone: nn.Module | None = None) -> Contrastiv
         feature_dim, hidden_dim=m.proj_hidden_dim, out_dim=m.proj_dim, num_layers=m.proj_layers
     )
     if head == "classifier":
-        return ContrastiveModel(backbone, projector, None, classifier=nn.Linear(m.proj_dim, config.method.num_clusters))
-    use_predictor = head == "predictor" and m.pred_hidden_dim > 0
-    predictor = prediction_head(m.proj_dim, hidden_dim=m.pred_hidden_dim) if use_predictor else None
-    return ContrastiveModel(backbone, projector, predictor, target=method_of(config).target)
+        classifier = nn.Linear(m.proj_dim, config.method.num_clusters)
+        predictor = None
+    else:
+        classifier = None
+        use_predictor = head == "predictor" and m.pred_hidden_dim > 0
+        predictor = prediction_head(m.proj_dim, hidden_dim=m.pred_hidden_dim) if use_predictor else None
+    extras = method.extras(config) if method.extras is not None else None
+    return ContrastiveModel(backbone, projector, predictor, classifier=classifier, target=method.target,
+                            extras=extras)
 
 
 def target_momentum(base: float, step: int, schedule_steps: int) -> float:

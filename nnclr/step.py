@@ -7,8 +7,9 @@ NNCLR (Dwibedi et al., ICCV 2021, Eq. 2, symmetrised as in Sec. 3.2)::
 with ``NN`` the selector's positive (the nearest support-set entry for NNCLR, the nearest k-means
 prototype for KMCLR): :func:`positive_loss`. SimCLR (Chen et al., 2020) uses NT-Xent on ``(z1, z2)``
 with 2N-2 negatives and no predictor: :func:`instance_loss`. DeepCluster (Caron et al., ECCV 2018)
-classifies both views into the samples' k-means pseudo-labels: :func:`pseudo_label_loss`. Which
-method uses which loss is written in its record (:mod:`nnclr.methods`).
+classifies both views into the samples' k-means pseudo-labels: :func:`pseudo_label_loss`. All4One
+adds a centroid and a feature contrast to NNCLR's loss, with modules of its own (``StepInputs.extras``):
+:func:`all4one_loss`. Which method uses which loss is written in its record (:mod:`nnclr.methods`).
 
 For short runs a method whose record says ``short_run`` mixes in SimCLR's loss, whose positive is
 good from the first step while the support set's neighbours are still near-random::
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from nnclr import deepcluster
+from nnclr import all4one, deepcluster
 from nnclr.config import MethodConfig
 from nnclr.losses import at_least_fp32, multi_positive_loss, nnclr_loss, nt_xent, positiveness, soft_neighbours_loss
 from nnclr.selectors import Neighbours, NeighboursSelector, PositiveSelector, Selector
@@ -54,7 +56,8 @@ class StepInputs:
     prediction head's outputs (b, D), z itself without a predictor, or a classifier's logits (b, K).
     ``uniforms`` (2, b) are this rank's rows of uniforms drawn for the global batch, one row per view.
     ``t1``/``t2`` (b, D) are the target network's L2-normalised fp32 projections of the views (no gradient), for
-    the methods with one (BYOL's), else None.
+    the methods with one (BYOL's), else None. ``extras`` are the method's own trainable modules (its record's
+    ``extras``, held by the model as ``model.extras``), for the methods with some, else None.
     """
 
     z1: torch.Tensor
@@ -71,6 +74,7 @@ class StepInputs:
     instance_weight: float
     t1: torch.Tensor | None = None
     t2: torch.Tensor | None = None
+    extras: nn.Module | None = None
 
 
 @dataclass
@@ -236,6 +240,44 @@ def mean_shift_loss(x: StepInputs) -> StepOutput:
     return StepOutput(loss, x.t1, diagnostics)
 
 
+def all4one_loss(x: StepInputs) -> StepOutput:
+    """All4One (Estepa et al., ICCV 2023; solo-learn's ``all4one``), three objectives weighted 1/2 each::
+
+        L = 1/2 L_centroid + 1/2 L_neighbour + 1/2 L_feature
+
+    With n_j(t) the j-th nearest support-set neighbour of a target projection t (k = ``method.neighbours``, nearest
+    first; the query's own t where the support set has fewer than k rows):
+
+    - ``L_neighbour`` = 1/2 [nnclr(n_1(t1), p2) + nnclr(n_1(t2), p1)], NNCLR's loss at τ = ``method.temperature``
+      with the nearest neighbour of the other view's target projection as the positive;
+    - ``L_centroid`` (:func:`nnclr.all4one.centroid_loss`): InfoNCE at τ = 0.1 between the transformer centroid of
+      one view's sequence (n_1(t) ... n_k(t)) and that of the other view's sequence with q'(z) in front
+      (q'(z), n_1(t) ... n_{k-1}(t)), symmetrised;
+    - ``L_feature`` (:func:`nnclr.all4one.feature_contrast`): 10 x the redundancy reduction of the feature-wise
+      cross-correlations C(t1, z2) and C(t2, z1) over the global batch.
+
+    The support set holds t1, as NNBYOL's; the diagnostics are those of the nearest neighbour (solo-learn's
+    ``nn_acc``), and each objective's value is logged (``neighbour_loss``, ``centroid_loss``, ``feature_loss``).
+    """
+    selector = x.selector
+    assert isinstance(selector, NeighboursSelector) and x.support is not None
+    assert x.t1 is not None and x.t2 is not None and x.extras is not None
+    n1 = selector.neighbours(x.t1, x.support, indices=x.indices, step=x.step)  # (b, k, D) nearest first
+    n2 = selector.neighbours(x.t2, x.support, indices=x.indices, step=x.step)
+    neighbour = 0.5 * (nnclr_loss(n1.positives[:, 0], x.p2, temperature=x.temperature)
+                       + nnclr_loss(n2.positives[:, 0], x.p1, temperature=x.temperature))
+    centroid = all4one.centroid_loss(x.extras, n1.positives, n2.positives, x.z1, x.z2)
+    feature = all4one.feature_contrast(x.t1, x.t2, x.z1, x.z2)
+    w = all4one.WEIGHT
+    loss = w * centroid + w * neighbour + w * feature
+    diagnostics: dict[str, float] = {
+        "positive_similarity": n1.similarity[:, 0].float().mean().item(), "neighbour_loss": neighbour.item(),
+        "centroid_loss": centroid.item(), "feature_loss": feature.item()}
+    diagnostics |= x.support.diagnostics(n1.rows[:, 0], n1.similarity[:, 0], step=x.step, labels=x.labels,
+                                         indices=x.indices)
+    return StepOutput(loss, x.t1, diagnostics)
+
+
 def pseudo_label_loss(x: StepInputs) -> StepOutput:
     """DeepCluster: cross-entropy of both views' logits ``p`` (b, K) with the samples' pseudo-labels."""
     targets = x.selector(x.indices)  # (b,)
@@ -257,6 +299,7 @@ def contrastive_step(
     uniforms: torch.Tensor | None = None,
     instance_weight: float = 0.0,
     target: torch.nn.Module | None = None,
+    extras: torch.nn.Module | None = None,
 ) -> StepOutput:
     """Forward both views (2b, 3, H, W), then the method's ``loss``; no optimiser, no enqueue.
 
@@ -268,6 +311,7 @@ def contrastive_step(
         uniforms: (2, b) uniforms for the selector's random choices (None: zeros, i.e. no randomness needed).
         instance_weight: w in [0, 1], the share of SimCLR's NT-Xent in a positive-selector loss.
         target: the model's target network (images -> z), for the methods with one; it sees the same views.
+        extras: the model's ``extras`` (the method's own trainable modules), for the methods with some.
     """
     _, z, p = model(views)
     z = F.normalize(at_least_fp32(z), dim=1)  # (2b, D)
@@ -282,5 +326,5 @@ def contrastive_step(
     return loss(StepInputs(
         z1=z1, z2=z2, p1=p1, p2=p2, support=support, selector=selector, labels=labels, indices=indices,
         step=step, uniforms=uniforms.to(z.device), temperature=temperature, instance_weight=instance_weight,
-        t1=t1, t2=t2,
+        t1=t1, t2=t2, extras=extras,
     ))

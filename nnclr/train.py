@@ -266,7 +266,7 @@ def train_step(
         out = contrastive_step(
             run.network, views, loss=run.method.loss, temperature=config.method.temperature,
             support=run.support, selector=run.selector, labels=labels, indices=indices, step=step,
-            uniforms=uniforms, instance_weight=weight, target=run.model.target,
+            uniforms=uniforms, instance_weight=weight, target=run.model.target, extras=run.model.extras,
         )
     loss, diagnostics = distributed.global_mean(out.loss.detach(), out.diagnostics)
     run.optimizer.zero_grad(set_to_none=True)

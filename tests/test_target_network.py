@@ -31,7 +31,7 @@ def _online(model: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.Sequential(model.backbone, model.projector)
 
 
-@pytest.mark.parametrize("name", ["nnbyol", "msf"])
+@pytest.mark.parametrize("name", ["nnbyol", "msf", "all4one"])
 def test_the_target_starts_as_the_online_network_and_is_not_trained(name: str) -> None:
     model = build_model(load_config(None, [*SMALL, f"method.name={name}"]))
     assert model.target is not None
@@ -148,7 +148,7 @@ def test_mean_shift_with_an_empty_support_set_is_byol() -> None:
 
 
 def test_the_methods_with_a_target_are_the_records_that_say_so() -> None:
-    assert {name for name, m in METHODS.items() if m.target} == {"nnbyol", "msf"}
+    assert {name for name, m in METHODS.items() if m.target} == {"nnbyol", "msf", "all4one"}
 
 
 @pytest.mark.slow
