@@ -88,13 +88,14 @@ TABLES: dict[str, tuple[Row, ...]] = {
     + (Row("nnclr, support 16,384", ("method.name=nnclr", "method.support_size=16384")),),
     "budget": (Row("nnclr", ("method.name=nnclr",)), Row("simclr", ("method.name=simclr",))),
     "neighbours": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft",
-                                                                 "nnclr_mean", "snclr", "nnbyol", "nnsiam", "msf")),
+                                                                 "nnclr_mean", "snclr", "nnbyol", "nnsiam", "msf",
+                                                                 "all4one")),
     "neighbours_budget": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "snclr", "msf", "nnclr_soft",
                                                                         "nnbyol", "nnsiam", "nnclr_multi",
-                                                                        "nnclr_mean")),
+                                                                        "nnclr_mean", "all4one")),
     # the demo's own settings are the command's: --data demo --epochs 20 (what `nnclr pretrain` runs by default)
     "demo": tuple(Row(m, (f"method.name={m}",)) for m in ("simclr", "nnclr", "nnclr_multi", "nnclr_soft", "nnclr_mean",
-                                                         "snclr", "nnbyol", "nnsiam", "msf")),
+                                                         "snclr", "nnbyol", "nnsiam", "msf", "all4one")),
     "cold_start": (Row("nnclr", ("method.name=nnclr",)),  # neighbours from z from the first step (today)
                    Row("nnclr, prior pixels", ("method.name=nnclr", "method.prior=pixels")),
                    Row("nnclr, prior initial", ("method.name=nnclr", "method.prior=initial"))),
