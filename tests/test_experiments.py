@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "neighbours_budget", "demo",
-          "cold_start", "recipe")
+TABLES = ("methods", "crops", "support", "prototypes", "budget", "neighbours", "neighbours_budget", "neighbours_long",
+          "demo", "cold_start", "recipe")
 
 
 @pytest.mark.slow
