@@ -25,10 +25,11 @@ Tables (Dwibedi et al., ICCV 2021):
   the table compares on one machine; ``--rows`` runs some of them.
 
 The budget of a run is ``--epochs`` (equal images seen) or, with ``--budget SECONDS``, a wall-clock
-budget of training: every row is first timed by a short calibration run (``--calibration-steps``
-steps; all rows before any trains, so that other work on the machine afterwards slows the runs but cannot
-change their epochs), and its ``train.epochs`` is set to what the budget holds at that rate, so that the learning-rate
-schedule ends when the budget does. The training time each run took is reported beside it.
+budget of training: every row is first timed by short calibration runs (``--calibration-rounds`` runs of
+``--calibration-steps`` steps, the rows interleaved round by round, the median rate kept; all rows before any
+trains, so that other work on the machine afterwards slows the runs but cannot change their epochs), and its
+``train.epochs`` is set to what the budget holds at that rate, so that the learning-rate schedule ends when the
+budget does. The training time each run took is reported beside it.
 
 Usage (from the repository root; experiments are not part of the installed package)::
 
@@ -167,13 +168,31 @@ def fresh_pretrain(run_dir: Path, overrides: list[str]) -> list[str]:
     return pretrain
 
 
-def calibrate(row: Row, args: argparse.Namespace, run_dir: Path, images: int) -> tuple[float, float]:
-    """Images/s and the epochs of ``args.budget`` seconds of training for ``row`` (``images`` training
-    images): a run of ``args.calibration_steps`` steps gives the rate, measured by ``nnclr pretrain``
-    over its steps only."""
-    fresh_pretrain(run_dir, [*overrides_for(row, 0, 1.0, args), f"train.max_steps={args.calibration_steps}"])
-    rate = json.loads((run_dir / "results.json").read_text())["images_per_second"]
-    return rate, args.budget * rate / images
+def calibrate(row: Row, args: argparse.Namespace, run_dir: Path) -> float:
+    """The training rate of ``row`` in images/s: a run of ``args.calibration_steps`` steps, measured by ``nnclr
+    pretrain`` over its steps only (no kNN evaluation: it is not timed, so it would only cost wall time)."""
+    fresh_pretrain(run_dir, [*overrides_for(row, 0, 1.0, args), f"train.max_steps={args.calibration_steps}",
+                             "data.test_split="])
+    return json.loads((run_dir / "results.json").read_text())["images_per_second"]
+
+
+def calibrated_epochs(rows: list[Row], args: argparse.Namespace, run_dirs: dict[str, Path], images: int,
+                      name: str) -> dict[str, float]:
+    """The epochs of ``args.budget`` seconds of training for each row (``images`` training images), from the median
+    of ``args.calibration_rounds`` calibration rates, the rows interleaved round by round so that a change in the
+    machine's speed meanwhile spreads over every row instead of falling on one."""
+    rates: dict[str, list[float]] = {row.label: [] for row in rows}
+    for _ in range(args.calibration_rounds):
+        for row in rows:
+            rates[row.label].append(calibrate(row, args, run_dirs[row.label]))
+    epochs = {}
+    for row in rows:
+        rate = statistics.median(rates[row.label])
+        epochs[row.label] = args.budget * rate / images
+        print(f"{name}: {row.label}: {rate:.0f} images/s (median of {', '.join(f'{r:.0f}' for r in rates[row.label])};"
+              f" {args.calibration_steps} steps each) -> {epochs[row.label]:.2f} epochs in {args.budget:g} s",
+              flush=True)
+    return epochs
 
 
 def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_dir: Path) -> dict:
@@ -191,6 +210,7 @@ def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_di
             "knn_before": results["knn_before"]["top1"], "knn_after": results["knn_after"]["top1"],
             "linear": probe["top1"], "wall_time_s": wall, "train_time_s": results["wall_time"],
             "epochs": epochs, "images_per_second": results["images_per_second"],
+            **({"calibration_rounds": args.calibration_rounds} if args.budget else {}),
             "stored_bytes": stored_bytes(run_dir), "label_agreement": final_agreement(run_dir)}
 
 
@@ -232,13 +252,25 @@ def _agreement(records: list[dict]) -> str:
     return mean_std(values) if len(values) == len(records) else "-"
 
 
+def _calibration_runs(records: list[dict]) -> str:
+    """How the rows of a budget table were timed: 'a' (one run each, before --calibration-rounds existed) or 'the
+    median rate of N interleaved'; rows timed differently are named."""
+    rounds = {r.get("calibration_rounds", 1) for r in records}
+    if rounds == {1}:
+        return "a"
+    if len(rounds) == 1:
+        return f"the median rate of {rounds.pop()} interleaved runs of a"
+    per_row = dict.fromkeys((r["row"], r.get("calibration_rounds", 1)) for r in records)
+    return "the median rate of several interleaved runs (" + ", ".join(f"{row} {n}" for row, n in per_row) + ") of a"
+
+
 def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> str:
     """The table of one experiment with its machine, versions, budget, wall time and exact commands."""
     import torch
 
     rows = list(dict.fromkeys(r["row"] for r in records))
     budget = (f"a budget of {args.budget:g} s of training per run (each row's epochs fitted from a "
-              f"{args.calibration_steps}-step calibration run: " +
+              f"{_calibration_runs(records)} {args.calibration_steps}-step calibration run: " +
               ", ".join(f"{label} {next(r['epochs'] for r in records if r['row'] == label):.2f}" for label in rows) +
               " epochs)" if args.budget else
               f"{args.epochs} epochs per run (every row sees the same images)")
@@ -306,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=0.0,
                         help="seconds of training per run instead of --epochs (epochs fitted per row)")
     parser.add_argument("--calibration-steps", type=int, default=60, help="steps timed to fit --budget")
+    parser.add_argument("--calibration-rounds", type=int, default=3,
+                        help="calibration runs per row, interleaved over the rows; their median rate fits --budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=0, help="0 = every physical core")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
@@ -317,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                         " a row that several tables share trains once")
     parser.add_argument("--rows", nargs="+", metavar="LABEL", help="run only these rows of --table (their labels)")
     args = parser.parse_args(argv)
-    if args.budget < 0 or args.calibration_steps < 1:
-        parser.error("--budget must be >= 0 and --calibration-steps >= 1")
+    if args.budget < 0 or args.calibration_steps < 1 or args.calibration_rounds < 1:
+        parser.error("--budget must be >= 0, --calibration-steps and --calibration-rounds >= 1")
     if args.rows and args.table == "all":
         parser.error("--rows needs one --table")
     labels = [row.label for row in TABLES.get(args.table, ())]
@@ -343,11 +377,8 @@ def main(argv: list[str] | None = None) -> None:
         slugs = {row.label: "".join(c if c.isalnum() else "-" for c in row.label) for row in rows}
         epochs_of = {row.label: args.epochs for row in rows}
         if args.budget:  # every row timed before any trains: later work beside the runs cannot change epochs
-            for row in rows:
-                rate, epochs_of[row.label] = calibrate(row, args, args.runs / name / f"{slugs[row.label]}-calibration",
-                                                       images)
-                print(f"{name}: {row.label}: {rate:.0f} images/s over {args.calibration_steps} steps"
-                      f" -> {epochs_of[row.label]:.2f} epochs in {args.budget:g} s", flush=True)
+            run_dirs = {row.label: args.runs / name / f"{slugs[row.label]}-calibration" for row in rows}
+            epochs_of = calibrated_epochs(rows, args, run_dirs, images, name)
         for row in rows:
             slug, epochs = slugs[row.label], epochs_of[row.label]
             for seed in args.seeds:

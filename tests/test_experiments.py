@@ -63,18 +63,21 @@ def test_every_experiment_table_runs_and_is_written(tmp_path: Path, tiny_data: P
         assert k * 16 * 4 <= kept[f"kmclr, {k} prototypes"] < 2 * k * 16 * 4
 
 
-def _fake_cli(calls: list[list[str]]):
+def _fake_cli(calls: list[list[str]], rates: dict[str, list[float]] | None = None):
     """A stand-in for ``nnclr`` (run.py's ``nnclr``) that writes the files run.py reads, as the CLI does: a
-    pretrain's results.json (its training rate: 100 images/s for NNCLR, 200 for the rest) and metrics.jsonl, a
-    linear probe's eval/linear-*.json. The real CLI runs in ``test_every_experiment_table_runs_and_is_written``;
-    these tests are about run.py's own logic, in a second instead of a minute of subprocesses."""
+    pretrain's results.json (its training rate: the next of ``rates[method]``, else 100 images/s for NNCLR and 200
+    for the rest) and metrics.jsonl, a linear probe's eval/linear-*.json. The real CLI runs in
+    ``test_every_experiment_table_runs_and_is_written``; these tests are about run.py's own logic, in a second
+    instead of a minute of subprocesses."""
     def nnclr(*args: str) -> None:
         calls.append(list(args))
         if args[0] == "pretrain":
             run_dir = REPO / args[args.index("--run-dir") + 1]
             assert not run_dir.exists()  # a fresh run: a finished run left there would only resume
             run_dir.mkdir(parents=True)
-            rate = 100.0 if "method.name=nnclr" in args else 200.0
+            method = next(a.removeprefix("method.name=") for a in args if a.startswith("method.name="))
+            rate = (rates or {}).get(method, []).pop(0) if (rates or {}).get(method) else (
+                100.0 if method == "nnclr" else 200.0)
             (run_dir / "results.json").write_text(json.dumps({"knn_before": {"top1": 10.0}, "knn_after": {
                 "top1": 20.0 + len(calls)}, "wall_time": 1.0, "images_per_second": rate}))
             (run_dir / "metrics.jsonl").write_text(json.dumps({"type": "train", "nn_label_agreement": 0.25}) + "\n")
@@ -85,10 +88,11 @@ def _fake_cli(calls: list[list[str]]):
     return nnclr
 
 
-def _main_with_fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: str) -> list[list[str]]:
+def _main_with_fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: str,
+                        rates: dict[str, list[float]] | None = None) -> list[list[str]]:
     """run.py's main with ``args`` and the files of ``tmp_path``; the CLI calls it made."""
     run, calls = _run_module(), []
-    monkeypatch.setattr(run, "nnclr", _fake_cli(calls))
+    monkeypatch.setattr(run, "nnclr", _fake_cli(calls, rates))
     monkeypatch.setattr(run, "stored_bytes", lambda run_dir: 0)  # no checkpoint: the fake wrote none
     run.main([*args, "--seeds", "0", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "R.md"),
               "--json-dir", str(tmp_path / "json")])
@@ -98,22 +102,29 @@ def _main_with_fake_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *args: 
 def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_data: Path
 ) -> None:
+    rates = {"nnclr": [130.0, 100.0, 90.0], "simclr": [150.0, 260.0, 200.0]}  # medians 100 and 200
     calls = _main_with_fake_cli(monkeypatch, tmp_path, "--table", "budget", "--smoke", "--budget", "7",
-                                "--data", f"npz:{tiny_data}")
+                                "--data", f"npz:{tiny_data}", rates=rates)
     images = len(np.load(tiny_data / "train.npz")["labels"])
     records = json.loads((tmp_path / "json" / "budget.json").read_text())
     assert [r["row"] for r in records] == ["nnclr", "simclr"]
-    calibrations = [c for c in calls if c[0] == "pretrain" and "train.max_steps=2" == c[-1]]
-    assert len(calibrations) == 2 and calls.index(calibrations[1]) < min(
+    calibrations = [c for c in calls if c[0] == "pretrain" and "data.test_split=" == c[-1]]  # no kNN: not timed
+    assert [c[-2] for c in calibrations] == ["train.max_steps=2"] * 6
+    methods = [next(a for a in c if a.startswith("method.name=")) for c in calibrations]
+    assert methods == ["method.name=nnclr", "method.name=simclr"] * 3  # three rounds, the rows interleaved
+    assert calls.index(calibrations[-1]) < min(
         calls.index(c) for c in calls if c[0] == "pretrain" and c not in calibrations)  # every row timed first
     for r in records:
-        # the epochs are what 7 s hold at the calibration run's training rate, and the run used them
+        # the epochs are what 7 s hold at the median calibration rate, and the run used them
         assert r["epochs"] == pytest.approx(7 * (100.0 if r["row"] == "nnclr" else 200.0) / images)
         assert f"train.epochs={r['epochs']!r}" in r["commands"][0]
-    assert "a budget of 7 s of training per run" in (tmp_path / "R.md").read_text()
+    text = (tmp_path / "R.md").read_text()
+    assert "a budget of 7 s of training per run" in text and "the median rate of 3 interleaved runs" in text
     bad = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--table", "budget", "--budget", "-1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--budget must be" in bad.stderr
+    bad = subprocess.run([*bad.args[:-1], "7", "--calibration-rounds", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--calibration-rounds >= 1" in bad.stderr
 
 
 def _assert_relative_to_the_repository(commands: list[str], runs: Path, data: Path) -> None:
