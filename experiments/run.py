@@ -292,7 +292,8 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
                      f" | {statistics.mean(r['wall_time_s'] for r in rs):.0f}"
                      f" | {storage(rs[0]['stored_bytes']) if 'stored_bytes' in rs[0] else rs[0].get('storage', '-')}"
                      f" | {_agreement(rs)} |")
-    groups = list(dict.fromkeys(r["group"] for r in records if r["group"]))
+    groups = [g for g in dict.fromkeys(r["group"] for r in records if r["group"])  # both rows run (a table is
+              if all(f"{g}, {recipe}" in after for recipe in ("byol", "crops"))]  # written after every row)
     if groups:
         lines += ["", "Relative drop of the kNN top-1 from the full recipe to random crops only:", ""]
         for g in groups:
