@@ -517,18 +517,19 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1,
     from nnclr.methods import method_of
     from nnclr.prior import PIXELS_DIM
 
-    m, mo, keys = config.model, config.method, method_of(config).keys
+    m, mo, method = config.model, config.method, method_of(config)
+    keys = method.keys
     copies = 4 if config.optim.name == "adamw" else 3
     hidden, layers, d = m.proj_hidden_dim, m.proj_layers, m.proj_dim
     projector = (layers - 2) * hidden * hidden + hidden * d if layers >= 2 else 0  # the backbone's width left out
-    predictor = 2 * d * m.pred_hidden_dim if method_of(config).head == "predictor" else 0
-    classifier = (d + 1) * mo.num_clusters if method_of(config).head == "classifier" else 0
+    predictor = 2 * d * m.pred_hidden_dim if method.head == "predictor" else 0
+    classifier = (d + 1) * mo.num_clusters if method.head == "classifier" else 0
     extras = 0
-    if method_of(config).extras is not None:
+    if method.extras is not None:
         import torch
 
         with torch.device("meta"):  # shapes only
-            extras = sum(p.numel() for p in method_of(config).extras(config).parameters())
+            extras = sum(p.numel() for p in method.extras(config).parameters())
     image = config.data.image_size
     parts = [
         (projector * 4 * copies, "the projection MLP", "model.proj_hidden_dim, model.proj_layers or model.proj_dim"),

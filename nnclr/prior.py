@@ -105,8 +105,7 @@ class PriorSpace(nn.Module):
         if step is None:
             raise ValueError("a selector with a prior space needs the training step")
         if step >= self.until_step:
-            if len(self.vectors):
-                self.vectors = self.vectors.new_zeros(0, self.vectors.shape[1])
+            self._release()
             return False
         if not bool(self.ready):
             raise RuntimeError("the prior space is used before it was computed (PriorSpace.start_epoch)")
@@ -119,5 +118,10 @@ class PriorSpace(nn.Module):
         """A state written after the phase holds no vectors: take that shape instead of N rows."""
         vectors = state_dict.get(prefix + "vectors")
         if vectors is not None and len(vectors) == 0:
-            self.vectors = self.vectors.new_zeros(0, self.vectors.shape[1])
+            self._release()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _release(self) -> None:
+        """Drop the vectors: a (0, Dp) buffer, so that memory and later checkpoints hold none."""
+        if len(self.vectors):
+            self.vectors = self.vectors.new_zeros(0, self.vectors.shape[1])
