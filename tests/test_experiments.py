@@ -138,13 +138,18 @@ def _assert_relative_to_the_repository(commands: list[str], runs: Path, data: Pa
     assert not os.path.isabs(source) and (REPO / source).resolve() == data.resolve()
 
 
+def _script(name: str):
+    """experiments/NAME.py imported as a module (the experiments are scripts, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run_module():
-    """experiments/run.py imported as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("experiments_run", REPO / "experiments" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = run  # dataclasses look their module up
-    spec.loader.exec_module(run)
-    return run
+    """experiments/run.py imported as a module."""
+    return _script("run")
 
 
 def test_every_row_of_every_table_is_a_valid_config() -> None:
@@ -222,3 +227,40 @@ def test_a_table_stopped_midway_keeps_the_rows_it_finished(tmp_path: Path, monke
     assert [(r["row"], r["seed"]) for r in records] == [("simclr", 0), ("simclr", 1), ("nnsiam", 0)]
     text = (tmp_path / "R.md").read_text()
     assert "| simclr | 40.0 ± 0.0 | 50.5 ± 0.7 |" in text and "| nnsiam |" in text and "| nnclr |" not in text
+
+
+def test_neighbour_agreement_is_the_share_of_nearest_rows_with_the_query_label() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(30, 8, generator=g), dim=1)
+    bank = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    yq, yb = torch.randint(0, 3, (30,), generator=g), torch.randint(0, 3, (50,), generator=g)
+    nearest_hits, five_hits = 0, 0
+    for i in range(30):  # slow reference: rank the bank by cosine for each query
+        ranked = sorted(range(50), key=lambda j: -float(queries[i] @ bank[j]))
+        nearest_hits += int(yb[ranked[0]] == yq[i])
+        five_hits += sum(int(yb[j] == yq[i]) for j in ranked[:5])
+    nearest, five = _script("neighbour_agreement").agreement(queries, bank, yq, yb)
+    assert nearest == pytest.approx(100 * nearest_hits / 30) and five == pytest.approx(100 * five_hits / 150)
+
+
+def test_neighbour_agreement_runs_on_a_checkpoint_with_its_support_set(tmp_path: Path, tiny_data: Path,
+                                                                        tiny_run: tuple[str, ...]) -> None:
+    from nnclr.config import load_config
+    from nnclr.train import pretrain
+
+    run_dir = tmp_path / "run"
+    pretrain(load_config(None, [*tiny_run, f"data.name=npz:{tiny_data}", "method.support_size=64",
+                                "train.max_steps=3", "train.report=false", "train.threads=1",
+                                f"train.run_dir={run_dir}"]), progress=False, echo=lambda *a, **k: None)
+    lines: list[str] = []
+    module = _script("neighbour_agreement")
+    out = module.main([str(run_dir), "--data", f"npz:{tiny_data}", "--queries", "64", "--banks", "32", "128"],
+                      echo=lines.append)
+    assert list(out) == ["bank 32, h", "bank 32, z", "bank 128, h", "bank 128, z", "training support (64 rows)"]
+    assert all(0 <= nearest <= 100 and 0 <= five <= 100 for nearest, five in out.values())
+    assert len(lines) == 5 and lines[-1].startswith("training support (64 rows): nearest ")
+    with pytest.raises(SystemExit):  # 64 queries + a bank of 250 is more than the 256 training images
+        module.main([str(run_dir), "--data", f"npz:{tiny_data}", "--queries", "64", "--banks", "250"])

@@ -1,0 +1,94 @@
+"""How often a trained encoder's nearest neighbours share the query's label, in h and in z (issue 21).
+
+NNCLR's positive is the nearest neighbour of a view's projection ``z`` in a support set of past projections
+(Dwibedi et al., ICCV 2021, Sec. 3.2); issue 21 asks for positives that share the query's class >= 45% of the
+time, and the runs' own diagnostic (``nn_label_agreement``: augmented views against a queue of past, augmented
+views) reports 20-30%. This script separates what that figure depends on, for one checkpoint:
+
+- ``bank N, h`` / ``bank N, z``: un-augmented queries against a bank of N other un-augmented training images,
+  nearest neighbour by cosine of the backbone's features ``h`` (B, F) or of the projections ``z`` (B, D):
+  the lookup space and the bank's size, without augmentation or stale embeddings;
+- ``training support``: the same un-augmented queries' ``z`` against the support set the checkpoint holds
+  (``z`` of past augmented views, with their labels): staleness and augmentation of the support only.
+
+For each, the share of queries whose nearest neighbour has their label and the share of their 5 nearest that
+do (the several-neighbour methods' positives). Queries and bank are disjoint random draws (``--seed``) of the
+training split. Usage (from the repository root)::
+
+    python experiments/neighbour_agreement.py experiments/runs/neighbours_budget/nnclr-soft-s0 \\
+        --data npz:../shared/data/cifar10 --banks 1024 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import nnclr
+from nnclr.augment.batch import eval_transform
+from nnclr.checkpoint import load_checkpoint
+from nnclr.data import load_dataset
+from nnclr.pretrained import resolve_checkpoint
+
+
+def agreement(queries: torch.Tensor, bank: torch.Tensor, query_labels: torch.Tensor, bank_labels: torch.Tensor,
+              k: int = 5) -> tuple[float, float]:
+    """(% of queries whose nearest bank row has their label, % of their ``k`` nearest rows that do).
+
+    Args:
+        queries: (Q, D) L2-normalised; bank: (N, D) L2-normalised, N >= k; labels (Q,) and (N,).
+    """
+    nearest = (queries @ bank.T).topk(k, dim=1).indices  # (Q, k), most similar first
+    same = bank_labels[nearest] == query_labels[:, None]
+    return 100 * same[:, 0].float().mean().item(), 100 * same.float().mean().item()
+
+
+@torch.no_grad()
+def features(pretrained: nnclr.Pretrained, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, ...]:
+    """uint8 (N, 3, S, S) -> L2-normalised h (N, F) and z (N, D), fp32, without augmentation."""
+    hs, zs = [], []
+    for start in range(0, len(images), batch):
+        x = eval_transform(images[start:start + batch], pretrained.image_size, pretrained.mean, pretrained.std)
+        h = pretrained.encoder(x)
+        hs.append(F.normalize(h, dim=1))
+        zs.append(F.normalize(pretrained.projector(h), dim=1))
+    return torch.cat(hs), torch.cat(zs)
+
+
+def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, tuple[float, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a run directory of nnclr pretrain or its checkpoint.pt")
+    parser.add_argument("--data", default="npz:../shared/data/cifar10", help="the run's training data")
+    parser.add_argument("--queries", type=int, default=2048)
+    parser.add_argument("--banks", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pretrained = nnclr.load(args.checkpoint, precision="fp32")
+    data = load_dataset(args.data, "train", download=False)
+    order = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(args.seed))
+    if args.queries + max(args.banks) > len(order) or args.queries < 1 or min(args.banks) < 5:
+        parser.error(f"--queries and the largest of --banks must add up to at most {len(order)} images, each bank"
+                     " >= 5")
+    q, rest = order[:args.queries], order[args.queries:args.queries + max(args.banks)]
+    hq, zq = features(pretrained, data.images[q])
+    hb, zb = features(pretrained, data.images[rest])
+    yq, yb = data.labels[q], data.labels[rest]
+    out: dict[str, tuple[float, float]] = {}
+    for n in args.banks:
+        out[f"bank {n}, h"] = agreement(hq, hb[:n], yq, yb[:n])
+        out[f"bank {n}, z"] = agreement(zq, zb[:n], yq, yb[:n])
+    support = load_checkpoint(resolve_checkpoint(args.checkpoint)).get("support") or {}
+    filled = int(support.get("num_filled", 0))
+    if filled >= 5:
+        rows = F.normalize(support["embeddings"][:filled].float(), dim=1)
+        out[f"training support ({filled} rows)"] = agreement(zq, rows, yq, support["labels"][:filled])
+    for name, (nearest, five) in out.items():
+        echo(f"{name}: nearest {nearest:.1f}%, 5 nearest {five:.1f}%")
+    return out
+
+
+if __name__ == "__main__":
+    main()
