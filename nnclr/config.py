@@ -93,7 +93,8 @@ class MethodConfig:
     attention_temperature: float = 1.0  # snclr: positiveness softmax(cosine / attention_temperature); its code: 1
     target_momentum: float = 0.99  # nnbyol, msf, all4one: BYOL's tau_base; the target's EMA rate rises to 1 (cosine)
     # The support-set methods: for the first prior_epochs epochs choose each neighbour by the similarity of the
-    # samples in a prior space (GPS-SSL) instead of z's: none | initial (the initial encoder's z) | pixels (8x8)
+    # samples in a prior space (GPS-SSL) instead of z's: none | initial (the initial encoder's z) | current (z
+    # of every image without augmentation, again at every epoch's start) | pixels (8x8)
     prior: str = "none"
     prior_epochs: float = 1.0
     # Short-run schedule (the methods whose record has short_run: nnclr, kmclr):
@@ -210,7 +211,7 @@ RETIRED = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": METHODS,
-    "method.prior": ("none", "initial", "pixels"),
+    "method.prior": ("none", "initial", "current", "pixels"),
     "augment.recipe": ("byol", "simclr", "crops"),
     "data.loader": ("auto", "memory", "stream"),
     "model.sync_bn": ("heads", "all", "none"),
@@ -545,7 +546,7 @@ def memory_needed(config: Config, processes: int = 1, world: int = 1,
         (max(1, config.data.workers) * config.data.prefetch * -(-config.optim.batch_size // world) * 3 * image * image
          if config.data.name.startswith("folder:") and config.data.loader != "memory" else 0,
          "the batches the streaming loader prepares ahead", "data.prefetch"),
-        (2 * num_samples * 4 * (d if mo.prior == "initial" else PIXELS_DIM)
+        (2 * num_samples * 4 * (PIXELS_DIM if mo.prior == "pixels" else d)
          if num_samples and mo.prior != "none" and "method.prior" in keys else 0, "the prior space",
          "set method.prior=none"),
     ]

@@ -13,6 +13,13 @@ The priors (``method.prior``):
 
 - ``initial``: the initial encoder's L2-normalised projections z of every training image, without augmentation,
   computed once before the first step (``EpochContext.features``: one pass over the training set);
+- ``current``: the same extraction, repeated before the first step of every epoch of the phase with the encoder of
+  that moment: the neighbour is chosen among un-augmented views of the support set's samples by the current
+  network (a clean lookup), while the positive stays the row's stored z of an augmented view. Measured on
+  CIFAR-10 after 10 minutes (``experiments/neighbour_agreement.py``, RESULTS.md): the nearest row of an
+  augmented view's z shares its label 31% of the time, the nearest by un-augmented views 39% (a 1,024-row bank).
+  It costs a forward pass over the training set per epoch; ``method.prior_epochs`` at or above the run's epochs
+  keeps it for the whole run (with the default 1 it is ``initial``);
 - ``pixels``: every training image (normalised as for feature extraction) area-downscaled to 8x8, flattened to
   3 x 64 values, centred on its own mean and L2-normalised: a cosine of two such vectors is the correlation of
   the two thumbnails (a "tiny images" prior, after Torralba, Fergus, Freeman, TPAMI 2008).
@@ -37,7 +44,7 @@ from nnclr.config import CHOICES
 if TYPE_CHECKING:
     from nnclr.selectors import EpochContext
 
-PRIORS = CHOICES["method.prior"]  # none, initial, pixels
+PRIORS = CHOICES["method.prior"]  # none, initial, current, pixels
 THUMBNAIL = 8  # side of the pixel prior's thumbnails
 PIXELS_DIM = 3 * THUMBNAIL * THUMBNAIL
 
@@ -67,22 +74,27 @@ class PriorSpace(nn.Module):
 
     Buffers (persistent): ``vectors`` float32 (N, Dp) L2-normalised rows (zeros until computed; (0, Dp) once
     released after the phase); ``ready`` bool scalar, whether they have been computed (a resumed run does not
-    compute them again: for ``initial`` the weights have moved on).
+    compute them again: for ``initial`` the weights have moved on); for ``current`` only, ``epoch`` int64 scalar,
+    the epoch they were computed for (-1 before), so that a run resumed within an epoch keeps that epoch's vectors.
 
     Args:
-        kind: ``initial`` or ``pixels`` (see the module docstring).
+        kind: ``initial``, ``current`` or ``pixels`` (see the module docstring).
         num_samples: N, the training set's size.
-        dim: Dp, the prior's width (``model.proj_dim`` for ``initial``, :data:`PIXELS_DIM` for ``pixels``).
+        dim: Dp, the prior's width (``model.proj_dim`` for ``initial`` and ``current``, :data:`PIXELS_DIM` for
+            ``pixels``).
         until_step: steps [0, until_step) choose neighbours in the prior space (:func:`prior_steps`).
+        steps_per_epoch: the steps of an epoch (an epoch whose first step is past the phase computes nothing).
     """
 
-    def __init__(self, kind: str, *, num_samples: int, dim: int, until_step: int) -> None:
+    def __init__(self, kind: str, *, num_samples: int, dim: int, until_step: int, steps_per_epoch: int = 1) -> None:
         super().__init__()
         if kind not in PRIORS[1:]:
             raise ValueError(f"kind must be one of {PRIORS[1:]}, got {kind!r}")
-        self.kind, self.until_step = kind, until_step
+        self.kind, self.until_step, self.steps_per_epoch = kind, until_step, steps_per_epoch
         self.register_buffer("vectors", torch.zeros(num_samples, dim))
         self.register_buffer("ready", torch.tensor(False))
+        if kind == "current":  # only here, so that the other priors' states are what they were
+            self.register_buffer("epoch", torch.tensor(-1, dtype=torch.long))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num_samples={self.vectors.shape[0]}, dim={self.vectors.shape[1]}, " \
@@ -90,14 +102,19 @@ class PriorSpace(nn.Module):
 
     @torch.no_grad()
     def start_epoch(self, context: EpochContext) -> None:
-        """Compute the vectors before the run's first step (once; nothing when no step uses them)."""
-        if bool(self.ready) or self.until_step == 0:
+        """Compute the vectors before the run's first step (``current``: before every epoch's first step in the
+        phase); nothing once computed for this epoch, nor when no step of the epoch uses them."""
+        if context.epoch * self.steps_per_epoch >= self.until_step:
             return
-        vectors = context.features() if self.kind == "initial" else context.extract(Thumbnails())
+        if bool(self.ready) and (self.kind != "current" or int(self.epoch) == context.epoch):
+            return
+        vectors = context.extract(Thumbnails()) if self.kind == "pixels" else context.features()
         if tuple(vectors.shape) != tuple(self.vectors.shape):
             raise RuntimeError(f"the {self.kind} prior is {tuple(vectors.shape)}, expected {tuple(self.vectors.shape)}")
         self.vectors.copy_(F.normalize(vectors.float(), dim=1))
         self.ready.fill_(True)
+        if self.kind == "current":
+            self.epoch.fill_(context.epoch)
 
     def active(self, step: int | None) -> bool:
         """Whether ``step`` chooses its neighbours in the prior space; the first step after the phase releases the

@@ -285,6 +285,44 @@ def test_the_initial_prior_is_the_initial_encoders_z_computed_once(tiny: list[st
     assert torch.equal(run.selector.prior.vectors, prior)
 
 
+def _current_z(run: train.Run, config) -> torch.Tensor:
+    """z of the first 64 training images by the run's encoder now, eval mode, no augmentation."""
+    encoder = torch.nn.Sequential(run.model.backbone, run.model.projector)
+    was_training = encoder.training
+    mean, std = normalization_for(config.data.name)
+    with torch.no_grad():
+        z = F.normalize(encoder.eval()(eval_transform(run.train_set.images[:64], 16, mean=mean, std=std)), dim=1)
+    encoder.train(was_training)
+    return z
+
+
+def test_the_current_prior_is_the_encoders_z_at_every_epoch_start_of_its_phase(tiny: list[str], tmp_path: Path) -> None:
+    """8 steps per epoch, a phase of 1.5 epochs: computed before step 0 and again before step 8 with the weights of
+    then; a resume inside an epoch (start_epoch again at step 3) keeps the epoch's vectors; none after the phase."""
+    config = load_config(None, [*tiny, "method.prior=current", "method.prior_epochs=1.5", "train.precision=fp32",
+                                f"train.run_dir={tmp_path}"])
+    run = train.build_run(config)
+    train.start_epoch(run, 0, 0, NoLog())
+    first = run.selector.prior.vectors.clone()
+    assert torch.allclose(first[:64], _current_z(run, config), atol=1e-4) and int(run.selector.prior.epoch) == 0
+    order = train.epoch_order(run, 0)
+    for step in range(8):
+        train.train_step(run, step, order)
+        if step == 2:
+            train.start_epoch(run, 0, 3, NoLog())  # as a run resumed at step 3 does
+            assert torch.equal(run.selector.prior.vectors, first)
+    train.start_epoch(run, 1, 8, NoLog())
+    second = run.selector.prior.vectors.clone()
+    assert int(run.selector.prior.epoch) == 1 and not torch.allclose(second, first, atol=1e-3)
+    assert torch.allclose(second[:64], _current_z(run, config), atol=1e-4)
+    order = train.epoch_order(run, 1)
+    for step in range(8, 16):
+        train.train_step(run, step, order)
+    assert run.selector.prior.vectors.shape == (0, 32)  # released by step 12, the first after the phase
+    train.start_epoch(run, 2, 16, NoLog())  # an epoch past the phase computes nothing
+    assert run.selector.prior.vectors.shape == (0, 32)
+
+
 def _model_and_support(run_dir: Path) -> dict[str, torch.Tensor]:
     state = load_checkpoint(run_dir / CHECKPOINT_NAME)
     return {f"{part}.{key}": value for part in ("model", "support") for key, value in state[part].items()}
@@ -341,8 +379,27 @@ def test_a_resumed_command_line_run_continues_exactly(tiny: list[str], tmp_path:
     assert b["selector"]["prior.vectors"].shape == (0, vectors.shape[1])  # released after the phase (5 steps)
 
 
+@pytest.mark.slow
+def test_a_resumed_run_with_the_current_prior_continues_exactly(tiny: list[str], tmp_path: Path) -> None:
+    """Stopped at the epoch boundary (step 8: the checkpoint holds epoch 0's prior, the resume computes epoch 1's)
+    and inside the second epoch (step 10: it holds epoch 1's, the resume keeps it): equal to the run not stopped."""
+    settings = [*tiny, "method.name=nnclr_soft", "method.prior=current", "method.prior_epochs=2"]
+    whole = nnclr("pretrain", "--run-dir", "whole", "--set", *settings, "train.max_steps=13", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    for stop, epoch in ((8, 0), (10, 1), (13, 1)):
+        done = nnclr("pretrain", "--run-dir", "parts", "--set", *settings, f"train.max_steps={stop}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        state = load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)
+        assert state["step"] == stop and int(state["selector"]["prior.epoch"]) == epoch
+    a, b = (load_checkpoint(tmp_path / d / CHECKPOINT_NAME) for d in ("whole", "parts"))
+    for part in ("model", "support", "selector"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+
+
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["method.prior=clip"], "method.prior='clip' is not one of: none, initial, pixels"),
+    (["method.prior=clip"], "method.prior='clip' is not one of: none, initial, current, pixels"),
     (["method.prior=initial", "method.prior_epochs=-0.5"], "method.prior_epochs=-0.5 must be >= 0"),
     (["method.prior_epochs=nan"], "method.prior_epochs=nan must be a finite number"),
     (["method.prior_epochs=20000"], "method.prior_epochs=20000 must be at most 10000 epochs"),

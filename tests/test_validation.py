@@ -167,8 +167,9 @@ def test_the_prior_space_of_the_training_images_is_held_to_memory(
     config = load_config(None, ["method.prior=pixels"])
     parts = {what: size for size, what, _ in memory_needed(config, num_samples=1_281_167)}
     assert parts["the prior space"] == 2 * 1_281_167 * PIXELS_DIM * 4
-    initial = load_config(None, ["method.prior=initial", "model.proj_dim=64"])
-    assert {w: s for s, w, _ in memory_needed(initial, num_samples=1000)}["the prior space"] == 2 * 1000 * 64 * 4
+    for prior in ("initial", "current"):  # z of every image
+        z_prior = load_config(None, [f"method.prior={prior}", "model.proj_dim=64"])
+        assert {w: s for s, w, _ in memory_needed(z_prior, num_samples=1000)}["the prior space"] == 2 * 1000 * 64 * 4
     assert "the prior space" not in {w for _, w, _ in memory_needed(config)}  # the count is not known yet
     settings = [*tiny_run, f"data.name=npz:{tiny_data}", "data.image_size=16", "data.test_split=",
                 "method.support_size=100", "train.threads=1", f"train.run_dir={tmp_path}", "method.prior=pixels"]
