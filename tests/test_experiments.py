@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -264,3 +265,40 @@ def test_neighbour_agreement_runs_on_a_checkpoint_with_its_support_set(tmp_path:
     assert len(lines) == 5 and lines[-1].startswith("training support (64 rows): nearest ")
     with pytest.raises(SystemExit):  # 64 queries + a bank of 250 is more than the 256 training images
         module.main([str(run_dir), "--data", f"npz:{tiny_data}", "--queries", "64", "--banks", "250"])
+
+
+def test_epochs_in_budget_pay_a_pass_for_every_epoch_started() -> None:
+    epochs_in_budget = _run_module().epochs_in_budget
+    assert epochs_in_budget(600, 500, 50_000) == pytest.approx(6.0)
+    for budget, rate, images, seconds in ((600, 500, 50_000, 20), (600, 480, 50_000, 33.3), (50, 100, 1_000, 4),
+                                          (100, 300, 50_000, 60)):
+        # slow reference: the largest e on a grid of 1/10,000 epoch whose time ceil(e) * pass + e * N / rate fits
+        fits = [e / 10_000 for e in range(1, 200_000)
+                if -(-e // 10_000) * seconds + e / 10_000 * images / rate <= budget + 1e-9]
+        assert epochs_in_budget(budget, rate, images, seconds) == pytest.approx(max(fits), abs=1e-4)
+    with pytest.raises(SystemExit, match="does not hold the 700.0 s pass"):
+        epochs_in_budget(600, 500, 50_000, pass_seconds=700)
+
+
+def test_a_row_with_a_pass_every_epoch_times_it_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The calibration logs every step; the pass is the first step's time less the median step's, and the rate is
+    over the run's time without it."""
+    run, calls = _run_module(), []
+
+    def nnclr(*args: str) -> None:  # 5 steps of 100 images: 4.0 s (the pass and a step), then 0.5 s each
+        calls.append(args)
+        run_dir = REPO / args[args.index("--run-dir") + 1]
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"images_per_second": 500 / 6.0, "wall_time": 6.0,
+                                                          "steps": 5}))
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"type": "train", "step": s + 1,
+                                                                   "images_per_s": 100 / t}) + "\n"
+                                                       for s, t in enumerate((4.0, 0.5, 0.5, 0.6, 0.4))))
+    monkeypatch.setattr(run, "nnclr", nnclr)
+    args = argparse.Namespace(smoke=False, data="npz:x", threads=1, set=[], calibration_steps=5)
+    row = run.Row("nnclr, prior current", ("method.name=nnclr", "method.prior=current"), epoch_pass=True)
+    rate, seconds = run.calibrate(row, args, tmp_path / "calibration")
+    assert seconds == pytest.approx(3.5) and rate == pytest.approx(500 / 2.5)
+    assert "train.log_every=1" in calls[0]
+    plain, _ = run.calibrate(run.Row("nnclr", ("method.name=nnclr",)), args, tmp_path / "plain")
+    assert plain == pytest.approx(500 / 6.0) and "train.log_every=1" not in calls[1]
