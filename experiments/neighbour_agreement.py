@@ -9,7 +9,10 @@ views) reports 20-30%. This script separates what that figure depends on, for on
   nearest neighbour by cosine of the backbone's features ``h`` (B, F) or of the projections ``z`` (B, D):
   the lookup space and the bank's size, without augmentation or stale embeddings;
 - ``training support``: the same un-augmented queries' ``z`` against the support set the checkpoint holds
-  (``z`` of past augmented views, with their labels): staleness and augmentation of the support only.
+  (``z`` of past augmented views, with their labels): staleness and augmentation of the support only;
+- ``view``: the queries augmented as the run trains (its ``augment`` settings, one view), their ``z`` against the
+  banks and the support set: what the run's lookup does; ``mean of 2 views``: the normalised mean of two views'
+  ``z`` (a lookup that averages out some of the augmentation, at no extra forward pass in training).
 
 For each, the share of queries whose nearest neighbour has their label and the share of their 5 nearest that
 do (the several-neighbour methods' positives). Queries and bank are disjoint random draws (``--seed``) of the
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import nnclr
-from nnclr.augment.batch import eval_transform
+from nnclr.augment.batch import BatchAugment, eval_transform
+from nnclr.augment.recipes import normalization_for
 from nnclr.checkpoint import load_checkpoint
 from nnclr.data import load_dataset
 from nnclr.pretrained import resolve_checkpoint
@@ -58,6 +62,22 @@ def features(pretrained: nnclr.Pretrained, images: torch.Tensor, batch: int = 51
     return torch.cat(hs), torch.cat(zs)
 
 
+@torch.no_grad()
+def augmented_z(pretrained: nnclr.Pretrained, images: torch.Tensor, seed: int,
+                batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, S, S) -> L2-normalised z (N, D) of two views augmented as the run trains (eval mode)."""
+    config = pretrained.config
+    mean, std = normalization_for(config.data.name)
+    augment = BatchAugment(config.augment.recipe, config.data.image_size, mean=mean, std=std,
+                           crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur)
+    generator = torch.Generator().manual_seed(seed)
+    views: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for start in range(0, len(images), batch):
+        for out, x in zip(views, augment(images[start:start + batch], generator)):
+            out.append(F.normalize(pretrained.projector(pretrained.encoder(x)), dim=1))
+    return torch.cat(views[0]), torch.cat(views[1])
+
+
 def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a run directory of nnclr pretrain or its checkpoint.pt")
@@ -75,16 +95,23 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
     q, rest = order[:args.queries], order[args.queries:args.queries + max(args.banks)]
     hq, zq = features(pretrained, data.images[q])
     hb, zb = features(pretrained, data.images[rest])
+    z1, z2 = augmented_z(pretrained, data.images[q], args.seed + 1)
+    mean_of_views = F.normalize(z1 + z2, dim=1)
     yq, yb = data.labels[q], data.labels[rest]
     out: dict[str, tuple[float, float]] = {}
     for n in args.banks:
         out[f"bank {n}, h"] = agreement(hq, hb[:n], yq, yb[:n])
         out[f"bank {n}, z"] = agreement(zq, zb[:n], yq, yb[:n])
+        out[f"bank {n}, view z"] = agreement(z1, zb[:n], yq, yb[:n])
+        out[f"bank {n}, mean of 2 views' z"] = agreement(mean_of_views, zb[:n], yq, yb[:n])
     support = load_checkpoint(resolve_checkpoint(args.checkpoint)).get("support") or {}
     filled = int(support.get("num_filled", 0))
     if filled >= 5:
         rows = F.normalize(support["embeddings"][:filled].float(), dim=1)
-        out[f"training support ({filled} rows)"] = agreement(zq, rows, yq, support["labels"][:filled])
+        labels = support["labels"][:filled]
+        out[f"training support ({filled} rows), z"] = agreement(zq, rows, yq, labels)
+        out[f"training support ({filled} rows), view z"] = agreement(z1, rows, yq, labels)
+        out[f"training support ({filled} rows), mean of 2 views' z"] = agreement(mean_of_views, rows, yq, labels)
     for name, (nearest, five) in out.items():
         echo(f"{name}: nearest {nearest:.1f}%, 5 nearest {five:.1f}%")
     return out

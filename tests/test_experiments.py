@@ -260,9 +260,11 @@ def test_neighbour_agreement_runs_on_a_checkpoint_with_its_support_set(tmp_path:
     module = _script("neighbour_agreement")
     out = module.main([str(run_dir), "--data", f"npz:{tiny_data}", "--queries", "64", "--banks", "32", "128"],
                       echo=lines.append)
-    assert list(out) == ["bank 32, h", "bank 32, z", "bank 128, h", "bank 128, z", "training support (64 rows)"]
+    kinds = ("h", "z", "view z", "mean of 2 views' z")
+    assert list(out) == [*(f"bank {n}, {kind}" for n in (32, 128) for kind in kinds),
+                         *(f"training support (64 rows), {kind}" for kind in kinds[1:])]
     assert all(0 <= nearest <= 100 and 0 <= five <= 100 for nearest, five in out.values())
-    assert len(lines) == 5 and lines[-1].startswith("training support (64 rows): nearest ")
+    assert len(lines) == len(out) and lines[-1].startswith("training support (64 rows), mean of 2 views' z: nearest ")
     with pytest.raises(SystemExit):  # 64 queries + a bank of 250 is more than the 256 training images
         module.main([str(run_dir), "--data", f"npz:{tiny_data}", "--queries", "64", "--banks", "250"])
 
