@@ -304,16 +304,17 @@ def _agreement(records: list[dict]) -> str:
     return mean_std(values) if len(values) == len(records) else "-"
 
 
-def _calibration_runs(records: list[dict]) -> str:
-    """How the rows of a budget table were timed: 'a' (one run each, before --calibration-rounds existed) or 'the
-    median rate of N interleaved'; rows timed differently are named."""
+def _calibration_runs(records: list[dict], steps: int) -> str:
+    """How the rows of a budget table were timed: by one calibration run each (before --calibration-rounds
+    existed) or by the median rate of N interleaved ones; the count of each row where they differ."""
     rounds = {r.get("calibration_rounds", 1) for r in records}
     if rounds == {1}:
-        return "a"
+        return f"a {steps}-step calibration run"
     if len(rounds) == 1:
-        return f"the median rate of {rounds.pop()} interleaved runs of a"
+        return f"the median rate of {rounds.pop()} interleaved {steps}-step calibration runs"
     per_row = dict.fromkeys((r["row"], r.get("calibration_rounds", 1)) for r in records)
-    return "the median rate of several interleaved runs (" + ", ".join(f"{row} {n}" for row, n in per_row) + ") of a"
+    return (f"the median rate of interleaved {steps}-step calibration runs (per row: " +
+            ", ".join(f"{row} {n}" for row, n in per_row) + ")")
 
 
 def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> str:
@@ -321,8 +322,8 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
     import torch
 
     rows = list(dict.fromkeys(r["row"] for r in records))
-    budget = (f"a budget of {args.budget:g} s of training per run (each row's epochs fitted from a "
-              f"{_calibration_runs(records)} {args.calibration_steps}-step calibration run: " +
+    budget = (f"a budget of {args.budget:g} s of training per run (each row's epochs fitted from "
+              f"{_calibration_runs(records, args.calibration_steps)}: " +
               ", ".join(f"{label} {next(r['epochs'] for r in records if r['row'] == label):.2f}" for label in rows) +
               " epochs)" if args.budget else
               f"{args.epochs} epochs per run (every row sees the same images)")

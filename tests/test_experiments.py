@@ -120,7 +120,8 @@ def test_a_wall_clock_budget_fits_each_rows_epochs_to_it(
         assert r["epochs"] == pytest.approx(7 * (100.0 if r["row"] == "nnclr" else 200.0) / images)
         assert f"train.epochs={r['epochs']!r}" in r["commands"][0]
     text = (tmp_path / "R.md").read_text()
-    assert "a budget of 7 s of training per run" in text and "the median rate of 3 interleaved runs" in text
+    assert "a budget of 7 s of training per run (each row's epochs fitted from the median rate of 3 interleaved" \
+           " 2-step calibration runs: nnclr " in text
     bad = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--table", "budget", "--budget", "-1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--budget must be" in bad.stderr
@@ -304,3 +305,12 @@ def test_a_row_with_a_pass_every_epoch_times_it_apart(monkeypatch: pytest.Monkey
     assert "train.log_every=1" in calls[0]
     plain, _ = run.calibrate(run.Row("nnclr", ("method.name=nnclr",)), args, tmp_path / "plain")
     assert plain == pytest.approx(500 / 6.0) and "train.log_every=1" not in calls[1]
+
+
+def test_a_budget_table_says_how_each_row_was_timed() -> None:
+    timed = _run_module()._calibration_runs
+    assert timed([{"row": "a"}, {"row": "b"}], 60) == "a 60-step calibration run"  # records of before the rounds
+    assert timed([{"row": "a", "calibration_rounds": 3}], 60) == (
+        "the median rate of 3 interleaved 60-step calibration runs")
+    assert timed([{"row": "a", "calibration_rounds": 3}, {"row": "b"}], 60) == (
+        "the median rate of interleaved 60-step calibration runs (per row: a 3, b 1)")
