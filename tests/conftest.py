@@ -79,6 +79,18 @@ def figures() -> list[str]:
     return _FIGURES
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its campaign figures to the controller, which prints the summary."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["figures"] = "\n".join(_FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's hook on the controller when a worker ends: its figures join the summary."""
+    _FIGURES.extend(line for line in getattr(node, "workeroutput", {}).get("figures", "").splitlines() if line)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if _FIGURES:
         terminalreporter.section("robustness campaigns")
