@@ -112,8 +112,7 @@ def _prior(config: Config, context: BuildContext) -> PriorSpace | None:
         return None
     dim = PIXELS_DIM if m.prior == "pixels" else config.model.proj_dim
     return PriorSpace(m.prior, num_samples=context.num_samples, dim=dim,
-                      until_step=prior_steps(m.prior_epochs, context.steps_per_epoch),
-                      steps_per_epoch=context.steps_per_epoch)
+                      until_step=prior_steps(m.prior_epochs, context.steps_per_epoch))
 
 
 def _nearest_neighbour(config: Config, context: BuildContext) -> Selector:

@@ -82,15 +82,15 @@ class PriorSpace(nn.Module):
         num_samples: N, the training set's size.
         dim: Dp, the prior's width (``model.proj_dim`` for ``initial`` and ``current``, :data:`PIXELS_DIM` for
             ``pixels``).
-        until_step: steps [0, until_step) choose neighbours in the prior space (:func:`prior_steps`).
-        steps_per_epoch: the steps of an epoch (an epoch whose first step is past the phase computes nothing).
+        until_step: steps [0, until_step) choose neighbours in the prior space (:func:`prior_steps`); an epoch
+            whose first step is past them computes nothing.
     """
 
-    def __init__(self, kind: str, *, num_samples: int, dim: int, until_step: int, steps_per_epoch: int = 1) -> None:
+    def __init__(self, kind: str, *, num_samples: int, dim: int, until_step: int) -> None:
         super().__init__()
         if kind not in PRIORS[1:]:
             raise ValueError(f"kind must be one of {PRIORS[1:]}, got {kind!r}")
-        self.kind, self.until_step, self.steps_per_epoch = kind, until_step, steps_per_epoch
+        self.kind, self.until_step = kind, until_step
         self.register_buffer("vectors", torch.zeros(num_samples, dim))
         self.register_buffer("ready", torch.tensor(False))
         if kind == "current":  # only here, so that the other priors' states are what they were
@@ -104,7 +104,7 @@ class PriorSpace(nn.Module):
     def start_epoch(self, context: EpochContext) -> None:
         """Compute the vectors before the run's first step (``current``: before every epoch's first step in the
         phase); nothing once computed for this epoch, nor when no step of the epoch uses them."""
-        if context.epoch * self.steps_per_epoch >= self.until_step:
+        if context.first_step >= self.until_step:
             return
         if bool(self.ready) and (self.kind != "current" or int(self.epoch) == context.epoch):
             return

@@ -56,6 +56,7 @@ class EpochContext:
     """
 
     epoch: int
+    first_step: int  # the epoch's first step: epoch * steps per epoch (a resumed run may start later)
     features: Callable[[], Tensor]
     extract: Callable[[torch.nn.Module], Tensor]
     generator: torch.Generator  # seeded by (train.seed, CLUSTER, epoch)

@@ -196,8 +196,8 @@ def start_epoch(run: Run, epoch: int, step: int, log: rundir.Log) -> None:
 
     generator = torch.Generator().manual_seed(derive_seed(run.config.train.seed, CLUSTER, epoch))
     stats = run.selector.start_epoch(EpochContext(
-        epoch=epoch, features=features, extract=extract, generator=generator, true_labels=run.train_set.labels,
-        classifier=run.model.classifier, optimizer=run.optimizer,
+        epoch=epoch, first_step=epoch * run.steps_per_epoch, features=features, extract=extract, generator=generator,
+        true_labels=run.train_set.labels, classifier=run.model.classifier, optimizer=run.optimizer,
     ))
     if stats is not None:
         log.write({"type": "clustering", "step": step, "epoch": epoch, **stats})
