@@ -187,18 +187,23 @@ def calibrate(row: Row, args: argparse.Namespace, run_dir: Path) -> tuple[float,
     fresh_pretrain(run_dir, [*overrides_for(row, 0, 1.0, args), f"train.max_steps={args.calibration_steps}",
                              "data.test_split=", *log_every])
     results = json.loads((run_dir / "results.json").read_text())
-    seconds = epoch_pass_seconds(run_dir) if row.epoch_pass else 0.0
+    seconds = epoch_pass_seconds(run_dir, results) if row.epoch_pass else 0.0
     images = results["images_per_second"] * results["wall_time"]
     return images / (results["wall_time"] - seconds), seconds
 
 
-def epoch_pass_seconds(run_dir: Path) -> float:
-    """The seconds of the pass before the first step of a run logged every step: its first step's time less the
-    median step's (so it also holds the first step's warm-up: a slight overestimate)."""
+def train_records(run_dir: Path) -> list[dict]:
+    """The ``train`` records of a run's metrics.jsonl, in order."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    results = json.loads((run_dir / "results.json").read_text())
+    return [r for r in records if r.get("type") == "train"]
+
+
+def epoch_pass_seconds(run_dir: Path, results: dict) -> float:
+    """The seconds of the pass before the first step of a run logged every step (``results``: its results.json):
+    its first step's time less the median step's (so it also holds the first step's warm-up: a slight
+    overestimate)."""
     batch = results["images_per_second"] * results["wall_time"] / results["steps"]
-    step_seconds = [batch / r["images_per_s"] for r in records if r.get("type") == "train"]
+    step_seconds = [batch / r["images_per_s"] for r in train_records(run_dir)]
     if len(step_seconds) < 2:
         raise SystemExit(f"{run_dir}: the calibration logged {len(step_seconds)} steps; a pass is timed from >= 2")
     return max(0.0, step_seconds[0] - statistics.median(step_seconds[1:]))
@@ -268,8 +273,7 @@ def run_one(row: Row, seed: int, epochs: float, args: argparse.Namespace, run_di
 
 def final_agreement(run_dir: Path) -> float | None:
     """The share of positives with the query's label in the run's last ``train`` record (%), None without one."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = [r for r in records if r.get("type") == "train"][-1:]
+    last = train_records(run_dir)[-1:]
     value = last[0].get("nn_label_agreement") if last else None
     return None if value is None else 100 * value
 
