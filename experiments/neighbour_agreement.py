@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 
 import nnclr
-from nnclr.augment.batch import BatchAugment, eval_transform
+from nnclr.augment.batch import BatchAugment
 from nnclr.augment.recipes import normalization_for
 from nnclr.checkpoint import load_checkpoint
 from nnclr.data import load_dataset
+from nnclr.evaluate.features import extract_features
+from nnclr.evaluate.preprocess import Preprocess
 from nnclr.pretrained import resolve_checkpoint
 
 
@@ -50,16 +52,13 @@ def agreement(queries: torch.Tensor, bank: torch.Tensor, query_labels: torch.Ten
     return 100 * same[:, 0].float().mean().item(), 100 * same.float().mean().item()
 
 
-@torch.no_grad()
-def features(pretrained: nnclr.Pretrained, images: torch.Tensor, batch: int = 512) -> tuple[torch.Tensor, ...]:
-    """uint8 (N, 3, S, S) -> L2-normalised h (N, F) and z (N, D), fp32, without augmentation."""
-    hs, zs = [], []
-    for start in range(0, len(images), batch):
-        x = eval_transform(images[start:start + batch], pretrained.image_size, pretrained.mean, pretrained.std)
-        h = pretrained.encoder(x)
-        hs.append(F.normalize(h, dim=1))
-        zs.append(F.normalize(pretrained.projector(h), dim=1))
-    return torch.cat(hs), torch.cat(zs)
+def features(pretrained: nnclr.Pretrained, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, S, S) -> L2-normalised h (N, F) and z (N, D), fp32, without augmentation (the evaluation's
+    extraction, :func:`nnclr.evaluate.features.extract_features`)."""
+    preprocess = Preprocess(pretrained.image_size, pretrained.mean, pretrained.std, torch.device("cpu"), torch.float32)
+    h = extract_features(pretrained.encoder, images, preprocess)
+    z = extract_features(torch.nn.Sequential(pretrained.encoder, pretrained.projector), images, preprocess)
+    return h, z
 
 
 @torch.no_grad()
