@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 
 import nnclr
-from nnclr.augment.batch import BatchAugment
-from nnclr.augment.recipes import normalization_for
 from nnclr.checkpoint import load_checkpoint
 from nnclr.data import load_dataset
 from nnclr.evaluate.features import extract_features
 from nnclr.evaluate.preprocess import Preprocess
 from nnclr.pretrained import resolve_checkpoint
+from nnclr.train import build_augment
 
 
 def agreement(queries: torch.Tensor, bank: torch.Tensor, query_labels: torch.Tensor, bank_labels: torch.Tensor,
@@ -65,10 +64,7 @@ def features(pretrained: nnclr.Pretrained, images: torch.Tensor) -> tuple[torch.
 def augmented_z(pretrained: nnclr.Pretrained, images: torch.Tensor, seed: int,
                 batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 3, S, S) -> L2-normalised z (N, D) of two views augmented as the run trains (eval mode)."""
-    config = pretrained.config
-    mean, std = normalization_for(config.data.name)
-    augment = BatchAugment(config.augment.recipe, config.data.image_size, mean=mean, std=std,
-                           crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur)
+    augment = build_augment(pretrained.config)
     generator = torch.Generator().manual_seed(seed)
     views: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     for start in range(0, len(images), batch):

@@ -99,6 +99,13 @@ class RunResult:
     resumed_from: int
 
 
+def build_augment(config: Config) -> BatchAugment:
+    """The two training views' augmentation of ``config`` (recipe, crop scale, blur, the data's normalisation)."""
+    mean, std = normalization_for(config.data.name)
+    return BatchAugment(config.augment.recipe, config.data.image_size, mean=mean, std=std,
+                        crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur)
+
+
 def build_run(
     config: Config, device: torch.device | None = None, loader: str | None = None,
     backbone: torch.nn.Module | None = None,
@@ -153,11 +160,7 @@ def build_run(
     optimizer = build_optimizer(o.name, groups, lr=base_lr, momentum=o.momentum, weight_decay=o.weight_decay)
     schedule_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
     schedule = warmup_cosine(base_lr, schedule_steps, round(o.warmup_epochs * steps_per_epoch), o.final_lr)
-    mean, std = normalization_for(d.name)
-    augment = BatchAugment(
-        config.augment.recipe, d.image_size, mean=mean, std=std,
-        crop_scale=(config.augment.crop_min_scale, 1.0), blur=config.augment.blur,
-    )
+    augment = build_augment(config)
     feed = None
     if data.choice.loader == "stream":
         feed = StreamFeed(
