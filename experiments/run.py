@@ -318,7 +318,7 @@ def _calibration_runs(records: list[dict], steps: int) -> str:
         return f"the median rate of {rounds.pop()} interleaved {steps}-step calibration runs"
     per_row = dict.fromkeys((r["row"], r.get("calibration_rounds", 1)) for r in records)
     return (f"the median rate of interleaved {steps}-step calibration runs (per row: " +
-            ", ".join(f"{row} {n}" for row, n in per_row) + ")")
+            "; ".join(f"{row} {n}" for row, n in per_row) + ")")  # '; ': labels hold commas
 
 
 def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> str:
@@ -328,7 +328,7 @@ def table_markdown(name: str, records: list[dict], args: argparse.Namespace) -> 
     rows = list(dict.fromkeys(r["row"] for r in records))
     budget = (f"a budget of {args.budget:g} s of training per run (each row's epochs fitted from "
               f"{_calibration_runs(records, args.calibration_steps)}: " +
-              ", ".join(f"{label} {next(r['epochs'] for r in records if r['row'] == label):.2f}" for label in rows) +
+              "; ".join(f"{label} {next(r['epochs'] for r in records if r['row'] == label):.2f}" for label in rows) +
               " epochs)" if args.budget else
               f"{args.epochs} epochs per run (every row sees the same images)")
     lines = [f"<!-- table {name} -->", f"### {name}", "",

@@ -312,5 +312,5 @@ def test_a_budget_table_says_how_each_row_was_timed() -> None:
     assert timed([{"row": "a"}, {"row": "b"}], 60) == "a 60-step calibration run"  # records of before the rounds
     assert timed([{"row": "a", "calibration_rounds": 3}], 60) == (
         "the median rate of 3 interleaved 60-step calibration runs")
-    assert timed([{"row": "a", "calibration_rounds": 3}, {"row": "b"}], 60) == (
-        "the median rate of interleaved 60-step calibration runs (per row: a 3, b 1)")
+    assert timed([{"row": "a", "calibration_rounds": 3}, {"row": "b, c"}], 60) == (  # labels may hold commas
+        "the median rate of interleaved 60-step calibration runs (per row: a 3; b, c 1)")
